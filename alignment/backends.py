@@ -1,0 +1,304 @@
+"""Generation backends: one small protocol, two real engines.
+
+A backend does two things:
+
+* ``generate``: sample ``n`` completions for each chat;
+* ``score_options``: for each chat whose last message is an *assistant prefix*
+  (e.g. ``"The better response is ("``), return the log-probability that the
+  very next token is each option label, read from the next-token distribution
+  in a single prefill. Tokenizer variants of a label (``"A"`` and ``" A"``) are
+  summed (log-sum-exp) inside the backend; a label the backend cannot see is
+  ``None`` and never a guess.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Chat = Sequence[Message]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    num_tokens: int
+
+
+class Backend(Protocol):
+    model_name: str
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[list[Completion]]:
+        """``sampling.n`` completions for each chat, in order."""
+        ...
+
+    def score_options(
+        self, chats: Sequence[Chat], options: Sequence[str]
+    ) -> list[dict[str, float | None]]:
+        """Next-token log-prob of each option label after each chat's assistant prefix."""
+        ...
+
+
+class LabelTokenError(ValueError):
+    """An option label is not a single token in the judge's tokenizer."""
+
+
+def label_token_variants(tokenizer, labels: Sequence[str]) -> dict[str, list[int]]:
+    """Token ids a tokenizer may use for each label ("A" and " A"), refusing multi-token labels."""
+    variants: dict[str, list[int]] = {}
+    for label in labels:
+        bare = tokenizer.encode(label, add_special_tokens=False)
+        if len(bare) != 1:
+            raise LabelTokenError(
+                f"the judge's tokenizer splits option label {label!r} into {len(bare)} tokens "
+                f"{bare}; choose a judge model (or labels) where each label is one token"
+            )
+        ids = list(bare)
+        spaced = tokenizer.encode(" " + label, add_special_tokens=False)
+        if len(spaced) == 1 and spaced[0] not in ids:
+            ids.append(spaced[0])
+        variants[label] = ids
+    return variants
+
+
+def logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+# One engine per (model, engine settings) per process: an engine is two processes
+# and takes 20-30 s to start on 2 cores, so the judge reuses the policy's engine.
+_ENGINES: dict[tuple, Any] = {}
+
+
+def release_engines() -> None:
+    """Drop every cached vLLM engine so the next heavy phase gets the memory back."""
+    import gc
+
+    _ENGINES.clear()
+    gc.collect()
+
+
+class VLLMBackend:
+    """Offline ``vllm.LLM``; the engine is shared per process by model and settings."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        seed: int = 0,
+        max_model_len: int = 1024,
+        kv_cache_gib: float = 0.5,
+        dtype: str = "auto",
+        enforce_eager: bool = True,
+        model_name: str | None = None,
+    ) -> None:
+        self.model_path = str(model)
+        self.model_name = model_name or self.model_path
+        key = (self.model_path, seed, max_model_len, kv_cache_gib, dtype, enforce_eager)
+        if key not in _ENGINES:
+            from vllm import LLM
+
+            _ENGINES[key] = LLM(
+                model=self.model_path,
+                seed=seed,
+                max_model_len=max_model_len,
+                dtype=dtype,
+                kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+                # Graph compilation costs minutes on 2 cores and buys nothing for tiny models.
+                enforce_eager=enforce_eager,
+            )
+        self.llm = _ENGINES[key]
+        self.tokenizer = self.llm.get_tokenizer()
+        self._label_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
+
+    def _prompt(self, chat: Chat, continue_final: bool) -> dict:
+        text = self.tokenizer.apply_chat_template(
+            list(chat),
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+        # The template writes its own BOS; tokenizing again must not add a second one.
+        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+        )
+        prompts = [self._prompt(chat, continue_final=False) for chat in chats]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            [
+                Completion(o.text, o.finish_reason or "stop", len(o.token_ids))
+                for o in request.outputs
+            ]
+            for request in outputs
+        ]
+
+    def score_options(
+        self, chats: Sequence[Chat], options: Sequence[str]
+    ) -> list[dict[str, float | None]]:
+        from vllm import SamplingParams
+
+        key = tuple(options)
+        if key not in self._label_ids:
+            self._label_ids[key] = label_token_variants(self.tokenizer, options)
+        variants = self._label_ids[key]
+        all_ids = [i for ids in variants.values() for i in ids]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=all_ids)
+        prompts = [self._prompt(chat, continue_final=True) for chat in chats]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        scores = []
+        for request in outputs:
+            position = request.outputs[0].logprobs[0]
+            scores.append(
+                {
+                    label: logsumexp([position[i].logprob for i in ids])
+                    if all(i in position for i in ids)
+                    else None
+                    for label, ids in variants.items()
+                }
+            )
+        return scores
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat server (e.g. vLLM's), with bounded concurrency and retries.
+
+    Option scores come from the first position's ``top_logprobs``; a label missing
+    from them is ``None``. Continuing the assistant prefix uses vLLM's
+    ``continue_final_message`` extension.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str = "EMPTY",
+        max_concurrency: int = 8,
+        max_retries: int = 4,
+        timeout_s: float = 120.0,
+        top_logprobs: int = 20,
+        model_name: str | None = None,
+    ) -> None:
+        import httpx
+
+        self.model = model
+        self.model_name = model_name or model
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.top_logprobs = top_logprobs
+        self.client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout_s,
+        )
+
+    def _post(self, body: dict) -> dict:
+        import httpx
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.post("/chat/completions", json=body)
+                if response.status_code < 500 and response.status_code != 429:
+                    response.raise_for_status()
+                    return response.json()
+                error: Exception = httpx.HTTPStatusError(
+                    f"{response.status_code}: {response.text[:200]}",
+                    request=response.request,
+                    response=response,
+                )
+            except httpx.TransportError as exc:
+                error = exc
+            if attempt == self.max_retries:
+                raise error
+            time.sleep(min(0.5 * 2**attempt, 8.0))
+        raise AssertionError("unreachable")
+
+    def _map(self, bodies: list[dict]) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return list(pool.map(self._post, bodies))
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[list[Completion]]:
+        bodies = [
+            {
+                "model": self.model,
+                "messages": list(chat),
+                "n": sampling.n,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "seed": sampling.seed,
+                **({"stop": list(sampling.stop)} if sampling.stop else {}),
+            }
+            for chat in chats
+        ]
+        results = []
+        for reply in self._map(bodies):
+            tokens = reply.get("usage", {}).get("completion_tokens", 0)
+            choices = sorted(reply["choices"], key=lambda c: c["index"])
+            results.append(
+                [
+                    Completion(
+                        c["message"]["content"] or "",
+                        c.get("finish_reason") or "stop",
+                        tokens // max(len(choices), 1),
+                    )
+                    for c in choices
+                ]
+            )
+        return results
+
+    def score_options(
+        self, chats: Sequence[Chat], options: Sequence[str]
+    ) -> list[dict[str, float | None]]:
+        bodies = [
+            {
+                "model": self.model,
+                "messages": list(chat),
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": True,
+                "top_logprobs": self.top_logprobs,
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+            }
+            for chat in chats
+        ]
+        scores = []
+        for reply in self._map(bodies):
+            content = reply["choices"][0].get("logprobs", {}).get("content") or []
+            top = content[0]["top_logprobs"] if content else []
+            scores.append(
+                {
+                    label: logsumexp(found)
+                    if (found := [t["logprob"] for t in top if t["token"].strip() == label])
+                    else None
+                    for label in options
+                }
+            )
+        return scores

@@ -1,0 +1,263 @@
+"""Seed prompts: the shipped set and user prompt files, read into one list of ``SeedPrompt``.
+
+Accepted sources (nothing is ever downloaded):
+
+* ``"builtin"``: ``alignment/data/seed_prompts.jsonl``, about 60% everyday requests and 40%
+  red-team requests, each with a ``category`` such as ``"everyday/code"`` or
+  ``"redteam/privacy"``. Its split is fixed in the file: within each category, every 5th
+  prompt (positions 2, 7, 12, ... counting from 0) is ``eval``.
+* a ``.jsonl`` file: one JSON object per line with the text under ``text_field`` (or
+  ``"prompt"`` when that field is absent); blank lines are skipped.
+* a ``.parquet`` file with the same columns.
+* a folder written by ``datasets.Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``.
+  A ``DatasetDict``'s ``"train"`` split is train; ``"test"``, ``"eval"`` and ``"validation"``
+  are eval, and the split name decides over any split column.
+
+A row's split comes from ``split_field`` (``train``, or ``eval``/``test``/``validation``
+for eval). A row with none gets one from its text alone, the same on every machine:
+eval iff ``int(sha256(text)[:8], 16) / 2**32 < eval_fraction``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+Split = Literal["train", "eval"]
+
+BUILTIN = "builtin"
+BUILTIN_PATH = Path(__file__).parent / "data" / "seed_prompts.jsonl"
+FALLBACK_TEXT_FIELD = "prompt"
+ACCEPTED_FORMS = (
+    f"'{BUILTIN}', a .jsonl file, a .parquet file, "
+    "or a folder written by datasets' save_to_disk (Dataset or DatasetDict)"
+)
+_SPLIT_ALIASES: dict[str, Split] = {
+    "train": "train",
+    "eval": "eval",
+    "test": "eval",
+    "validation": "eval",
+}
+
+
+@dataclass(frozen=True)
+class SeedPrompt:
+    text: str
+    split: Split
+    source: str  # "seed" for the shipped set, "file" for user files, "synthetic" for generated
+    category: str = ""
+
+    @property
+    def group(self) -> str:
+        """Top-level category: ``"redteam"`` for ``"redteam/privacy"``; ``""`` if none."""
+        return self.category.split("/", 1)[0]
+
+
+class PromptSourceError(ValueError):
+    """A prompt source that cannot be read; the message starts with ``path`` (and line)."""
+
+
+class _Row(NamedTuple):
+    where: str  # "path:line" for JSONL, "path: row N" for tables
+    record: dict[str, Any]
+    split: Split | None = None  # imposed by the container (a DatasetDict split)
+
+
+def load_prompts(
+    source: str | Path = BUILTIN,
+    *,
+    text_field: str = "text",
+    split_field: str = "split",
+    eval_fraction: float = 0.2,
+    limit: int | None = None,
+) -> list[SeedPrompt]:
+    """Read prompts from ``source``, in source order.
+
+    Texts are stripped; empty ones are dropped; exact duplicates keep their first occurrence.
+    ``limit`` then keeps the first ``round(limit * (1 - eval_fraction))`` train prompts and
+    fills the rest of ``limit`` with the first eval prompts, in source order. When one split
+    runs short, the other fills the gap; when ``limit >= 2`` and both splits exist, each
+    keeps at least one prompt. The result stays in source order.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    is_builtin = isinstance(source, str) and source == BUILTIN
+    path = BUILTIN_PATH if is_builtin else Path(source)
+    tag = "seed" if is_builtin else "file"
+    prompts: list[SeedPrompt] = []
+    seen: set[str] = set()
+    for row in _read_rows(path):
+        prompt = _to_prompt(row, text_field, split_field, eval_fraction, tag)
+        if prompt is not None and prompt.text not in seen:
+            seen.add(prompt.text)
+            prompts.append(prompt)
+    return prompts if limit is None else _apply_limit(prompts, limit, eval_fraction)
+
+
+def hash_split(text: str, eval_fraction: float) -> Split:
+    """The split of a row that names none: a stable function of its text."""
+    bucket = int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def prompt_stats(prompts: Iterable[SeedPrompt]) -> dict[str, Any]:
+    """Counts: total, by split, by top-level category and by (category group, split)."""
+    prompts = list(prompts)
+    return {
+        "total": len(prompts),
+        "by_split": dict(Counter(p.split for p in prompts)),
+        "by_group": dict(Counter(p.group for p in prompts)),
+        "by_group_split": {
+            f"{group}/{split}": n
+            for (group, split), n in sorted(Counter((p.group, p.split) for p in prompts).items())
+        },
+    }
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def _read_rows(path: Path) -> Iterator[_Row]:
+    if not path.exists():
+        raise PromptSourceError(f"{path}: no such file or folder; expected {ACCEPTED_FORMS}")
+    if path.is_dir():
+        return _read_dataset_folder(path)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise PromptSourceError(
+        f"{path}: unsupported file type '{path.suffix}'; expected {ACCEPTED_FORMS}"
+    )
+
+
+def _read_jsonl(path: Path) -> Iterator[_Row]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptSourceError(
+                    f"{where}: invalid JSON: {err.msg} (column {err.colno})"
+                ) from err
+            if not isinstance(record, dict):
+                raise PromptSourceError(
+                    f"{where}: expected a JSON object, got {type(record).__name__}"
+                )
+            yield _Row(where, record)
+
+
+def _read_parquet(path: Path) -> Iterator[_Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise PromptSourceError(f"{path}: not a readable Parquet file: {err}") from err
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield _Row(f"{path}: row {number}", record)
+
+
+def _read_dataset_folder(path: Path) -> Iterator[_Row]:
+    import datasets  # heavy; only for this source
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise PromptSourceError(
+            f"{path}: folder is not a saved datasets Dataset; expected {ACCEPTED_FORMS}"
+        ) from err
+    if isinstance(loaded, datasets.Dataset):
+        return _dataset_rows(loaded, str(path), None)
+    return _dataset_dict_rows(loaded, path)
+
+
+def _dataset_dict_rows(loaded: Any, path: Path) -> Iterator[_Row]:
+    unknown = [name for name in loaded if name not in _SPLIT_ALIASES]
+    if unknown:
+        raise PromptSourceError(
+            f"{path}: DatasetDict split(s) {unknown} not one of {sorted(_SPLIT_ALIASES)}"
+        )
+    ordered = sorted(loaded, key=lambda name: _SPLIT_ALIASES[name] != "train")
+    for name in ordered:
+        yield from _dataset_rows(loaded[name], f"{path}[{name}]", _SPLIT_ALIASES[name])
+
+
+def _dataset_rows(dataset: Any, label: str, split: Split | None) -> Iterator[_Row]:
+    for number, record in enumerate(dataset, start=1):
+        yield _Row(f"{label}: row {number}", record, split)
+
+
+# --- one row -----------------------------------------------------------------------------
+
+
+def _to_prompt(
+    row: _Row, text_field: str, split_field: str, eval_fraction: float, tag: str
+) -> SeedPrompt | None:
+    text = _text_of(row, text_field)
+    if not text:
+        return None
+    split = row.split or _split_of(row, split_field) or hash_split(text, eval_fraction)
+    category = row.record.get("category") or ""
+    return SeedPrompt(text=text, split=split, source=tag, category=str(category))
+
+
+def _text_of(row: _Row, text_field: str) -> str:
+    field = text_field if text_field in row.record else FALLBACK_TEXT_FIELD
+    if field not in row.record:
+        fields = ", ".join(sorted(row.record)) or "none"
+        raise PromptSourceError(
+            f"{row.where}: no '{text_field}' field (nor '{FALLBACK_TEXT_FIELD}'); fields: {fields}"
+        )
+    value = row.record[field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PromptSourceError(
+            f"{row.where}: field '{field}' must be a string, got {type(value).__name__}"
+        )
+    return value.strip()
+
+
+def _split_of(row: _Row, split_field: str) -> Split | None:
+    value = row.record.get(split_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    split = _SPLIT_ALIASES.get(str(value).strip().lower())
+    if split is None:
+        raise PromptSourceError(
+            f"{row.where}: field '{split_field}' is {value!r}; expected one of "
+            f"{sorted(_SPLIT_ALIASES)} or empty"
+        )
+    return split
+
+
+# --- limit -------------------------------------------------------------------------------
+
+
+def _apply_limit(prompts: list[SeedPrompt], limit: int, eval_fraction: float) -> list[SeedPrompt]:
+    train = [p for p in prompts if p.split == "train"]
+    evals = [p for p in prompts if p.split == "eval"]
+    n_train = _train_quota(limit, eval_fraction, len(train), len(evals))
+    n_eval = min(limit - n_train, len(evals))
+    kept = {p.text for p in train[:n_train] + evals[:n_eval]}
+    return [p for p in prompts if p.text in kept]
+
+
+def _train_quota(limit: int, eval_fraction: float, n_train: int, n_eval: int) -> int:
+    quota = round(limit * (1 - eval_fraction))
+    if limit >= 2 and n_train and n_eval:
+        quota = min(max(quota, 1), limit - 1)  # both splits keep at least one prompt
+    quota = max(quota, limit - n_eval)  # too few eval prompts: train fills the gap
+    return min(quota, n_train)  # too few train prompts: eval fills the gap

@@ -1,0 +1,256 @@
+"""The ``rlaif`` command: a thin skin over alignment/, storage/ and the flows.
+
+Every command calls one library function. Bad input (a constitution, a config,
+SQL) is reported as ``file:line: message`` or one plain line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from alignment.constitution import lint as lint_constitutions
+from alignment.prompts import PromptSourceError
+from alignment.yaml_spec import SpecError
+from storage import QueryError, StoreError
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    # The ephemeral Prefect server needs more than the default 20 s on 2 busy cores.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _fail(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(2)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's bad-input errors into one clear message and exit code 2."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SpecError as error:
+            _fail(str(error))
+        except (PromptSourceError, QueryError, StoreError) as error:
+            _fail(f"error: {error}")
+
+    return wrapper
+
+
+@click.group()
+def main() -> None:
+    """rlaif: make a model follow a written constitution, without human labelers."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+# --- constitution ----------------------------------------------------------------------
+
+
+@main.group()
+def constitution() -> None:
+    """Work with constitution files."""
+
+
+@constitution.command("lint")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def constitution_lint(files: tuple[str, ...]) -> None:
+    """Check constitution files; print FILE:LINE: message per problem, exit 2 if any.
+
+    Example: rlaif constitution lint constitutions/*.yaml
+    """
+    problems = lint_constitutions(files)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"{len(files)} file(s) ok")
+
+
+# --- run -------------------------------------------------------------------------------
+
+
+def _run_pipeline(config_path: str, store: str | None) -> str:
+    from alignment.constitution import load_constitution
+    from flows.config import load_config
+
+    overrides = {"store": store} if store else None
+    config = load_config(config_path, overrides)
+    load_constitution(config.constitution)  # refuse a bad constitution before anything starts
+    from flows.pipeline import collect_preferences
+
+    return collect_preferences(config=config)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(), help="Pipeline YAML.")
+@click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@user_errors
+def run(config_path: str, store: str | None) -> None:
+    """Run the preference-collection flow of one iteration (ephemeral Prefect).
+
+    Example: rlaif run --config configs/demo.yaml
+    """
+    run_id = _run_pipeline(config_path, store)
+    click.echo(f"run {run_id} completed")
+
+
+@main.command()
+@click.option("--store", default=None, help="Store root (default: the demo config's).")
+@user_errors
+def demo(store: str | None) -> None:
+    """Run one data iteration on the tiny local model, then summarise it from the store.
+
+    Example: rlaif demo
+    """
+    from flows.config import load_config
+    from storage import Store
+
+    run_id = _run_pipeline(str(DEMO_CONFIG), store)
+    root = store or load_config(DEMO_CONFIG).store
+    _print_summary(Store(root), run_id)
+
+
+@main.command()
+@click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
+@click.option("--run-id", default=None, help="Run to summarise (default: the latest).")
+@user_errors
+def summary(store: str, run_id: str | None) -> None:
+    """Summarise a run from the store.
+
+    Example: rlaif summary --store rlaif-data
+    """
+    from flows.summary import latest_run_id
+    from storage import Store
+
+    db = Store(store)
+    run_id = run_id or latest_run_id(db)
+    if run_id is None:
+        _fail(f"error: no runs in {store}; run `rlaif demo` first")
+    _print_summary(db, run_id)
+
+
+def _print_summary(store: Any, run_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.summary import NEXT_QUERIES, run_summary
+
+    s = run_summary(store, run_id)
+    console = Console()
+    console.print(f"\n[bold]Run[/bold] {run_id}  status={s.run['status']}  "
+                  f"policy={s.run['policy_model']}  judge={s.run['judge_model']}")
+    table = Table("table", "rows (this run)")
+    for name, n in s.rows.items():
+        table.add_row(name, str(n))
+    console.print(table)
+    rate = "n/a" if s.position_consistency is None else f"{s.position_consistency:.1%}"
+    console.print(f"Judge position consistency: {rate} of {s.model_comparisons} "
+                  "model-judged comparisons (both orders agree)")
+    console.print("Judgment statuses: " + ", ".join(f"{k}={v}" for k, v in s.statuses.items()))
+    console.print("Judgment outcomes: " + ", ".join(f"{k}={v}" for k, v in s.outcomes.items()))
+    for i, pair in enumerate(s.examples, 1):
+        console.print(f"\n[bold]Example pair {i}[/bold]  principle={pair['principle']}  "
+                      f"p_chosen={pair['p_chosen']:.3f}")
+        console.print(f"  prompt:   {pair['prompt'][:120]}", markup=False)
+        console.print(f"  chosen:   {pair['chosen'][:120]}", markup=False)
+        console.print(f"  rejected: {pair['rejected'][:120]}", markup=False)
+    console.print("\n[bold]Try next[/bold]")
+    for question, query in NEXT_QUERIES:
+        console.print(f"# {question}")
+        console.print(f'rlaif sql --store {store.root} "{query}"', markup=False, soft_wrap=True)
+
+
+# --- sql -------------------------------------------------------------------------------
+
+
+@main.command("sql")
+@click.argument("query")
+@click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+    show_default=True, help="Output format.",
+)
+@user_errors
+def sql_command(query: str, store: str, fmt: str) -> None:
+    """Run read-only SQL over the store's DuckDB views.
+
+    Example: rlaif sql "SELECT status, count(*) FROM judgments GROUP BY 1"
+    """
+    from storage import sql
+
+    columns, rows = sql(Path(store) / "rlaif.duckdb", query)
+    click.echo(format_rows(columns, rows, fmt), nl=False)
+
+
+def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    if fmt == "json":
+        records = [dict(zip(columns, row, strict=True)) for row in rows]
+        return json.dumps(records, default=str, ensure_ascii=False, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return out.getvalue()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console = Console(file=io.StringIO(), width=200)
+    console.print(table)
+    return console.file.getvalue()
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """Local models."""
+
+
+@models.command("build-tiny")
+@click.option("--cache-dir", default=None, type=click.Path(), help="Where models are cached.")
+def build_tiny(cache_dir: str | None) -> None:
+    """Build the embedded tiny model (no download; about a minute on 2 cores).
+
+    Example: rlaif models build-tiny
+    """
+    from rich.progress import Progress
+
+    from flows.models import tiny_model_path
+
+    with Progress() as progress:
+        bar = progress.add_task("training tiny model", total=None)
+
+        def report(step: int, total: int, loss: float) -> None:
+            progress.update(bar, completed=step, total=total,
+                            description=f"training tiny model (loss {loss:.2f})")
+
+        path = tiny_model_path(Path(cache_dir) if cache_dir else None, progress=report)
+    build = json.loads((path / "rlaif_build.json").read_text())
+    click.echo(f"{path}\n{build['parameters']:,} parameters, loss {build['loss_first']:.2f} "
+               f"-> {build['loss_last']:.2f}")

@@ -1,0 +1,153 @@
+"""The pipeline config: one pydantic model, loaded from YAML, refused with ``file:line``.
+
+Stage configs (judge, critique) live beside their methods in ``alignment/``; this
+file only composes them with the run-level settings the flow needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignment.critique import CritiqueConfig
+from alignment.judge import JudgeConfig
+from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml
+
+TINY = "tiny"  # the embedded default model, built locally on first use
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        TINY,
+        description="'tiny' (built locally, no download), a local model folder, or a hub id "
+        "(e.g. Qwen/Qwen2.5-0.5B-Instruct; downloaded by vLLM where the network allows).",
+    )
+    backend: Literal["vllm", "openai"] = Field(
+        "vllm", description="vllm: offline engine in this process. openai: an HTTP server."
+    )
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."
+    )
+    max_model_len: int = Field(1024, gt=0, description="Context length the engine reserves.")
+    kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache memory of the vLLM engine.")
+    dtype: str = Field("auto", description="Weights dtype for vLLM (auto, float32, bfloat16).")
+    max_concurrency: int = Field(8, gt=0, description="Parallel requests (openai backend).")
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, model: str) -> str:
+        if model == TINY:
+            return model
+        path = Path(model).expanduser()
+        if model.startswith(("/", "./", "../", "~")) and not path.exists():
+            raise ValueError(f"model path {model!r} does not exist")
+        return model
+
+    @model_validator(mode="after")
+    def _backend_needs_url(self) -> ModelConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class PromptsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        "builtin",
+        description="'builtin' (the shipped seed set), a .jsonl or .parquet file, "
+        "or a local Hugging Face dataset folder.",
+    )
+    limit: int | None = Field(None, gt=0, description="Use at most this many prompts.")
+    eval_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of unsplit prompts held out for evaluation."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, source: str) -> str:
+        if source != "builtin" and not Path(source).expanduser().exists():
+            raise ValueError(f"prompt source {source!r} does not exist")
+        return source
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(4, ge=2, description="Responses sampled per prompt (pairs need two).")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(64, gt=0, description="Token budget of each response.")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str = Field("rlaif-data", description="Root folder of the Parquet + DuckDB store.")
+    constitution: str = Field(
+        "constitutions/default.yaml", description="The constitution YAML file."
+    )
+    iteration: int = Field(0, ge=0, description="Self-improvement iteration number.")
+    seed: int = Field(0, description="Engine seed and every sampling seed of the run.")
+    batch_size: int = Field(32, gt=0, description="Prompts per task (one Parquet shard each).")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    judge_model: ModelConfig | None = Field(
+        None, description="The judge; omitted means the policy's model and engine."
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @field_validator("constitution")
+    @classmethod
+    def _constitution_exists(cls, path: str) -> str:
+        if not Path(path).expanduser().is_file():
+            raise ValueError(f"constitution file {path!r} does not exist")
+        return path
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _problems(error: ValidationError, doc: LocatedYaml) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(part) for part in loc)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            line = doc.key_line(*loc)
+            message = f"unknown key '{loc[-1]}'"
+            parent = PipelineConfig
+            for part in loc[:-1]:
+                field = parent.model_fields.get(str(part)) if isinstance(part, str) else None
+                annotation = getattr(field, "annotation", None)
+                parent = annotation if isinstance(annotation, type) else parent
+            message += f" (allowed: {', '.join(parent.model_fields)})"
+        else:
+            line = doc.line(*loc)
+            if where:
+                message = f"{where}: {message}"
+        problems.append(Problem(doc.file, line, message))
+    return sorted(problems, key=lambda p: p.line)
+
+
+def config_from_data(doc: LocatedYaml, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise SpecError([Problem(doc.file, 1, "a config must be a mapping of settings")])
+    try:
+        return PipelineConfig.model_validate({**data, **(overrides or {})})
+    except ValidationError as error:
+        raise SpecError(_problems(error, doc)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline config; every problem is reported as ``file:line: message``."""
+    return config_from_data(load_yaml(path), overrides)

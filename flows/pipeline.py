@@ -1,0 +1,316 @@
+"""The data half of a self-improvement iteration, as a Prefect flow.
+
+prompts → n samples per prompt (policy) → critique and revision (policy, SL-CAI)
+→ pairwise judging against the constitution (judge) → preference pairs.
+
+Each task works on one batch of prompts, calls one ``alignment`` function and
+makes one ``storage`` write. Ids are content hashes and each task first asks the
+store what is already there, so a rerun (after a crash, or of a finished run)
+redoes only the missing batches and writes nothing twice. Phases run one after
+another over all batches, so the policy engine is done before the judge needs
+memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from alignment.backends import SamplingConfig
+from alignment.constitution import Constitution, load_constitution
+from alignment.critique import critique_and_revise
+from alignment.ids import content_id
+from alignment.judge import Candidate, Judgment, build_pairs, judge_prompts
+from alignment.prompts import load_prompts
+from flows.config import PipelineConfig
+from flows.models import make_backend, model_location
+from storage import Store
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every task needs to know about the run it works for."""
+
+    run_id: str
+    iteration: int
+    store_root: str
+    constitution_id: str
+    policy_model: str
+    judge_model: str
+    started_at: datetime
+
+    @property
+    def store(self) -> Store:
+        return Store(self.store_root)
+
+
+def _batches(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _rows_for(store: Store, table: str, column: str, keys: list[str]) -> list[dict[str, Any]]:
+    if not keys:
+        return []
+    return store.query(f"SELECT * FROM {table} WHERE {column} IN (SELECT unnest(?))", [keys])
+
+
+def _candidates(store: Store, run: Run, prompt_ids: list[str]) -> dict[str, list[Candidate]]:
+    rows = store.query(
+        "SELECT r.response_id, r.prompt_id, p.text AS prompt, r.text FROM responses r "
+        "JOIN prompts p USING (prompt_id) WHERE r.prompt_id IN (SELECT unnest(?)) "
+        "AND r.model = ? ORDER BY r.prompt_id, r.sample_index",
+        [prompt_ids, run.policy_model],
+    )
+    by_prompt: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
+    for row in rows:
+        by_prompt[row["prompt_id"]].append(Candidate(**row))
+    return by_prompt
+
+
+# --- Tasks ------------------------------------------------------------------------------
+
+
+@task(cache_policy=NO_CACHE)
+def start_run(config: PipelineConfig, constitution: Constitution) -> Run:
+    """Record the run and its constitution; the run id is a hash of the whole config."""
+    store = Store(config.store)
+    policy_name = model_location(config.policy)[1]
+    judge_name = model_location(config.judge_model)[1] if config.judge_model else policy_name
+    settings = config.model_dump(mode="json", exclude={"store"})
+    run_id = content_id("run", settings, constitution.constitution_id, policy_name, judge_name)
+    previous = _rows_for(store, "runs", "run_id", [run_id]) if store.db_path.exists() else []
+    started = previous[0]["started_at"] if previous else datetime.now(UTC)
+    run = Run(
+        run_id,
+        config.iteration,
+        str(store.root),
+        constitution.constitution_id,
+        policy_name,
+        judge_name,
+        started,
+    )
+    store.write(
+        "constitutions",
+        [
+            {
+                "constitution_id": constitution.constitution_id,
+                "name": constitution.name,
+                "version": constitution.version,
+                "content": constitution.content,
+                "path": constitution.path,
+            }
+        ],
+        run_id,
+    )
+    if not previous:
+        _write_run_event(run, config, "running")
+    return run
+
+
+def _write_run_event(run: Run, config: PipelineConfig, status: str) -> None:
+    now = datetime.now(UTC)
+    run.store.write(
+        "runs",
+        [
+            {
+                "event_id": f"{run.run_id}:{status}",
+                "run_id": run.run_id,
+                "iteration": run.iteration,
+                "status": status,
+                "started_at": run.started_at,
+                "finished_at": now if status != "running" else None,
+                "updated_at": now,
+                "config": config.canonical_json(),
+                "constitution_id": run.constitution_id,
+                "policy_model": run.policy_model,
+                "judge_model": run.judge_model,
+            }
+        ],
+        run.run_id,
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def store_prompts(config: PipelineConfig, run: Run) -> list[str]:
+    """Load the prompt set, store it, and return the ids of the training prompts."""
+    prompts = load_prompts(
+        config.prompts.source,
+        limit=config.prompts.limit,
+        eval_fraction=config.prompts.eval_fraction,
+    )
+    rows = [
+        {
+            "prompt_id": content_id("prompt", p.text),
+            "run_id": run.run_id,
+            "text": p.text,
+            "source": p.source,
+            "split": p.split,
+            "category": p.category,
+        }
+        for p in prompts
+    ]
+    run.store.write("prompts", rows, run.run_id)
+    return [row["prompt_id"] for row in rows if row["split"] == "train"]
+
+
+@task(cache_policy=NO_CACHE)
+def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
+    """n samples per prompt from the policy; prompts that have all of theirs are skipped."""
+    gen = config.generation
+    sampling = SamplingConfig(
+        n=gen.n,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        max_tokens=gen.max_tokens,
+        seed=config.seed,
+    )
+    sampling_json = json.dumps(gen.model_dump() | {"seed": config.seed}, sort_keys=True)
+
+    def response_id(prompt_id: str, index: int) -> str:
+        return content_id("response", prompt_id, run.policy_model, sampling_json, index)
+
+    wanted = {pid: [response_id(pid, i) for i in range(gen.n)] for pid in prompt_ids}
+    stored = run.store.existing_keys("responses", [r for ids in wanted.values() for r in ids])
+    todo = [pid for pid, ids in wanted.items() if not set(ids) <= stored]
+    if not todo:
+        return 0
+    texts = {
+        row["prompt_id"]: row["text"] for row in _rows_for(run.store, "prompts", "prompt_id", todo)
+    }
+    backend = make_backend(config.policy, config.seed)
+    completions = backend.generate(
+        [[{"role": "user", "content": texts[p]}] for p in todo], sampling
+    )
+    rows = [
+        {
+            "response_id": response_id(pid, i),
+            "prompt_id": pid,
+            "run_id": run.run_id,
+            "model": run.policy_model,
+            "text": c.text.strip(),
+            "sample_index": i,
+            "finish_reason": c.finish_reason,
+            "num_tokens": c.num_tokens,
+            "sampling": sampling_json,
+        }
+        for pid, samples in zip(todo, completions, strict=True)
+        for i, c in enumerate(samples)
+    ]
+    return run.store.write("responses", rows, run.run_id).written
+
+
+@task(cache_policy=NO_CACHE)
+def critique_responses(
+    config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
+) -> int:
+    """SL-CAI critique and revision by the policy, for responses not yet critiqued."""
+    candidates = [c for cs in _candidates(run.store, run, prompt_ids).values() for c in cs]
+    done = {
+        row["response_id"]
+        for row in run.store.query(
+            "SELECT DISTINCT response_id FROM critiques WHERE response_id IN (SELECT unnest(?)) "
+            "AND constitution_id = ? AND model = ?",
+            [[c.response_id for c in candidates], run.constitution_id, run.policy_model],
+        )
+    }
+    todo = [c for c in candidates if c.response_id not in done]
+    if not todo:
+        return 0
+    backend = make_backend(config.policy, config.seed)
+    records = critique_and_revise(backend, constitution, todo, config.critique)
+    rows = [r.to_row() | {"run_id": run.run_id} for r in records]
+    return run.store.write("critiques", rows, run.run_id).written
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15])
+def judge_responses(
+    config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
+) -> int:
+    """Judge every prompt of the batch that has no judgments by this judge yet."""
+    judged = {
+        row["prompt_id"]
+        for row in run.store.query(
+            "SELECT DISTINCT prompt_id FROM judgments WHERE prompt_id IN (SELECT unnest(?)) "
+            "AND constitution_id = ? AND judge_model = ?",
+            [prompt_ids, run.constitution_id, run.judge_model],
+        )
+    }
+    todo = [pid for pid in prompt_ids if pid not in judged]
+    if not todo:
+        return 0
+    backend = make_backend(config.judge_model or config.policy, config.seed)
+    judgments = judge_prompts(
+        backend, constitution, _candidates(run.store, run, todo), config.judge
+    )
+    rows = [j.to_row() | {"run_id": run.run_id} for j in judgments]
+    return run.store.write("judgments", rows, run.run_id).written
+
+
+@task(cache_policy=NO_CACHE)
+def store_pairs(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
+    """Turn the batch's judgments into preference pairs (dropping ties and low confidence)."""
+    rows = run.store.query(
+        "SELECT * EXCLUDE (run_id) FROM judgments WHERE prompt_id IN (SELECT unnest(?)) "
+        "AND constitution_id = ? AND judge_model = ?",
+        [prompt_ids, run.constitution_id, run.judge_model],
+    )
+    judgments = [Judgment(**row) for row in rows]
+    outcome = build_pairs(judgments, _candidates(run.store, run, prompt_ids), config.judge)
+    splits = {
+        row["prompt_id"]: row["split"]
+        for row in _rows_for(run.store, "prompts", "prompt_id", prompt_ids)
+    }
+    pair_rows = [
+        pair.to_row()
+        | {
+            "policy_model": run.policy_model,
+            "run_id": run.run_id,
+            "iteration": run.iteration,
+            "split": splits[pair.prompt_id],
+        }
+        for pair in outcome.pairs
+    ]
+    return run.store.write("preference_pairs", pair_rows, run.run_id).written
+
+
+@task(cache_policy=NO_CACHE)
+def finish_run(config: PipelineConfig, run: Run) -> None:
+    completed = run.store.existing_keys("runs", [f"{run.run_id}:completed"])
+    if not completed:
+        _write_run_event(run, config, "completed")
+
+
+# --- Flow -------------------------------------------------------------------------------
+
+
+@flow(name="collect-preferences", log_prints=True)
+def collect_preferences(config: PipelineConfig) -> str:
+    """Prompts → samples → critiques → judgments → preference pairs; returns the run id."""
+    logger = get_run_logger()
+    constitution = load_constitution(config.constitution)  # refused before any work
+    run = start_run(config, constitution)
+    batches = _batches(store_prompts(config, run), config.batch_size)
+    logger.info(
+        "run %s: %d batches of up to %d prompts", run.run_id, len(batches), config.batch_size
+    )
+
+    # Sample
+    for batch in batches:
+        sample_responses(config, run, batch)
+    # Critique and revise
+    if config.critique.enabled:
+        for batch in batches:
+            critique_responses(config, run, constitution, batch)
+    # Judge
+    for batch in batches:
+        judge_responses(config, run, constitution, batch)
+    # Pairs
+    for batch in batches:
+        store_pairs(config, run, batch)
+    finish_run(config, run)
+    return run.run_id

@@ -1,0 +1,90 @@
+"""What a run produced, read back from the store (never from the flow's memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from storage import Store
+
+TABLES_SHOWN = ("prompts", "responses", "critiques", "judgments", "preference_pairs")
+
+NEXT_QUERIES = (
+    (
+        "Which principles produced the pairs, and how sure was the judge?",
+        "SELECT principle_ids[1] AS principle, count(*) AS pairs, round(avg(p_chosen), 3) "
+        "AS mean_p_chosen FROM preference_pairs GROUP BY 1 ORDER BY pairs DESC",
+    ),
+    (
+        "Which judgments flipped when the order was swapped?",
+        "SELECT principle_id, round(p_a_first, 2) AS p_first, round(p_a_second, 2) AS p_second "
+        "FROM judgments WHERE status = 'ok' AND NOT position_consistent LIMIT 10",
+    ),
+)
+
+# Why a judgment did not become a pair, in SQL, mirroring alignment.judge.drop_reason.
+_OUTCOME = """
+CASE
+  WHEN j.response_b_id IS NULL THEN 'pointwise score'
+  WHEN j.status <> 'ok' THEN 'dropped: ' || j.status
+  WHEN j.p_a = 0.5 THEN 'dropped: tie'
+  WHEN greatest(j.p_a, 1 - j.p_a) < CAST(json_extract(r.config, '$.judge.min_confidence') AS DOUBLE)
+    THEN 'dropped: low_confidence'
+  WHEN CAST(json_extract(r.config, '$.judge.require_position_consistent') AS BOOLEAN)
+    AND NOT j.position_consistent THEN 'dropped: position_inconsistent'
+  ELSE 'pair'
+END
+"""
+
+
+@dataclass
+class RunSummary:
+    run: dict[str, Any]
+    rows: dict[str, int]  # rows each table holds for this run
+    position_consistency: float | None  # share of model-judged ok comparisons
+    model_comparisons: int
+    statuses: dict[str, int]
+    outcomes: dict[str, int]
+    examples: list[dict[str, Any]]
+
+
+def latest_run_id(store: Store) -> str | None:
+    rows = store.query("SELECT run_id FROM runs ORDER BY updated_at DESC LIMIT 1")
+    return rows[0]["run_id"] if rows else None
+
+
+def run_summary(store: Store, run_id: str) -> RunSummary:
+    run = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])[0]
+    rows = {
+        table: store.query(f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id])[0]["n"]
+        for table in TABLES_SHOWN
+    }
+    consistency = store.query(
+        "SELECT avg(position_consistent::INT) AS rate, count(*) AS n FROM judgments "
+        "WHERE run_id = ? AND status = 'ok' AND mode IN ('pairwise', 'cot') "
+        "AND response_b_id IS NOT NULL",
+        [run_id],
+    )[0]
+    statuses = store.query(
+        "SELECT status, count(*) AS n FROM judgments WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC",
+        [run_id],
+    )
+    outcomes = store.query(
+        f"SELECT {_OUTCOME} AS outcome, count(*) AS n FROM judgments j "
+        "JOIN runs r USING (run_id) WHERE j.run_id = ? GROUP BY 1 ORDER BY 2 DESC",
+        [run_id],
+    )
+    examples = store.query(
+        "SELECT prompt, chosen, rejected, principle_ids[1] AS principle, p_chosen "
+        "FROM preference_pairs WHERE run_id = ? ORDER BY p_chosen DESC, pair_id LIMIT 3",
+        [run_id],
+    )
+    return RunSummary(
+        run=run,
+        rows=rows,
+        position_consistency=consistency["rate"],
+        model_comparisons=consistency["n"],
+        statuses={r["status"]: r["n"] for r in statuses},
+        outcomes={r["outcome"]: r["n"] for r in outcomes},
+        examples=examples,
+    )

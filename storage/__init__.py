@@ -1,0 +1,27 @@
+"""The store: Arrow schemas, atomic Parquet shards and a DuckDB catalog of views over them."""
+
+from storage.errors import (
+    QueryError,
+    SchemaMismatch,
+    StoreError,
+    StoreLocked,
+    StoreNotFound,
+    UnknownTable,
+)
+from storage.schemas import DERIVED_VIEWS, TABLES, TableSpec
+from storage.store import Store, WriteResult, sql
+
+__all__ = [
+    "DERIVED_VIEWS",
+    "TABLES",
+    "QueryError",
+    "SchemaMismatch",
+    "Store",
+    "StoreError",
+    "StoreLocked",
+    "StoreNotFound",
+    "TableSpec",
+    "UnknownTable",
+    "WriteResult",
+    "sql",
+]

@@ -1,0 +1,50 @@
+"""Typed errors of the store. Each message says what went wrong and, where there is one, the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class StoreError(Exception):
+    """Base class of every error the store raises on purpose."""
+
+
+class UnknownTable(StoreError):
+    def __init__(self, table: str, known: Iterable[str]) -> None:
+        self.table = table
+        super().__init__(f"Unknown table {table!r}; tables are: {', '.join(known)}")
+
+
+class SchemaMismatch(StoreError):
+    """Rows that do not fit a table's schema; `column` is '*' when no single column is at fault."""
+
+    def __init__(self, table: str, column: str, problem: str) -> None:
+        self.table = table
+        self.column = column
+        self.problem = problem
+        super().__init__(f"{table}.{column}: {problem}")
+
+
+class StoreNotFound(StoreError):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"No rlaif database at {path}. Run `rlaif run` or `rlaif demo` first to create it."
+        )
+
+
+class StoreLocked(StoreError):
+    """Another process held the write lock or the DuckDB file for longer than we wait."""
+
+    def __init__(self, path: Path, waited_s: float, detail: str = "") -> None:
+        self.path = path
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(
+            f"{path} stayed locked for {waited_s:.0f}s{suffix}. Another process is writing to "
+            "the store or holds the database open; retry when it is done."
+        )
+
+
+class QueryError(StoreError):
+    """A SQL statement failed; the message is DuckDB's."""

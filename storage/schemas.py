@@ -1,0 +1,257 @@
+"""Arrow schemas of the store's tables, and the check that turns rows into an Arrow table.
+
+Each table is one `TableSpec`: its schema (the key column first, never null; `run_id`
+never null) and the name of its key. Columns are a minimum: add what lineage needs, old
+shards stay readable because the views union Parquet files by column name.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+
+from storage.errors import SchemaMismatch, UnknownTable
+
+_JSON = b"rlaif.json"
+_CHOICES = b"rlaif.choices"
+
+
+def text(name: str) -> pa.Field:
+    return pa.field(name, pa.string())
+
+
+def integer(name: str) -> pa.Field:
+    return pa.field(name, pa.int64())
+
+
+def real(name: str) -> pa.Field:
+    return pa.field(name, pa.float64())
+
+
+def flag(name: str) -> pa.Field:
+    return pa.field(name, pa.bool_())
+
+
+def timestamp(name: str) -> pa.Field:
+    return pa.field(name, pa.timestamp("us", tz="UTC"))
+
+
+def strings(name: str) -> pa.Field:
+    return pa.field(name, pa.list_(pa.string()))
+
+
+def json_text(name: str) -> pa.Field:
+    """A JSON document stored as a string; write() also accepts dicts and lists."""
+    return pa.field(name, pa.string(), metadata={_JSON: b"1"})
+
+
+def choice(name: str, *options: str) -> pa.Field:
+    return pa.field(name, pa.string(), metadata={_CHOICES: ",".join(options).encode()})
+
+
+RUN_ID = pa.field("run_id", pa.string(), nullable=False)
+
+
+class TableSpec(NamedTuple):
+    schema: pa.Schema
+    key: str
+    view: str | None = None  # name of the view over all shards, when not the table's name
+
+
+def _spec(key: str, *fields: pa.Field, view: str | None = None) -> TableSpec:
+    schema = pa.schema([pa.field(key, pa.string(), nullable=False), *fields])
+    return TableSpec(schema, key, view)
+
+
+# fmt: off
+TABLES: dict[str, TableSpec] = {
+    # One row per status change; the `runs` view shows the latest row of each run.
+    "runs": _spec(
+        "event_id", RUN_ID, integer("iteration"),
+        choice("status", "running", "completed", "failed"),
+        timestamp("started_at"), timestamp("finished_at"), timestamp("updated_at"),
+        json_text("config"), text("constitution_id"), text("policy_model"), text("judge_model"),
+        view="run_events",
+    ),
+    # run_id: the run that first stored this constitution version.
+    "constitutions": _spec(
+        "constitution_id", RUN_ID, text("name"), text("version"), text("content"), text("path"),
+    ),
+    "prompts": _spec(
+        "prompt_id", RUN_ID, text("text"), text("source"), text("split"), text("category"),
+    ),
+    "responses": _spec(
+        "response_id", text("prompt_id"), RUN_ID, text("model"), text("text"),
+        integer("sample_index"), text("finish_reason"), integer("num_tokens"),
+        json_text("sampling"),
+    ),
+    "critiques": _spec(
+        "critique_id", text("response_id"), RUN_ID, text("principle_id"),
+        text("constitution_id"), integer("round"), text("input_text"), text("critique"),
+        text("revision"), text("model"),
+    ),
+    "judgments": _spec(
+        "judgment_id", text("prompt_id"), RUN_ID, text("response_a_id"),
+        text("response_b_id"),  # null for pointwise scoring
+        text("principle_id"), text("constitution_id"), text("judge_model"),
+        choice("mode", "pairwise", "pointwise", "checks", "cot"),
+        real("p_a_first"), real("p_a_second"), real("p_a"), flag("position_consistent"),
+        real("option_mass"), text("status"), text("rationale"),
+    ),
+    "preference_pairs": _spec(
+        "pair_id", text("prompt_id"), text("prompt"), text("chosen"), text("rejected"),
+        text("chosen_response_id"), text("rejected_response_id"), real("p_chosen"),
+        strings("principle_ids"), strings("judgment_ids"), text("constitution_id"),
+        text("policy_model"), text("judge_model"), RUN_ID, integer("iteration"), text("split"),
+    ),
+    "models": _spec(
+        "model_id", text("stage"), text("path"), text("base_model"), text("parent_model_id"),
+        integer("iteration"), json_text("metrics"), flag("promoted"), RUN_ID,
+        timestamp("created_at"),
+    ),
+    "evals": _spec(
+        "eval_id", text("model_id"), text("baseline_model_id"), text("metric"), real("value"),
+        integer("n"), real("ci_low"), real("ci_high"), RUN_ID,
+    ),
+}
+# fmt: on
+
+# Views computed from other views, created after the table views.
+DERIVED_VIEWS: dict[str, str] = {
+    "runs": (
+        "SELECT * FROM run_events QUALIFY row_number() OVER "
+        "(PARTITION BY run_id ORDER BY updated_at DESC NULLS LAST, event_id DESC) = 1"
+    ),
+}
+
+
+def table_spec(table: str) -> TableSpec:
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise UnknownTable(table, TABLES) from None
+
+
+def shard_view(table: str) -> str:
+    """Name of the view that shows every stored row of `table`."""
+    return table_spec(table).view or table
+
+
+def to_arrow(table: str, rows: Sequence[Mapping[str, Any]], run_id: str) -> pa.Table:
+    """Check rows against the table's schema and build an Arrow table.
+
+    Missing nullable columns become null; a missing `run_id` becomes `run_id`.
+    Raises SchemaMismatch naming the table, column and problem.
+    """
+    schema = table_spec(table).schema
+    _reject_unknown_columns(table, schema, rows)
+    columns = {f.name: _column(table, f, rows, run_id) for f in schema}
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _reject_unknown_columns(table: str, schema: pa.Schema, rows: Sequence[Mapping]) -> None:
+    known = set(schema.names)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise SchemaMismatch(table, "*", f"row {i} is a {type(row).__name__}, not a mapping")
+        unknown = sorted(set(row) - known)
+        if unknown:
+            columns = ", ".join(schema.names)
+            raise SchemaMismatch(table, unknown[0], f"unknown column (row {i}); columns: {columns}")
+
+
+def _column(table: str, field: pa.Field, rows: Sequence[Mapping], run_id: str) -> list[Any]:
+    values = []
+    for i, row in enumerate(rows):
+        value = row.get(field.name)
+        try:
+            if field.name == "run_id":
+                value = _same_run(value, run_id)
+            values.append(_check(field, value))
+        except ValueError as e:
+            raise SchemaMismatch(table, field.name, f"row {i}: {e}") from None
+    return values
+
+
+def _same_run(value: Any, run_id: str) -> Any:
+    if value is None or value == run_id:
+        return run_id
+    raise ValueError(f"{value!r} differs from the run_id given to write(), {run_id!r}")
+
+
+def _check(field: pa.Field, value: Any) -> Any:
+    """The value to store, or ValueError saying why it does not fit `field`."""
+    if value is None:
+        if not field.nullable:
+            raise ValueError("missing; this column is required")
+        return None
+    metadata = field.metadata or {}
+    if _JSON in metadata:
+        return _json_string(value)
+    expected = _expected(field.type, value)
+    if expected:
+        raise ValueError(f"expected {expected}, got {type(value).__name__} {_short(value)}")
+    if _CHOICES in metadata:
+        options = metadata[_CHOICES].decode().split(",")
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+    if not field.nullable and value == "":
+        raise ValueError("empty string; this column is required")
+    return value
+
+
+def _expected(type_: pa.DataType, value: Any) -> str | None:
+    """What `type_` needs, when `value` is not that; None when it fits."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
+        return None if pa.types.is_boolean(type_) else _describe(type_)
+    if pa.types.is_string(type_):
+        ok = isinstance(value, str)
+    elif pa.types.is_integer(type_):
+        ok = isinstance(value, numbers.Integral)
+    elif pa.types.is_floating(type_):
+        ok = isinstance(value, numbers.Real)
+    elif pa.types.is_timestamp(type_):
+        if isinstance(value, datetime) and value.utcoffset() is None:
+            return "a timezone-aware datetime (naive datetimes are ambiguous; use UTC)"
+        ok = isinstance(value, datetime)
+    elif pa.types.is_list(type_):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, bool)
+    return None if ok else _describe(type_)
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    return getattr(value, "dtype", None) == "bool"
+
+
+def _describe(type_: pa.DataType) -> str:
+    names = {"string": "a string", "int64": "an integer", "double": "a number", "bool": "a bool"}
+    if pa.types.is_timestamp(type_):
+        return "a timezone-aware datetime"
+    if pa.types.is_list(type_):
+        return "a list of strings"
+    return names.get(str(type_), str(type_))
+
+
+def _json_string(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON ({e}): {_short(value)}") from None
+        return value
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot be stored as JSON: {e}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,337 @@
+"""The store: atomic Parquet shards per table and run, plus a DuckDB file of views over them.
+
+Layout under `root`:
+    parquet/<table>/run_id=<run_id>/part-<uuid>.parquet   immutable shards
+    rlaif.duckdb                                          one view per table (and `runs`)
+    .lock                                                 serialises writers across processes
+
+Writers hold `.lock` and open the DuckDB file read-write only when a view must change
+(first shard of a table, schema change, moved root), so the `duckdb` CLI and other
+readers can keep the file open read-only most of the time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.errors import QueryError, SchemaMismatch, StoreError, StoreLocked, StoreNotFound
+from storage.schemas import DERIVED_VIEWS, TABLES, shard_view, table_spec, to_arrow
+
+T = TypeVar("T")
+
+DB_NAME = "rlaif.duckdb"
+LOCK_NAME = ".lock"
+LOCK_TIMEOUT_S = 120.0  # how long write() waits for another writer
+OPEN_RETRY_S = 5.0  # how long we retry opening a DuckDB file another process holds
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.list_(pa.string()): "VARCHAR[]",
+}
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    table: str
+    path: Path | None  # the new shard, None when nothing was new
+    written: int
+    skipped: int  # rows already stored, or repeated within the batch
+
+
+class Store:
+    """Parquet shards + DuckDB views under `root`. Nothing is created before the first write."""
+
+    def __init__(self, root: str | Path = "rlaif-data") -> None:
+        self.root = Path(root).expanduser().resolve()  # views hold absolute paths
+        self.db_path = self.root / DB_NAME
+
+    def tables(self) -> list[str]:
+        """Tables you can write to. The database also has a `run_events` view (all run rows)."""
+        return list(TABLES)
+
+    def ensure(self) -> None:
+        """Create the folders and the database with every view. Idempotent."""
+        with self._lock():
+            for table in TABLES:
+                self._table_dir(table).mkdir(parents=True, exist_ok=True)
+            self._sync_views()
+
+    def write(self, table: str, rows: Sequence[Mapping[str, Any]], run_id: str) -> WriteResult:
+        """Append the rows whose key is not stored yet as one new shard, then refresh the views.
+
+        Keys already in the table (any run), or repeated within `rows`, are skipped; when
+        every row is skipped no file is written. Raises UnknownTable or SchemaMismatch, and
+        StoreLocked when a view must change while another process holds the db open: the
+        shard is then kept, and the views catch up on the next write() or ensure().
+        """
+        table_spec(table)
+        _check_run_id(table, run_id)
+        rows = list(rows)
+        if not rows:
+            return WriteResult(table, None, 0, 0)
+        data = to_arrow(table, rows, run_id)
+        with self._lock():
+            new = self._drop_stored(table, data)
+            path = self._write_shard(table, run_id, new) if new.num_rows else None
+            self._sync_views()
+        return WriteResult(table, path, new.num_rows, data.num_rows - new.num_rows)
+
+    def existing_keys(self, table: str, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` are stored in `table`, in any run. Reads the shards, not the db."""
+        key = table_spec(table).key
+        wanted = pa.table({"k": pa.array(list(dict.fromkeys(keys)), pa.string())})
+        if not wanted.num_rows or not self._has_shards(table):
+            return set()
+        sql = f"SELECT k FROM wanted WHERE k IN (SELECT {_ident(key)} FROM {self._scan(table)})"
+        con = duckdb.connect()  # in memory, so readers never contend for the db file
+        try:
+            con.register("wanted", wanted)
+            return {k for (k,) in con.execute(sql).fetchall()}
+        except duckdb.Error as e:
+            raise StoreError(f"Could not read the {table} shards under {self.root}: {e}") from e
+        finally:
+            con.close()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run read-only SQL against the views; one dict per row. Raises QueryError."""
+        names, rows = _run(self._db_or_raise(), sql, params)
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def query_arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Like query(), as an Arrow table."""
+        with _connect(self._db_or_raise(), read_only=True) as con:
+            try:
+                relation = con.sql(sql, params=params)
+                return relation.to_arrow_table() if relation is not None else pa.table({})
+            except duckdb.Error as e:
+                raise QueryError(str(e)) from e
+
+    def count(self, table: str) -> int:
+        """Rows in the table's view; for `runs` that is the number of runs, not of events."""
+        table_spec(table)
+        return self.query(f"SELECT count(*) AS n FROM {_ident(table)}")[0]["n"]
+
+    # -- shards ---------------------------------------------------------------------------
+
+    def _table_dir(self, table: str) -> Path:
+        return self.root / "parquet" / table
+
+    def _glob(self, table: str) -> str:
+        return str(self._table_dir(table) / "run_id=*" / "*.parquet")
+
+    def _has_shards(self, table: str) -> bool:
+        return next(self._table_dir(table).glob("run_id=*/*.parquet"), None) is not None
+
+    def _scan(self, table: str) -> str:
+        return (
+            f"read_parquet({_literal(self._glob(table))}, hive_partitioning = true, "
+            "hive_types = {'run_id': VARCHAR}, union_by_name = true)"
+        )
+
+    def _drop_stored(self, table: str, data: pa.Table) -> pa.Table:
+        """Rows of `data` whose key is neither stored nor seen earlier in `data`."""
+        keys = data.column(table_spec(table).key).to_pylist()
+        seen = self.existing_keys(table, keys)
+        keep = []
+        for i, key in enumerate(keys):
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        return data.take(pa.array(keep, pa.int64()))
+
+    def _write_shard(self, table: str, run_id: str, data: pa.Table) -> Path:
+        """Write `data` as a new shard via temp file + fsync + rename: never seen half-written."""
+        folder = self._table_dir(table) / f"run_id={run_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"part-{uuid.uuid4().hex}.parquet"
+        tmp = folder / f".{path.name}.tmp"  # must not match the views' *.parquet glob
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(data, fh, compression="zstd")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(folder)
+        return path
+
+    # -- database -------------------------------------------------------------------------
+
+    def _db_or_raise(self) -> Path:
+        if not self.db_path.is_file():
+            raise StoreNotFound(self.db_path)
+        return self.db_path
+
+    def _views(self) -> dict[str, str]:
+        """The CREATE VIEW statement of every view, in creation order."""
+        views = {}
+        for table, spec in TABLES.items():
+            scan = self._scan(table) if self._has_shards(table) else None
+            views[shard_view(table)] = _table_view_sql(shard_view(table), spec.schema, scan)
+        for name, body in DERIVED_VIEWS.items():
+            views[name] = f"CREATE OR REPLACE VIEW {_ident(name)} AS\n{body}"
+        return views
+
+    def _sync_views(self) -> None:
+        """(Re)create the views when they differ from what the shards and schemas need.
+
+        Each view's comment holds a fingerprint of its SQL, so an unchanged catalog costs
+        one read-only open and the read-write open (which blocks CLI readers) is rare.
+        """
+        views = self._views()
+        wanted = {name: _fingerprint(sql) for name, sql in views.items()}
+        if self._installed_fingerprints(wanted) == wanted:
+            return
+        with _connect(self.db_path, read_only=False) as con:
+            con.execute("BEGIN")
+            for name, sql in views.items():
+                con.execute(sql)
+                con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(wanted[name])}")
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")  # leave no WAL behind for read-only openers
+
+    def _installed_fingerprints(self, names: Iterable[str]) -> dict[str, str | None]:
+        if not self.db_path.is_file():
+            return {}
+        with _connect(self.db_path, read_only=True) as con:
+            rows = con.execute(
+                "SELECT view_name, comment FROM duckdb_views() WHERE NOT internal"
+            ).fetchall()
+        installed = dict(rows)
+        return {name: installed.get(name) for name in names}
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Exclusive cross-process (and cross-thread) lock on `<root>/.lock`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_NAME
+        with open(path, "a") as fh:
+            _retry(lambda: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB), path, LOCK_TIMEOUT_S)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def sql(db_path: str | Path, query: str) -> tuple[list[str], list[tuple]]:
+    """Run `query` on the database read-only; return column names and rows.
+
+    `db_path` is the .duckdb file or the store root. Raises StoreNotFound or QueryError.
+    """
+    path = Path(db_path)
+    if path.is_dir():
+        path = path / DB_NAME
+    if not path.is_file():
+        raise StoreNotFound(path)
+    return _run(path, query, None)
+
+
+def _run(db_path: Path, query: str, params: Sequence[Any] | None) -> tuple[list[str], list[tuple]]:
+    with _connect(db_path, read_only=True) as con:
+        try:
+            cursor = con.execute(query, params)
+            if cursor.description is None:
+                return [], []
+            return [d[0] for d in cursor.description], cursor.fetchall()
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from e
+
+
+@contextmanager
+def _connect(db_path: Path, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the db, retrying while another connection holds a conflicting lock."""
+    con = _retry(lambda: duckdb.connect(str(db_path), read_only=read_only), db_path, OPEN_RETRY_S)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _retry(attempt: Callable[[], T], path: Path, timeout_s: float) -> T:
+    """Call `attempt` until it does not fail with a lock conflict, or raise StoreLocked."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            return attempt()
+        except (BlockingIOError, duckdb.IOException, duckdb.ConnectionException) as e:
+            if not _is_lock_conflict(e):
+                raise StoreError(f"Could not open {path}: {e}") from e
+            if time.monotonic() >= deadline:
+                raise StoreLocked(path, timeout_s, str(e).splitlines()[0]) from e
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _is_lock_conflict(error: Exception) -> bool:
+    # DuckDB: "Could not set lock on file" from another process; "different configuration"
+    # when this process already has the file open read-only and asks for read-write.
+    message = str(error)
+    return isinstance(error, BlockingIOError) or "lock" in message or "configuration" in message
+
+
+def _check_run_id(table: str, run_id: str) -> None:
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise SchemaMismatch(
+            table, "run_id", f"{run_id!r} is not a valid run id (letters, digits, . _ : + -)"
+        )
+
+
+def _table_view_sql(name: str, schema: pa.Schema, scan: str | None) -> str:
+    """A view with the schema's typed columns, over the shards when there are any.
+
+    The zero-row typed SELECT fixes column names and types even before the first shard;
+    UNION ALL BY NAME adds the shards' rows (and any columns only old shards have).
+    """
+    typed = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema)
+    body = f"SELECT {typed} WHERE false"
+    if scan:
+        body += f"\nUNION ALL BY NAME\nSELECT * FROM {scan}"
+    return f"CREATE OR REPLACE VIEW {_ident(name)} AS\n{body}"
+
+
+def _duckdb_type(type_: pa.DataType) -> str:
+    try:
+        return _DUCKDB_TYPES[type_]
+    except KeyError:
+        raise StoreError(f"No DuckDB type for {type_}; add it to _DUCKDB_TYPES") from None
+
+
+def _fingerprint(view_sql: str) -> str:
+    return "rlaif view " + hashlib.sha256(view_sql.encode()).hexdigest()[:16]
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable: fsync the directory entry too."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
