@@ -158,20 +158,26 @@ def _print_summary(store: Any, run_id: str) -> None:
 
     s = run_summary(store, run_id)
     console = Console()
-    console.print(f"\n[bold]Run[/bold] {run_id}  status={s.run['status']}  "
-                  f"policy={s.run['policy_model']}  judge={s.run['judge_model']}")
+    console.print(
+        f"\n[bold]Run[/bold] {run_id}  status={s.run['status']}  "
+        f"policy={s.run['policy_model']}  judge={s.run['judge_model']}"
+    )
     table = Table("table", "rows (this run)")
     for name, n in s.rows.items():
         table.add_row(name, str(n))
     console.print(table)
     rate = "n/a" if s.position_consistency is None else f"{s.position_consistency:.1%}"
-    console.print(f"Judge position consistency: {rate} of {s.model_comparisons} "
-                  "model-judged comparisons (both orders agree)")
+    console.print(
+        f"Judge position consistency: {rate} of {s.model_comparisons} "
+        "model-judged comparisons (both orders agree)"
+    )
     console.print("Judgment statuses: " + ", ".join(f"{k}={v}" for k, v in s.statuses.items()))
     console.print("Judgment outcomes: " + ", ".join(f"{k}={v}" for k, v in s.outcomes.items()))
     for i, pair in enumerate(s.examples, 1):
-        console.print(f"\n[bold]Example pair {i}[/bold]  principle={pair['principle']}  "
-                      f"p_chosen={pair['p_chosen']:.3f}")
+        console.print(
+            f"\n[bold]Example pair {i}[/bold]  principle={pair['principle']}  "
+            f"p_chosen={pair['p_chosen']:.3f}"
+        )
         console.print(f"  prompt:   {pair['prompt'][:120]}", markup=False)
         console.print(f"  chosen:   {pair['chosen'][:120]}", markup=False)
         console.print(f"  rejected: {pair['rejected'][:120]}", markup=False)
@@ -188,8 +194,12 @@ def _print_summary(store: Any, run_id: str) -> None:
 @click.argument("query")
 @click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-    show_default=True, help="Output format.",
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
 )
 @user_errors
 def sql_command(query: str, store: str, fmt: str) -> None:
@@ -247,10 +257,16 @@ def build_tiny(cache_dir: str | None) -> None:
         bar = progress.add_task("training tiny model", total=None)
 
         def report(step: int, total: int, loss: float) -> None:
-            progress.update(bar, completed=step, total=total,
-                            description=f"training tiny model (loss {loss:.2f})")
+            progress.update(
+                bar,
+                completed=step,
+                total=total,
+                description=f"training tiny model (loss {loss:.2f})",
+            )
 
         path = tiny_model_path(Path(cache_dir) if cache_dir else None, progress=report)
     build = json.loads((path / "rlaif_build.json").read_text())
-    click.echo(f"{path}\n{build['parameters']:,} parameters, loss {build['loss_first']:.2f} "
-               f"-> {build['loss_last']:.2f}")
+    click.echo(
+        f"{path}\n{build['parameters']:,} parameters, loss {build['loss_first']:.2f} "
+        f"-> {build['loss_last']:.2f}"
+    )
