@@ -52,14 +52,28 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except SpecError as error:
             _fail(str(error))
         except (PromptSourceError, QueryError, StoreError) as error:
-            _fail(f"error: {error}")
+            _fail(f"error: {_one_line(str(error))}")
 
     return wrapper
 
 
+def _one_line(message: str) -> str:
+    """DuckDB's message without its 'LINE 1: ... ^^^' query excerpt, on one line."""
+    lines = []
+    for line in message.splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
+
+
 @click.group()
 def main() -> None:
-    """rlaif: make a model follow a written constitution, without human labelers."""
+    """rlaif: make a model follow a written constitution, without human labelers.
+
+    Example: rlaif demo
+    """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
 
@@ -69,7 +83,10 @@ def main() -> None:
 
 @main.group()
 def constitution() -> None:
-    """Work with constitution files."""
+    """Work with constitution files.
+
+    Example: rlaif constitution lint constitutions/*.yaml
+    """
 
 
 @constitution.command("lint")
@@ -79,12 +96,23 @@ def constitution_lint(files: tuple[str, ...]) -> None:
 
     Example: rlaif constitution lint constitutions/*.yaml
     """
+    found = {path: _yaml_files(path) for path in files}
+    empty = [path for path, n in found.items() if n == 0]
+    if empty:
+        _fail("\n".join(f"{path}: no *.yaml or *.yml files in this folder" for path in empty))
     problems = lint_constitutions(files)
     for problem in problems:
         click.echo(str(problem), err=True)
     if problems:
         sys.exit(2)
-    click.echo(f"{len(files)} file(s) ok")
+    click.echo(f"{sum(found.values())} file(s) ok")
+
+
+def _yaml_files(path: str) -> int:
+    """How many files lint() reads for `path`: a folder means its *.yaml and *.yml."""
+    if not Path(path).is_dir():
+        return 1
+    return len([*Path(path).glob("*.yaml"), *Path(path).glob("*.yml")])
 
 
 # --- run -------------------------------------------------------------------------------
@@ -239,7 +267,10 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 
 @main.group()
 def models() -> None:
-    """Local models."""
+    """Local models.
+
+    Example: rlaif models build-tiny
+    """
 
 
 @models.command("build-tiny")
@@ -270,3 +301,7 @@ def build_tiny(cache_dir: str | None) -> None:
         f"{path}\n{build['parameters']:,} parameters, loss {build['loss_first']:.2f} "
         f"-> {build['loss_last']:.2f}"
     )
+
+
+if __name__ == "__main__":
+    main()

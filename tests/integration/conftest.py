@@ -1,0 +1,103 @@
+"""Shared heavy fixtures: one tiny model, one vLLM engine, one OpenAI server, one Prefect."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from alignment.backends import VLLMBackend
+from flows.config import ModelConfig
+from flows.models import make_backend, tiny_model_path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def policy_config() -> ModelConfig:
+    """The engine settings every integration test uses, so they share one engine."""
+    return ModelConfig(model="tiny", kv_cache_gib=0.5, max_model_len=1024)
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(tiny_model: Path, policy_config: ModelConfig) -> VLLMBackend:
+    backend = make_backend(policy_config, seed=0)
+    assert isinstance(backend, VLLMBackend)
+    return backend
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_model: Path):
+    """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1."""
+    port = _free_port()
+    log = open(Path(os.environ["PREFECT_HOME"]) / "vllm-server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "1024",
+            "--enforce-eager",
+            "--seed",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {server.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server not healthy after 300 s; see {log.name}")
+            time.sleep(1)
+        yield f"{url}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

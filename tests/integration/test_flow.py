@@ -1,0 +1,162 @@
+"""The whole collect-preferences flow on the real tiny model, real Prefect, real store."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.config import GenerationConfig, PipelineConfig, PromptsConfig
+from flows.pipeline import collect_preferences
+from storage import Store
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TABLES = (
+    "runs",
+    "constitutions",
+    "prompts",
+    "responses",
+    "critiques",
+    "judgments",
+    "preference_pairs",
+)
+
+
+def small_config(store: Path, policy_config) -> PipelineConfig:
+    return PipelineConfig(
+        store=str(store),
+        constitution=str(REPO / "constitutions" / "demo.yaml"),
+        batch_size=4,
+        prompts=PromptsConfig(limit=10),
+        policy=policy_config,
+        generation=GenerationConfig(n=3, max_tokens=24),
+        critique={"max_tokens": 16},
+        judge={"min_confidence": 0.5},
+    )
+
+
+def counts(store: Store) -> dict[str, int]:
+    return {table: store.count(table) for table in TABLES}
+
+
+def shard_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in (root / "parquet").rglob("*.parquet")}
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory, prefect_harness, vllm_backend, policy_config):
+    root = tmp_path_factory.mktemp("store")
+    config = small_config(root, policy_config)
+    run_id = collect_preferences(config=config)
+    return config, Store(root), run_id
+
+
+def test_flow_fills_every_table(collected):
+    config, store, run_id = collected
+    n = counts(store)
+    train = store.query("SELECT count(*) AS n FROM prompts WHERE split = 'train'")[0]["n"]
+    assert n["runs"] == 1 and n["constitutions"] == 1 and n["prompts"] == 10
+    assert n["responses"] == train * 3
+    assert n["critiques"] == n["responses"]  # one round
+    assert n["judgments"] == train * 3  # all pairs of 3 responses
+    assert 0 < n["preference_pairs"] <= n["judgments"]
+    assert store.query("SELECT status FROM runs")[0]["status"] == "completed"
+
+
+def test_pairs_carry_lineage(collected):
+    _, store, run_id = collected
+    orphans = store.query(
+        "SELECT count(*) AS n FROM preference_pairs p "
+        "LEFT JOIN responses c ON c.response_id = p.chosen_response_id "
+        "LEFT JOIN responses r ON r.response_id = p.rejected_response_id "
+        "LEFT JOIN judgments j ON j.judgment_id = p.judgment_ids[1] "
+        "LEFT JOIN constitutions k ON k.constitution_id = p.constitution_id "
+        "WHERE c.text <> p.chosen OR r.text <> p.rejected OR j.judgment_id IS NULL "
+        "OR k.constitution_id IS NULL OR p.principle_ids[1] <> j.principle_id"
+    )[0]["n"]
+    assert orphans == 0
+    bad = store.query(
+        "SELECT count(*) AS n FROM preference_pairs WHERE p_chosen < 0.5 OR p_chosen > 1 "
+        "OR chosen_response_id = rejected_response_id OR run_id <> ?",
+        [run_id],
+    )[0]["n"]
+    assert bad == 0
+
+
+def test_judgments_follow_the_protocol(collected):
+    _, store, _ = collected
+    rows = store.query("SELECT * FROM judgments WHERE status = 'ok' AND mode = 'pairwise'")
+    assert rows, "the demo constitution has model-judged principles"
+    for j in rows:
+        assert j["p_a"] == pytest.approx((j["p_a_first"] + j["p_a_second"]) / 2)
+        assert j["position_consistent"] == ((j["p_a_first"] > 0.5) == (j["p_a_second"] > 0.5))
+        assert 0 < j["option_mass"] <= 1
+    checked = store.query("SELECT DISTINCT principle_id FROM judgments WHERE mode = 'checks'")
+    assert {r["principle_id"] for r in checked} <= {"concise", "no_insults"}
+
+
+def test_rerun_adds_no_rows(collected):
+    config, store, run_id = collected
+    before, files = counts(store), shard_files(store.root)
+    assert collect_preferences(config=config) == run_id
+    assert counts(store) == before
+    assert shard_files(store.root) == files
+
+
+def test_rerun_resumes_after_a_crash(collected):
+    config, store, run_id = collected
+    before = counts(store)
+    responses = {f for f in shard_files(store.root) if f.startswith("parquet/responses")}
+    # the crash: judging, pairing and finishing never happened
+    for table in ("judgments", "preference_pairs"):
+        shutil.rmtree(store.root / "parquet" / table)
+    for shard in (store.root / "parquet" / "runs").rglob("*.parquet"):
+        if (
+            "completed"
+            in Store(store.root).query(f"SELECT status FROM read_parquet('{shard}')")[0]["status"]
+        ):
+            shard.unlink()
+    assert store.query("SELECT status FROM runs")[0]["status"] == "running"
+    collect_preferences(config=config)
+    assert counts(store) == before
+    assert {f for f in shard_files(store.root) if f.startswith("parquet/responses")} == responses
+    assert store.query("SELECT status FROM runs")[0]["status"] == "completed"
+
+
+def test_sql_from_another_process(collected):
+    _, store, _ = collected
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "sql",
+            "--store",
+            str(store.root),
+            "--format",
+            "csv",
+            "SELECT count(*) AS n FROM preference_pairs",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == f"n\n{store.count('preference_pairs')}\n"
+    plain = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+            "print(con.sql('SELECT count(*) FROM judgments').fetchone()[0])",
+            str(store.db_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert int(plain) == store.count("judgments")

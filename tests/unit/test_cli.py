@@ -1,0 +1,322 @@
+"""The `rlaif` command through click's CliRunner: exit codes and exact output, errors included.
+
+Nothing here starts a flow: `flows.pipeline` is replaced by a module that fails the test if
+`run` ever gets past its config and constitution checks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from flows.cli import OFFLINE_ENV, main
+from storage import Store
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "constitutions").glob("*.yaml"))
+RUN = "run-1"
+
+BAD_CONSTITUTION = """\
+name: bad
+version: 1
+principles:
+  - id: Bad Id
+    principle: Choose.
+    critique: Say.
+    revison: Fix.
+"""
+BAD_CONSTITUTION_PROBLEMS = (
+    "bad.yaml:4: missing required key 'revision' in principle 'Bad Id'\n"
+    "bad.yaml:4: principle id 'Bad Id' must match ^[a-z0-9][a-z0-9_-]*$ "
+    "(lowercase letters, digits, '_' and '-')\n"
+    "bad.yaml:7: unknown key 'revison' in principle 'Bad Id' (allowed: id, principle, "
+    "critique, revision, weight, tags, checks); did you mean 'revision'?\n"
+)
+
+PROMPTS = [
+    {"prompt_id": "p1", "text": "Hi?", "source": "seed", "split": "train", "category": "chat"},
+    {"prompt_id": "p2", "text": 'Tell me, "why"?', "source": "seed", "split": "eval"},
+]
+JUDGMENTS = [
+    {
+        "judgment_id": "j1", "prompt_id": "p1", "response_a_id": "r1", "response_b_id": "r2",
+        "principle_id": "helpful", "mode": "pairwise", "p_a": 0.75,
+        "position_consistent": True, "status": "ok",
+    },
+    {
+        "judgment_id": "j2", "prompt_id": "p1", "response_a_id": "r2", "response_b_id": "r3",
+        "principle_id": "honest", "mode": "pairwise", "p_a": 0.5,
+        "position_consistent": False, "status": "ok", "rationale": "a tie",
+    },
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run in tmp_path, keep main()'s environment defaults out of other tests, start no flow."""
+    monkeypatch.chdir(tmp_path)
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)  # restored (or removed) after the test
+
+    def collect_preferences(**kwargs: object) -> str:
+        raise AssertionError("`rlaif run` went past its checks and started the flow")
+
+    pipeline = types.ModuleType("flows.pipeline")
+    pipeline.collect_preferences = collect_preferences  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flows.pipeline", pipeline)
+
+
+def rlaif(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="rlaif")
+
+
+def assert_refused(result: Result, stderr: str) -> None:
+    """Exit 2, exactly `stderr` on stderr, nothing on stdout, no traceback."""
+    assert (result.exit_code, result.stderr, result.stdout) == (2, stderr, "")
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+
+
+# --- constitution lint -----------------------------------------------------------------
+
+
+def test_lint_shipped_constitutions() -> None:
+    result = rlaif("constitution", "lint", *map(str, SHIPPED))
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "2 file(s) ok\n", "")
+
+
+def test_lint_a_folder_counts_its_files() -> None:
+    result = rlaif("constitution", "lint", str(REPO / "constitutions"))
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "2 file(s) ok\n", "")
+
+
+def test_lint_bad_file() -> None:
+    Path("bad.yaml").write_text(BAD_CONSTITUTION)
+    assert_refused(rlaif("constitution", "lint", "bad.yaml"), BAD_CONSTITUTION_PROBLEMS)
+
+
+def test_lint_reports_only_the_bad_files() -> None:
+    Path("bad.yaml").write_text(BAD_CONSTITUTION)
+    result = rlaif("constitution", "lint", str(SHIPPED[0]), "bad.yaml", "absent.yaml")
+    assert_refused(result, BAD_CONSTITUTION_PROBLEMS + "absent.yaml:1: file not found\n")
+
+
+def test_lint_empty_folder() -> None:
+    Path("empty").mkdir()
+    assert_refused(
+        rlaif("constitution", "lint", "empty"), "empty: no *.yaml or *.yml files in this folder\n"
+    )
+
+
+def test_lint_needs_a_file() -> None:
+    result = rlaif("constitution", "lint")
+    assert result.exit_code == 2
+    assert "Missing argument 'FILES...'" in result.stderr
+
+
+# --- run -------------------------------------------------------------------------------
+
+
+def test_run_refuses_a_bad_config_before_writing() -> None:
+    Path("config.yaml").write_text(
+        f"store: store\nconstitution: {REPO / 'constitutions' / 'demo.yaml'}\nbatch_size: 0\n"
+    )
+    assert_refused(
+        rlaif("run", "--config", "config.yaml"),
+        "config.yaml:3: batch_size: Input should be greater than 0 (got 0)\n",
+    )
+    assert not Path("store").exists()
+
+
+def test_run_reports_every_config_problem() -> None:
+    Path("config.yaml").write_text(
+        "store: store\nconstitution: nope.yaml\ngeneration:\n  temprature: 1\n"
+    )
+    assert_refused(
+        rlaif("run", "--config", "config.yaml", "--store", "other"),
+        "config.yaml:2: constitution: constitution file 'nope.yaml' does not exist\n"
+        "config.yaml:4: unknown key 'temprature' in generation "
+        "(allowed: n, temperature, top_p, max_tokens); did you mean 'temperature'?\n",
+    )
+    assert not Path("store").exists()
+    assert not Path("other").exists()
+
+
+def test_run_missing_config_file() -> None:
+    assert_refused(rlaif("run", "--config", "absent.yaml"), "absent.yaml:1: file not found\n")
+
+
+def test_run_refuses_a_bad_constitution_before_writing() -> None:
+    Path("bad.yaml").write_text(BAD_CONSTITUTION)
+    Path("config.yaml").write_text("store: store\nconstitution: bad.yaml\npolicy:\n  model: tiny\n")
+    assert_refused(rlaif("run", "--config", "config.yaml"), BAD_CONSTITUTION_PROBLEMS)
+    assert not Path("store").exists()
+
+
+# --- sql -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[str]:
+    db = Store(tmp_path / "store")
+    db.write("prompts", PROMPTS, RUN)
+    db.write("judgments", JUDGMENTS, RUN)
+    yield str(db.root)
+
+
+def test_sql_csv(store: str) -> None:
+    query = (
+        "SELECT p.prompt_id, p.text, p.category, count(j.judgment_id) AS judgments "
+        "FROM prompts p LEFT JOIN judgments j USING (prompt_id) GROUP BY ALL ORDER BY 1"
+    )
+    result = rlaif("sql", "--store", store, query, "--format", "csv")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == (
+        'prompt_id,text,category,judgments\np1,Hi?,chat,2\np2,"Tell me, ""why""?",,0\n'
+    )
+
+
+def test_sql_json(store: str) -> None:
+    query = "SELECT judgment_id, p_a, position_consistent, rationale FROM judgments ORDER BY 1"
+    result = rlaif("sql", "--store", store, query, "--format", "json")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == (
+        "[\n"
+        "  {\n"
+        '    "judgment_id": "j1",\n'
+        '    "p_a": 0.75,\n'
+        '    "position_consistent": true,\n'
+        '    "rationale": null\n'
+        "  },\n"
+        "  {\n"
+        '    "judgment_id": "j2",\n'
+        '    "p_a": 0.5,\n'
+        '    "position_consistent": false,\n'
+        '    "rationale": "a tie"\n'
+        "  }\n"
+        "]\n"
+    )
+    assert json.loads(result.stdout)[1]["rationale"] == "a tie"
+
+
+def test_sql_json_no_rows(store: str) -> None:
+    result = rlaif("sql", "--store", store, "SELECT * FROM prompts WHERE false", "--format", "json")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "[]\n", "")
+
+
+def test_sql_table_is_the_default(store: str) -> None:
+    result = rlaif("sql", "--store", store, "SELECT prompt_id, category FROM prompts ORDER BY 1")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == (
+        "┏━━━━━━━━━━━┳━━━━━━━━━━┓\n"
+        "┃ prompt_id ┃ category ┃\n"
+        "┡━━━━━━━━━━━╇━━━━━━━━━━┩\n"
+        "│ p1        │ chat     │\n"
+        "│ p2        │          │\n"
+        "└───────────┴──────────┘\n"
+    )
+
+
+def test_sql_bad_query_is_one_line(store: str) -> None:
+    result = rlaif("sql", "--store", store, "SELEC 1")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.startswith('error: Parser Error: syntax error at or near "SELEC"')
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_sql_unknown_column_is_one_line(store: str) -> None:
+    result = rlaif("sql", "--store", store, "SELECT nope FROM prompts")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.startswith('error: Binder Error: Referenced column "nope" not found')
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_sql_is_read_only(store: str) -> None:
+    result = rlaif("sql", "--store", store, "CREATE TABLE x (a INT)")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.startswith("error: ")
+    assert "read-only" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+    tables = rlaif(
+        "sql", "--store", store, "SELECT count(*) AS n FROM duckdb_tables()", "--format", "csv"
+    )
+    assert tables.stdout == "n\n0\n"
+
+
+def test_sql_missing_store(tmp_path: Path) -> None:
+    db = tmp_path / "nostore" / "rlaif.duckdb"
+    assert_refused(
+        rlaif("sql", "--store", "nostore", "SELECT 1"),
+        f"error: No rlaif database at {Path('nostore') / 'rlaif.duckdb'}. "
+        "Run `rlaif run` or `rlaif demo` first to create it.\n",
+    )
+    assert not db.parent.exists()
+
+
+def test_sql_bad_format(store: str) -> None:
+    result = rlaif("sql", "--store", store, "SELECT 1", "--format", "xml")
+    assert result.exit_code == 2
+    assert "'xml' is not one of 'table', 'csv', 'json'" in result.stderr
+
+
+# --- summary ---------------------------------------------------------------------------
+
+
+def test_summary_of_an_empty_folder(tmp_path: Path) -> None:
+    Path("empty").mkdir()
+    assert_refused(
+        rlaif("summary", "--store", "empty"),
+        f"error: No rlaif database at {tmp_path.resolve() / 'empty' / 'rlaif.duckdb'}. "
+        "Run `rlaif run` or `rlaif demo` first to create it.\n",
+    )
+
+
+def test_summary_of_a_store_without_runs(store: str) -> None:
+    assert_refused(
+        rlaif("summary", "--store", store),
+        f"error: no runs in {store}; run `rlaif demo` first\n",
+    )
+
+
+# --- help ------------------------------------------------------------------------------
+
+
+def all_commands(
+    command: click.Command, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from all_commands(sub, (*path, name))
+
+
+COMMANDS = list(all_commands(main))
+
+
+def test_walk_finds_every_command() -> None:
+    assert {" ".join(path) for path, _ in COMMANDS} == {
+        "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
+        "models build-tiny",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), COMMANDS, ids=[" ".join(p) or "rlaif" for p, _ in COMMANDS]
+)
+def test_every_command_is_documented(path: tuple[str, ...], command: click.Command) -> None:
+    assert command.help, f"rlaif {' '.join(path)} has no help text"
+    assert "Example: rlaif" in command.help
+    result = rlaif(*path, "--help")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout.startswith(f"Usage: {' '.join(('rlaif', *path))} ")
+    assert "Example: rlaif" in result.stdout
