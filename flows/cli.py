@@ -34,7 +34,9 @@ OFFLINE_ENV = {
     # The ephemeral Prefect server needs more than the default 20 s on 2 busy cores.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+DEMO_CONSTITUTION = PROJECT_ROOT / "constitutions" / "demo.yaml"
 
 
 def _fail(message: str) -> None:
@@ -118,16 +120,16 @@ def _yaml_files(path: str) -> int:
 # --- run -------------------------------------------------------------------------------
 
 
-def _run_pipeline(config_path: str, store: str | None) -> str:
+def _run_pipeline(config_path: str | Path, overrides: dict[str, str]) -> tuple[Any, str]:
+    """Validate the config and its constitution, then run the flow; (config, run id)."""
     from alignment.constitution import load_constitution
     from flows.config import load_config
 
-    overrides = {"store": store} if store else None
     config = load_config(config_path, overrides)
     load_constitution(config.constitution)  # refuse a bad constitution before anything starts
     from flows.pipeline import collect_preferences
 
-    return collect_preferences(config=config)
+    return config, collect_preferences(config=config)
 
 
 @main.command()
@@ -139,7 +141,7 @@ def run(config_path: str, store: str | None) -> None:
 
     Example: rlaif run --config configs/demo.yaml
     """
-    run_id = _run_pipeline(config_path, store)
+    _, run_id = _run_pipeline(config_path, {"store": store} if store else {})
     click.echo(f"run {run_id} completed")
 
 
@@ -151,12 +153,12 @@ def demo(store: str | None) -> None:
 
     Example: rlaif demo
     """
-    from flows.config import load_config
     from storage import Store
 
-    run_id = _run_pipeline(str(DEMO_CONFIG), store)
-    root = store or load_config(DEMO_CONFIG).store
-    _print_summary(Store(root), run_id)
+    # The demo works from any folder: its constitution is the shipped one.
+    overrides = {"constitution": str(DEMO_CONSTITUTION)} | ({"store": store} if store else {})
+    config, run_id = _run_pipeline(DEMO_CONFIG, overrides)
+    _print_summary(Store(config.store), run_id)
 
 
 @main.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alignment.backends import VLLMBackend
+from alignment.backends import VLLMBackend, release_engines
 from flows.config import ModelConfig
 from flows.models import make_backend, tiny_model_path
 
@@ -34,7 +34,8 @@ def policy_config() -> ModelConfig:
 def vllm_backend(tiny_model: Path, policy_config: ModelConfig) -> VLLMBackend:
     backend = make_backend(policy_config, seed=0)
     assert isinstance(backend, VLLMBackend)
-    return backend
+    yield backend
+    release_engines()  # shut the engine down while pytest's streams are still open
 
 
 def _free_port() -> int:

@@ -152,7 +152,7 @@ def test_sql_from_another_process(collected):
             sys.executable,
             "-c",
             "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
-            "print(con.sql('SELECT count(*) FROM judgments').fetchone()[0])",
+            "print(con.execute('SELECT count(*) FROM judgments').fetchall()[0][0])",
             str(store.db_path),
         ],
         capture_output=True,
