@@ -91,6 +91,11 @@ def release_engines() -> None:
     """Drop every cached vLLM engine so the next heavy phase gets the memory back."""
     import gc
 
+    for llm in _ENGINES.values():
+        # Stop the engine-core process now rather than from a finaliser at exit.
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
     _ENGINES.clear()
     gc.collect()
 

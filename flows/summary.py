@@ -74,9 +74,12 @@ def run_summary(store: Store, run_id: str) -> RunSummary:
         "JOIN runs r USING (run_id) WHERE j.run_id = ? GROUP BY 1 ORDER BY 2 DESC",
         [run_id],
     )
+    # The most confident pair of each principle first, so the examples show several.
     examples = store.query(
-        "SELECT prompt, chosen, rejected, principle_ids[1] AS principle, p_chosen "
-        "FROM preference_pairs WHERE run_id = ? ORDER BY p_chosen DESC, pair_id LIMIT 3",
+        "SELECT prompt, chosen, rejected, principle_ids[1] AS principle, p_chosen, "
+        "row_number() OVER (PARTITION BY principle_ids[1] ORDER BY p_chosen DESC, pair_id) "
+        "AS rank FROM preference_pairs WHERE run_id = ? "
+        "ORDER BY rank, p_chosen DESC, pair_id LIMIT 3",
         [run_id],
     )
     return RunSummary(
