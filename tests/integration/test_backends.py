@@ -67,7 +67,8 @@ def test_vllm_judge_logprobs_are_real_next_token_logprobs(vllm_backend):
 def test_labels_must_be_single_tokens(vllm_backend):
     variants = label_token_variants(vllm_backend.tokenizer, LABELS)
     assert all(len(ids) >= 1 for ids in variants.values())
-    with pytest.raises(LabelTokenError, match=r"splits option label 'zebra-crossing' into \d+ tokens"):
+    too_long = r"splits option label 'zebra-crossing' into \d+ tokens"
+    with pytest.raises(LabelTokenError, match=too_long):
         label_token_variants(vllm_backend.tokenizer, ["A", "zebra-crossing"])
 
 
