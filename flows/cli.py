@@ -209,14 +209,14 @@ def _print_summary(store: Any, run_id: str) -> None:
             f"p_chosen={pair['p_chosen']:.3f}"
         )
         for field in ("prompt", "chosen", "rejected"):
-            console.print(f"  {field + ':':9} {_one_line(pair[field])}", markup=False)
+            console.print(f"  {field + ':':9} {_shorten(pair[field])}", markup=False)
     console.print("\n[bold]Try next[/bold]")
     for question, query in NEXT_QUERIES:
         console.print(f"# {question}")
         console.print(f'rlaif sql --store {store.root} "{query}"', markup=False, soft_wrap=True)
 
 
-def _one_line(text: str, width: int = 110) -> str:
+def _shorten(text: str, width: int = 110) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
