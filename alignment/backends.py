@@ -78,7 +78,10 @@ def label_token_variants(tokenizer, labels: Sequence[str]) -> dict[str, list[int
 
 
 def logsumexp(values: Sequence[float]) -> float:
+    """log(sum(exp(v))), stable, and -inf when every value is -inf."""
     top = max(values)
+    if top == -math.inf:
+        return -math.inf
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 

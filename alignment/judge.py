@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.backends import Backend, Chat, SamplingConfig
+from alignment.backends import Backend, Chat, SamplingConfig, logsumexp
 from alignment.constitution import Constitution, Principle
 from alignment.ids import content_id
 from alignment.templates import (
@@ -199,13 +199,6 @@ class SoftLabel:
     p_a: float | None = None
     position_consistent: bool | None = None
     option_mass: float | None = None
-
-
-def logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    if top == -math.inf:
-        return -math.inf
-    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def normalised(logp: float, other_logp: float) -> float:

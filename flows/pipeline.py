@@ -72,6 +72,14 @@ def _candidates(store: Store, run: Run, prompt_ids: list[str]) -> dict[str, list
     return by_prompt
 
 
+def _write_logged(run: Run, table: str, rows: list[dict[str, Any]], what: str) -> int:
+    result = run.store.write(table, rows, run.run_id)
+    get_run_logger().info(
+        "%s: %d new rows (%d already stored) from %s", table, result.written, result.skipped, what
+    )
+    return result.written
+
+
 # --- Tasks ------------------------------------------------------------------------------
 
 
@@ -201,7 +209,7 @@ def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) ->
         for pid, samples in zip(todo, completions, strict=True)
         for i, c in enumerate(samples)
     ]
-    return run.store.write("responses", rows, run.run_id).written
+    return _write_logged(run, "responses", rows, f"{len(todo)} prompts")
 
 
 @task(cache_policy=NO_CACHE)
@@ -224,7 +232,7 @@ def critique_responses(
     backend = make_backend(config.policy, config.seed)
     records = critique_and_revise(backend, constitution, todo, config.critique)
     rows = [r.to_row() | {"run_id": run.run_id} for r in records]
-    return run.store.write("critiques", rows, run.run_id).written
+    return _write_logged(run, "critiques", rows, f"{len(todo)} responses")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15])
@@ -248,7 +256,7 @@ def judge_responses(
         backend, constitution, _candidates(run.store, run, todo), config.judge
     )
     rows = [j.to_row() | {"run_id": run.run_id} for j in judgments]
-    return run.store.write("judgments", rows, run.run_id).written
+    return _write_logged(run, "judgments", rows, f"{len(todo)} prompts")
 
 
 @task(cache_policy=NO_CACHE)
@@ -275,7 +283,8 @@ def store_pairs(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
         }
         for pair in outcome.pairs
     ]
-    return run.store.write("preference_pairs", pair_rows, run.run_id).written
+    dropped = ", ".join(f"{k}={v}" for k, v in outcome.dropped.items() if v)
+    return _write_logged(run, "preference_pairs", pair_rows, f"dropped: {dropped or 'none'}")
 
 
 @task(cache_policy=NO_CACHE)

@@ -37,6 +37,7 @@ DB_NAME = "rlaif.duckdb"
 LOCK_NAME = ".lock"
 LOCK_TIMEOUT_S = 120.0  # how long write() waits for another writer
 OPEN_RETRY_S = 5.0  # how long we retry opening a DuckDB file another process holds
+STORAGE_VERSION = "v1.0.0"  # the db file format DuckDB writes (see _connect)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR",
@@ -259,7 +260,14 @@ def _run(db_path: Path, query: str, params: Sequence[Any] | None) -> tuple[list[
 @contextmanager
 def _connect(db_path: Path, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the db, retrying while another connection holds a conflicting lock."""
-    con = _retry(lambda: duckdb.connect(str(db_path), read_only=read_only), db_path, OPEN_RETRY_S)
+    # An old storage format, so older DuckDB clients (the `duckdb` CLI lags the library)
+    # can open the file too; it holds only views, so nothing is lost.
+    config = {} if read_only else {"storage_compatibility_version": STORAGE_VERSION}
+    con = _retry(
+        lambda: duckdb.connect(str(db_path), read_only=read_only, config=config),
+        db_path,
+        OPEN_RETRY_S,
+    )
     try:
         yield con
     finally:

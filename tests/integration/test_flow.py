@@ -160,3 +160,22 @@ def test_sql_from_another_process(collected):
         check=True,
     ).stdout
     assert int(plain) == store.count("judgments")
+
+
+def test_the_duckdb_cli_opens_the_same_file(collected):
+    _, store, _ = collected
+    duckdb_cli = Path(sys.executable).parent / "duckdb"  # from the duckdb-cli package
+    out = subprocess.run(
+        [
+            str(duckdb_cli),
+            "-readonly",
+            "-csv",
+            str(store.db_path),
+            "-c",
+            "SELECT count(*) AS n FROM preference_pairs",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == f"n\n{store.count('preference_pairs')}\n"
