@@ -123,10 +123,13 @@ def _yaml_files(path: str) -> int:
 def _run_pipeline(config_path: str | Path, overrides: dict[str, str]) -> tuple[Any, str]:
     """Validate the config and its constitution, then run the flow; (config, run id)."""
     from alignment.constitution import load_constitution
+    from alignment.prompts import load_prompts
     from flows.config import load_config
 
     config = load_config(config_path, overrides)
-    load_constitution(config.constitution)  # refuse a bad constitution before anything starts
+    # Refuse a bad constitution or prompt file before anything starts or is written.
+    load_constitution(config.constitution)
+    load_prompts(config.prompts.source, limit=config.prompts.limit)
     from flows.pipeline import collect_preferences
 
     return config, collect_preferences(config=config)
