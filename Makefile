@@ -1,12 +1,7 @@
 # The two commands of the README do all the set-up on a fresh machine.
 VENV ?= .venv
 BIN := $(VENV)/bin
-export HF_HUB_OFFLINE := 1
-export HF_HUB_DISABLE_TELEMETRY := 1
-export VLLM_NO_USAGE_STATS := 1
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export TOKENIZERS_PARALLELISM := false
+# Offline settings (no hub, no telemetry) are set by the `rlaif` CLI and tests/conftest.py.
 
 .PHONY: setup model demo test test-unit test-integration lint clean
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml
+from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show_value
 
 CheckKind = Literal["regex_must", "regex_must_not", "max_words", "min_words"]
 
@@ -197,7 +197,7 @@ class _Reader:
             return None
         value = mapping[key]
         if not isinstance(value, str):
-            self.value((*path, key), f"{key} {where} must be a string, got {_show(value)}")
+            self.value((*path, key), f"{key} {where} must be a string, got {show_value(value)}")
             return None
         if not value.strip():
             self.value((*path, key), f"{key} {where} is empty")
@@ -210,7 +210,7 @@ def _read(doc: LocatedYaml) -> tuple[Constitution | None, list[Problem]]:
     data = doc.data
     if not isinstance(data, dict):
         expected = f"a mapping with keys {', '.join(TOP_REQUIRED)}"
-        got = "the file is empty" if data is None else f"got {_show(data)}"
+        got = "the file is empty" if data is None else f"got {show_value(data)}"
         r.value((), f"top level must be {expected}; {got}")
         return None, r.problems
     where = "at top level"
@@ -246,7 +246,7 @@ def _description(r: _Reader, data: dict) -> str:
     if description is None:
         return ""
     if not isinstance(description, str):
-        r.value(("description",), f"description must be a string, got {_show(description)}")
+        r.value(("description",), f"description must be a string, got {show_value(description)}")
         return ""
     return description.strip()
 
@@ -255,7 +255,7 @@ def _principles(r: _Reader, raw: Any, present: bool) -> list[Principle]:
     if not present:
         return []
     if not isinstance(raw, list) or not raw:
-        r.value(("principles",), f"principles must be a non-empty list, got {_show(raw)}")
+        r.value(("principles",), f"principles must be a non-empty list, got {show_value(raw)}")
         return []
     principles = [_principle(r, i, item) for i, item in enumerate(raw)]
     _duplicate_ids(r, raw)
@@ -279,7 +279,8 @@ def _principle(r: _Reader, i: int, raw: Any) -> Principle | None:
     path: tuple[Any, ...] = ("principles", i)
     if not isinstance(raw, dict):
         allowed = ", ".join(PRINCIPLE_REQUIRED)
-        r.value(path, f"principle #{i + 1} must be a mapping with keys {allowed}, got {_show(raw)}")
+        got = show_value(raw)
+        r.value(path, f"principle #{i + 1} must be a mapping with keys {allowed}, got {got}")
         return None
     before = len(r.problems)
     where = f"in {_label(raw, i)}"
@@ -306,7 +307,7 @@ def _principle_id(r: _Reader, raw: dict, path: tuple) -> str | None:
         return None
     pid = raw["id"]
     if not isinstance(pid, str):
-        r.value((*path, "id"), f"principle id must be a string, got {_show(pid)}")
+        r.value((*path, "id"), f"principle id must be a string, got {show_value(pid)}")
         return None
     if not ID_PATTERN.match(pid):
         r.value(
@@ -323,7 +324,7 @@ def _weight(r: _Reader, raw: Any, path: tuple, where: str) -> float:
         return 1.0
     is_number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
     if not is_number or not math.isfinite(raw) or raw <= 0:
-        r.value((*path, "weight"), f"weight {where} must be a number > 0, got {_show(raw)}")
+        r.value((*path, "weight"), f"weight {where} must be a number > 0, got {show_value(raw)}")
         return 1.0
     return float(raw)
 
@@ -332,14 +333,14 @@ def _tags(r: _Reader, raw: Any, path: tuple, where: str) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        r.value((*path, "tags"), f"tags {where} must be a list of strings, got {_show(raw)}")
+        r.value((*path, "tags"), f"tags {where} must be a list of strings, got {show_value(raw)}")
         return ()
     for j, tag in enumerate(raw):
         if not isinstance(tag, str) or not tag.strip():
             r.value(
                 (*path, "tags", j),
                 f"tags {where} must be a list of non-empty strings, "
-                f"got {_show(tag)} at item {j + 1}",
+                f"got {show_value(tag)} at item {j + 1}",
             )
     return tuple(tag.strip() for tag in raw if isinstance(tag, str))
 
@@ -348,7 +349,7 @@ def _checks(r: _Reader, raw: Any, path: tuple, where: str) -> tuple[Check, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        r.value((*path, "checks"), f"checks {where} must be a list, got {_show(raw)}")
+        r.value((*path, "checks"), f"checks {where} must be a list, got {show_value(raw)}")
         return ()
     checks = [_check(r, item, (*path, "checks", j), where) for j, item in enumerate(raw)]
     found = [c for c in checks if c is not None]
@@ -360,7 +361,7 @@ def _check(r: _Reader, raw: Any, path: tuple, where: str) -> Check | None:
     number = path[-1] + 1
     kinds = ", ".join(CHECK_KINDS)
     if not isinstance(raw, dict) or len(raw) != 1:
-        got = f"{len(raw)} keys" if isinstance(raw, dict) else _show(raw)
+        got = f"{len(raw)} keys" if isinstance(raw, dict) else show_value(raw)
         r.value(
             path, f"check #{number} {where} must have exactly one key (one of {kinds}), got {got}"
         )
@@ -373,14 +374,15 @@ def _check(r: _Reader, raw: Any, path: tuple, where: str) -> Check | None:
         return _regex_check(r, kind, value, (*path, kind), where)
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if not is_int or value <= 0:
-        r.value((*path, kind), f"{kind} {where} must be a positive integer, got {_show(value)}")
+        got = show_value(value)
+        r.value((*path, kind), f"{kind} {where} must be a positive integer, got {got}")
         return None
     return Check(kind, value)
 
 
 def _regex_check(r: _Reader, kind: CheckKind, value: Any, path: tuple, where: str) -> Check | None:
     if not isinstance(value, str) or not value:
-        r.value(path, f"{kind} {where} must be a non-empty regex string, got {_show(value)}")
+        r.value(path, f"{kind} {where} must be a non-empty regex string, got {show_value(value)}")
         return None
     try:
         re.compile(value)
@@ -411,17 +413,3 @@ def _unknown_key(key: Any, allowed: Sequence[str], where: str, what: str = "key"
     message = f"unknown {what} '{key}' {where} (allowed: {', '.join(allowed)})"
     close = difflib.get_close_matches(str(key), allowed, n=1)
     return f"{message}; did you mean '{close[0]}'?" if close else message
-
-
-def _show(value: Any) -> str:
-    """A value as a short phrase for messages: 'heavy', 3, null, a mapping."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a mapping" if value else "an empty mapping"
-    if isinstance(value, list):
-        return "a list" if value else "an empty list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -208,3 +208,17 @@ class _Builder:
                 continue
             merged.update(self.build(source, path))
         return merged
+
+
+def show_value(value: Any) -> str:
+    """A value as a short phrase for messages: 'heavy', 3, null, a mapping."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping" if value else "an empty mapping"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -190,7 +190,7 @@ def _print_summary(store: Any, run_id: str) -> None:
     from flows.summary import NEXT_QUERIES, run_summary
 
     s = run_summary(store, run_id)
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(
         f"\n[bold]Run[/bold] {run_id}  status={s.run['status']}  "
         f"policy={s.run['policy_model']}  judge={s.run['judge_model']}"

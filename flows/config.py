@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alignment.critique import CritiqueConfig
 from alignment.judge import JudgeConfig
-from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml
+from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show_value
 
 TINY = "tiny"  # the embedded default model, built locally on first use
 
@@ -162,21 +162,11 @@ def _message(item: Any) -> str:
     """Pydantic's message in the words of a YAML file, with the offending value."""
     value = item["input"]
     if item["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        return f"must be a mapping of settings, got {_show(value)}"
+        return f"must be a mapping of settings, got {show_value(value)}"
     message = item["msg"].removeprefix("Value error, ")
     if item["type"] != "value_error" and not isinstance(value, (dict, list)):
-        message += f" (got {_show(value)})"
+        message += f" (got {show_value(value)})"
     return message
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
 
 
 def config_from_data(doc: LocatedYaml, overrides: dict[str, Any] | None = None) -> PipelineConfig:
