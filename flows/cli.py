@@ -314,3 +314,61 @@ def build_tiny(cache_dir: str | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- export ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("dataset", type=click.Choice(["pairs", "sft"]))
+@click.argument("out", type=click.Path())
+@click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "jsonl", "parquet"]),
+    default="hf",
+    show_default=True,
+    help="hf: a datasets.save_to_disk folder.",
+)
+@click.option("--run", "runs", multiple=True, help="Only these run ids (repeatable).")
+@click.option("--iteration", type=int, default=None, help="Only this iteration.")
+@click.option("--split", default="train", show_default=True, help="train, eval or all.")
+@click.option("--min-p", type=float, default=None, help="Only pairs with p_chosen >= this.")
+@click.option("--principle", "principles", multiple=True, help="Only these principle ids.")
+@user_errors
+def export(
+    dataset: str,
+    out: str,
+    store: str,
+    fmt: str,
+    runs: tuple[str, ...],
+    iteration: int | None,
+    split: str,
+    min_p: float | None,
+    principles: tuple[str, ...],
+) -> None:
+    """Write the exact rows a trainer sees: conversational pairs (prompt/chosen/rejected,
+    p_chosen, lineage) or SFT revisions (prompt/completion).
+
+    Example: rlaif export pairs pairs-hf --min-p 0.6 --principle concise
+    """
+    from flows.datasets import DataFilter, export_rows, preference_rows, sft_rows
+    from storage import Store
+
+    data = DataFilter(
+        runs=runs,
+        iteration=iteration,
+        split=None if split == "all" else split,
+        min_p_chosen=min_p,
+        principles=principles,
+    )
+    db = Store(store)
+    try:
+        rows = preference_rows(db, data) if dataset == "pairs" else sft_rows(db, data)
+    except ValueError as error:
+        _fail(f"error: {error}")
+    if not rows:
+        _fail(f"error: no {dataset} rows in {store} match these filters")
+    path = export_rows(rows, fmt, Path(out))
+    click.echo(f"{len(rows)} {dataset} rows -> {path}")
