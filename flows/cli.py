@@ -372,3 +372,29 @@ def export(
         _fail(f"error: no {dataset} rows in {store} match these filters")
     path = export_rows(rows, fmt, Path(out))
     click.echo(f"{len(rows)} {dataset} rows -> {path}")
+
+
+# --- train -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(["sft"]))
+@click.option("--config", "config_path", required=True, type=click.Path(), help="Train YAML.")
+@click.option("--run", "runs", multiple=True, help="Train on these run ids (repeatable).")
+@click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@user_errors
+def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None) -> None:
+    """Train a stage on rows from the store and register the checkpoint in `models`.
+
+    Example: rlaif train sft --config configs/train-demo.yaml
+    """
+    from flows.training import load_train_config, train_flow
+
+    overrides: dict[str, Any] = {"store": store} if store else {}
+    config = load_train_config(config_path, overrides)
+    if runs:
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"runs": list(runs)})}
+        )
+    model_id = train_flow(config=config, stage=stage)
+    click.echo(f"{stage} model {model_id} registered")

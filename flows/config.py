@@ -9,13 +9,15 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignment.critique import CritiqueConfig
 from alignment.judge import JudgeConfig
 from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show_value
+
+M = TypeVar("M", bound=BaseModel)
 
 TINY = "tiny"  # the embedded default model, built locally on first use
 
@@ -116,14 +118,14 @@ class PipelineConfig(BaseModel):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
-def _problems(error: ValidationError, doc: LocatedYaml) -> list[Problem]:
+def _problems(error: ValidationError, doc: LocatedYaml, model: type[BaseModel]) -> list[Problem]:
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
         where = ".".join(str(part) for part in loc)
         if item["type"] == "extra_forbidden":
             line = doc.key_line(*loc)
-            message = _unknown_key(loc)
+            message = _unknown_key(loc, model)
         elif isinstance(item["input"], dict):  # a check of a whole section: point at its key
             line = doc.key_line(*loc)
             message = f"{where}: {_message(item)}" if where else _message(item)
@@ -134,9 +136,8 @@ def _problems(error: ValidationError, doc: LocatedYaml) -> list[Problem]:
     return sorted(problems, key=lambda p: p.line)
 
 
-def _unknown_key(loc: tuple[Any, ...]) -> str:
+def _unknown_key(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
     """'unknown key' naming the section and the keys that section allows."""
-    model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         nested = _model_of(field.annotation) if field is not None else None
@@ -169,14 +170,17 @@ def _message(item: Any) -> str:
     return message
 
 
-def config_from_data(doc: LocatedYaml, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def config_from_data(
+    doc: LocatedYaml, overrides: dict[str, Any] | None = None, model: type[M] = PipelineConfig
+) -> M:
+    """Validate YAML data (plus overrides) as ``model``; problems carry the file's lines."""
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
         raise SpecError([Problem(doc.file, 1, "a config must be a mapping of settings")])
     try:
-        return PipelineConfig.model_validate({**data, **(overrides or {})})
+        return model.model_validate({**data, **(overrides or {})})
     except ValidationError as error:
-        raise SpecError(_problems(error, doc)) from None
+        raise SpecError(_problems(error, doc, model)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

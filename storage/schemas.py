@@ -113,6 +113,9 @@ TABLES: dict[str, TableSpec] = {
         "model_id", text("stage"), text("path"), text("base_model"), text("parent_model_id"),
         integer("iteration"), json_text("metrics"), flag("promoted"), RUN_ID,
         timestamp("created_at"),
+        # the data it saw: the runs its rows came from, how many, under which constitutions
+        strings("data_runs"), integer("examples"), strings("constitution_ids"),
+        json_text("config"),
     ),
     "evals": _spec(
         "eval_id", text("model_id"), text("baseline_model_id"), text("metric"), real("value"),

@@ -10,7 +10,9 @@ from alignment.yaml_spec import SpecError
 from flows.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# configs/train-*.yaml configure training stages; the others are pipeline presets
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("train-"))
+TRAIN_CONFIGS = sorted((REPO / "configs").glob("train-*.yaml"))
 TOP_KEYS = (
     "store, constitution, iteration, seed, batch_size, prompts, policy, judge_model, "
     "generation, critique, judge"
@@ -38,6 +40,28 @@ def test_shipped_configs_load(path: Path) -> None:
     config = load_config(path)
     assert isinstance(config, PipelineConfig)
     assert Path(config.constitution).is_file()
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_train_configs_load(path: Path) -> None:
+    from flows.training import TrainConfig, load_train_config
+
+    assert isinstance(load_train_config(path), TrainConfig)
+
+
+def test_train_config_errors_have_lines(tmp_path: Path) -> None:
+    from flows.training import load_train_config
+
+    path = tmp_path / "train.yaml"
+    path.write_text("store: x\ndata:\n  min_p_chosen: 0.2\nsft:\n  lr: 1\n")
+    with pytest.raises(SpecError) as caught:
+        load_train_config(path)
+    assert str(caught.value) == (
+        f"{path}:3: data.min_p_chosen: Input should be greater than or equal to 0.5 (got 0.2)\n"
+        f"{path}:5: unknown key 'lr' in sft (allowed: learning_rate, num_train_epochs, "
+        "per_device_train_batch_size, max_length, completion_only_loss, use_lora, lora_r, "
+        "lora_alpha, seed)"
+    )
 
 
 def test_demo_config_values() -> None:

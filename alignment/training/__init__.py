@@ -1,0 +1,1 @@
+"""Training stages: SFT, reward model, DPO, PPO (and RLOO/GRPO through TRL)."""

@@ -1,0 +1,112 @@
+"""SL-CAI: supervised fine-tuning on the constitution's revisions (TRL ``SFTTrainer``).
+
+Rows are conversational prompt/completion pairs (``flows.datasets.sft_rows``);
+the loss is on the completion only, so the model learns the revised answers,
+not the prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SFTStageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Examples per step.")
+    max_length: int = Field(1024, gt=0, description="Tokens per example (longer is truncated).")
+    completion_only_loss: bool = Field(
+        True, description="Loss on the revision only, not on the prompt."
+    )
+    use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
+    seed: int = Field(0, description="Training seed.")
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    path: Path
+    metrics: dict[str, Any]
+
+
+def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type
+    )
+
+
+def save_for_vllm(model, tokenizer, output_dir: Path, extra: dict[str, Any]) -> Path:
+    """Merge any LoRA adapter and save a plain model folder that vLLM and transformers load."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "rlaif_stage.json").write_text(json.dumps(extra, indent=2, default=str))
+    return output_dir
+
+
+def train_sft(
+    model_path: str | Path,
+    rows: list[dict[str, Any]],
+    config: SFTStageConfig,
+    output_dir: str | Path,
+) -> SFTResult:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    dataset = datasets.Dataset.from_list(
+        [{"prompt": row["prompt"], "completion": row["completion"]} for row in rows]
+    )
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="rlaif-sft-"),  # checkpoints off; logs only
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        max_length=config.max_length,
+        completion_only_loss=config.completion_only_loss,
+        seed=config.seed,
+        bf16=False,  # every TRL config defaults to bf16, an error on CPU
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
+    )
+    output = trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    metrics = {
+        "train_loss": output.training_loss,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "examples": len(rows),
+        "steps": trainer.state.global_step,
+    }
+    path = save_for_vllm(
+        trainer.model,
+        tokenizer,
+        Path(output_dir),
+        {"stage": "sft", "config": config.model_dump(), "metrics": metrics},
+    )
+    return SFTResult(path, metrics)
