@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -132,9 +133,23 @@ class VLLMBackend:
                 # Graph compilation costs minutes on 2 cores and buys nothing for tiny models.
                 enforce_eager=enforce_eager,
             )
+        self._key = key
         self.llm = _ENGINES[key]
         self.tokenizer = self.llm.get_tokenizer()
         self._label_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
+
+    def load_weights(self, model: str | Path, model_name: str | None = None) -> None:
+        """Swap in a trained checkpoint of the same architecture, in place (no restart).
+
+        The engine is re-registered under the new folder, so a backend asked for the
+        old folder later gets an engine that really holds the old weights.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model)})
+        self.llm.reset_prefix_cache()
+        _ENGINES.pop(self._key, None)
+        self.model_path, self.model_name = str(model), model_name or str(model)
+        self._key = (self.model_path, *self._key[1:])
+        _ENGINES[self._key] = self.llm
 
     def _prompt(self, chat: Chat, continue_final: bool) -> dict:
         text = self.tokenizer.apply_chat_template(

@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from alignment.backends import VLLMBackend, release_engines
-from flows.config import ModelConfig
+from flows.config import GenerationConfig, ModelConfig, PipelineConfig, PromptsConfig
 from flows.models import make_backend, tiny_model_path
+from flows.pipeline import collect_preferences
+from storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,3 +104,24 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def small_config(store: Path, policy_config) -> PipelineConfig:
+    return PipelineConfig(
+        store=str(store),
+        constitution=str(REPO / "constitutions" / "demo.yaml"),
+        batch_size=4,
+        prompts=PromptsConfig(limit=10),
+        policy=policy_config,
+        generation=GenerationConfig(n=3, max_tokens=24),
+        critique={"max_tokens": 16},
+        judge={"min_confidence": 0.5},
+    )
+
+
+@pytest.fixture(scope="session")
+def collected(tmp_path_factory, prefect_harness, vllm_backend, policy_config):
+    root = tmp_path_factory.mktemp("store")
+    config = small_config(root, policy_config)
+    run_id = collect_preferences(config=config)
+    return config, Store(root), run_id

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import GenerationConfig, PipelineConfig, PromptsConfig
 from flows.pipeline import collect_preferences
 from storage import Store
 
@@ -27,33 +26,12 @@ TABLES = (
 )
 
 
-def small_config(store: Path, policy_config) -> PipelineConfig:
-    return PipelineConfig(
-        store=str(store),
-        constitution=str(REPO / "constitutions" / "demo.yaml"),
-        batch_size=4,
-        prompts=PromptsConfig(limit=10),
-        policy=policy_config,
-        generation=GenerationConfig(n=3, max_tokens=24),
-        critique={"max_tokens": 16},
-        judge={"min_confidence": 0.5},
-    )
-
-
 def counts(store: Store) -> dict[str, int]:
     return {table: store.count(table) for table in TABLES}
 
 
 def shard_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in (root / "parquet").rglob("*.parquet")}
-
-
-@pytest.fixture(scope="module")
-def collected(tmp_path_factory, prefect_harness, vllm_backend, policy_config):
-    root = tmp_path_factory.mktemp("store")
-    config = small_config(root, policy_config)
-    run_id = collect_preferences(config=config)
-    return config, Store(root), run_id
 
 
 def test_flow_fills_every_table(collected):

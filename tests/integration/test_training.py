@@ -1,0 +1,64 @@
+"""Training stages from the store: export, SFT, registration, and vLLM loading the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.backends import SamplingConfig
+from flows.datasets import DataFilter, export_rows, preference_rows, sft_rows
+from flows.models import tiny_model_path
+from flows.training import DataConfig, TrainConfig, train_flow
+
+pytestmark = pytest.mark.integration
+
+
+def test_exported_pairs_are_what_trl_reads(collected, tmp_path):
+    import datasets
+
+    _, store, run_id = collected
+    rows = preference_rows(store, DataFilter(split=None))
+    assert len(rows) == store.count("preference_pairs")
+    folder = export_rows(rows, "hf", tmp_path / "pairs")
+    loaded = datasets.load_from_disk(str(folder))
+    assert loaded.num_rows == len(rows)
+    first = loaded[0]
+    assert first["prompt"][0]["role"] == "user" and first["chosen"][0]["role"] == "assistant"
+    assert {"p_chosen", "pair_id", "principle_ids", "constitution_id", "run_id"} <= set(first)
+    jsonl = export_rows(rows, "jsonl", tmp_path / "pairs.jsonl")
+    assert len(jsonl.read_text().splitlines()) == len(rows)
+    parquet = export_rows(rows, "parquet", tmp_path / "pairs.parquet")
+    assert datasets.Dataset.from_parquet(str(parquet)).num_rows == len(rows)
+
+
+def test_sft_trains_registers_and_loads_in_vllm(collected, prefect_harness, vllm_backend):
+    config_, store, run_id = collected
+    config = TrainConfig(
+        store=str(store.root),
+        data=DataConfig(split="train"),
+        sft={"learning_rate": 1e-3, "max_length": 128, "per_device_train_batch_size": 8},
+    )
+    model_id = train_flow(config=config, stage="sft")
+    row = store.query("SELECT * FROM models WHERE model_id = ?", [model_id])[0]
+    rows = sft_rows(store, DataFilter(split="train"))
+    assert row["stage"] == "sft" and row["examples"] == len(rows) > 0
+    assert row["data_runs"] == [run_id]
+    assert row["constitution_ids"] == [
+        store.query("SELECT constitution_id FROM constitutions")[0]["constitution_id"]
+    ]
+    assert row["base_model"] == tiny_model_path().name and row["parent_model_id"] is None
+    metrics = json.loads(row["metrics"])
+    assert metrics["examples"] == len(rows) and metrics["steps"] > 0
+
+    assert train_flow(config=config, stage="sft") == model_id  # registered: not trained again
+    assert store.count("models") == 1
+
+    chats = [[{"role": "user", "content": "How do I boil an egg?"}]]
+    greedy = SamplingConfig(max_tokens=8, temperature=0.0)
+    base_path, base_name = vllm_backend.model_path, vllm_backend.model_name
+    try:
+        vllm_backend.load_weights(row["path"], model_name=model_id)
+        assert vllm_backend.generate(chats, greedy)[0][0].num_tokens > 0
+    finally:
+        vllm_backend.load_weights(base_path, model_name=base_name)
