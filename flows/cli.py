@@ -398,3 +398,35 @@ def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None
         )
     model_id = train_flow(config=config, stage=stage)
     click.echo(f"{stage} model {model_id} registered")
+
+
+# --- eval ------------------------------------------------------------------------------
+
+
+@main.command("eval")
+@click.option("--candidate", required=True, help="model_id from `models`, a folder, or 'tiny'.")
+@click.option("--baseline", default="tiny", show_default=True, help="Same forms as --candidate.")
+@click.option(
+    "--config",
+    "config_path",
+    default=str(DEMO_CONFIG),
+    type=click.Path(),
+    help="Pipeline YAML: store, constitution, judge, eval settings.",
+)
+@click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@user_errors
+def eval_command(candidate: str, baseline: str, config_path: str, store: str | None) -> None:
+    """Compare a candidate with its baseline on the eval split and write `evals` rows.
+
+    Example: rlaif eval --candidate 9a50e132890d3c57bc65abba1bcc596e --baseline tiny
+    """
+    from flows.config import load_config
+    from flows.evaluation import evaluate_flow
+
+    overrides: dict[str, Any] = {"store": store} if store else {}
+    if Path(config_path) == DEMO_CONFIG:
+        overrides["constitution"] = str(DEMO_CONSTITUTION)
+    config = load_config(config_path, overrides)
+    for m in evaluate_flow(config=config, candidate=candidate, baseline=baseline):
+        interval = f"  [{m.ci_low:.3f}, {m.ci_high:.3f}]" if m.ci_low is not None else ""
+        click.echo(f"{m.metric:40} {m.value:10.4f}  n={m.n}{interval}")

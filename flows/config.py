@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignment.critique import CritiqueConfig
+from alignment.evaluation import EvalConfig
 from alignment.judge import JudgeConfig
 from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show_value
 
@@ -106,6 +107,7 @@ class PipelineConfig(BaseModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("constitution")
     @classmethod

@@ -306,7 +306,7 @@ COMMANDS = list(all_commands(main))
 def test_walk_finds_every_command() -> None:
     assert {" ".join(path) for path, _ in COMMANDS} == {
         "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
-        "models build-tiny", "export", "train",
+        "models build-tiny", "export", "train", "eval",
     }  # fmt: skip
 
 

@@ -1,0 +1,198 @@
+"""Evaluate a candidate policy against a baseline on the eval split; write `evals` rows.
+
+Both models answer the same held-out prompts; every response and judgment is
+stored under the eval's own run id, so a win rate can be traced to the exact
+comparisons behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from alignment.backends import SamplingConfig, VLLMBackend
+from alignment.constitution import load_constitution
+from alignment.evaluation import (
+    Metric,
+    kl_estimate,
+    mean_metric,
+    sequence_logprobs,
+    violation_rates,
+    win_rate,
+)
+from alignment.ids import content_id
+from alignment.judge import Candidate, judge_prompts
+from alignment.prompts import load_prompts
+from flows.config import PipelineConfig
+from flows.models import make_backend
+from flows.training import resolve_base
+from storage import Store
+
+
+def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]) -> list:
+    """One response per prompt from the model at ``path``, on the shared policy engine."""
+    backend = make_backend(config.policy, config.seed)
+    if not isinstance(backend, VLLMBackend):
+        raise ValueError("evaluation samples the candidate with the vllm backend")
+    sampling = SamplingConfig(
+        n=1,
+        temperature=config.eval.temperature,
+        max_tokens=config.eval.max_tokens,
+        seed=config.seed,
+    )
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    original = (backend.model_path, backend.model_name)
+    if path == original[0]:
+        return [c[0] for c in backend.generate(chats, sampling)]
+    backend.load_weights(path, name)  # same architecture: swap weights, no new engine
+    try:
+        return [c[0] for c in backend.generate(chats, sampling)]
+    finally:
+        backend.load_weights(*original)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_candidate(config: PipelineConfig, candidate: str, baseline: str) -> list[Metric]:
+    logger = get_run_logger()
+    store = Store(config.store)
+    constitution = load_constitution(config.constitution)
+    cand_path, cand_name, cand_id = resolve_base(store, candidate)
+    base_path, base_name, base_id = resolve_base(store, baseline)
+    prompts = [
+        p
+        for p in load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
+        if p.split == "eval"
+    ][: config.eval.max_prompts]
+    run_id = content_id(
+        "eval", cand_name, base_name, config.canonical_json(), constitution.constitution_id
+    )
+    prompt_ids = [content_id("prompt", p.text) for p in prompts]
+    store.write(
+        "prompts",
+        [
+            {
+                "prompt_id": pid,
+                "run_id": run_id,
+                "text": p.text,
+                "source": p.source,
+                "split": p.split,
+                "category": p.category,
+            }
+            for pid, p in zip(prompt_ids, prompts, strict=True)
+        ],
+        run_id,
+    )
+
+    texts = [p.text for p in prompts]
+    samples = {
+        "candidate": _sample(config, cand_path, cand_name, texts),
+        "baseline": _sample(config, base_path, base_name, texts),
+    }
+    models = {"candidate": cand_name, "baseline": base_name}
+    sampling_json = json.dumps(config.eval.model_dump() | {"seed": config.seed}, sort_keys=True)
+    response_ids = {
+        side: [content_id("response", pid, models[side], sampling_json, 0) for pid in prompt_ids]
+        for side in samples
+    }
+    store.write(
+        "responses",
+        [
+            {
+                "response_id": rid,
+                "prompt_id": pid,
+                "run_id": run_id,
+                "model": models[side],
+                "text": c.text.strip(),
+                "sample_index": 0,
+                "finish_reason": c.finish_reason,
+                "num_tokens": c.num_tokens,
+                "sampling": sampling_json,
+            }
+            for side in samples
+            for rid, pid, c in zip(response_ids[side], prompt_ids, samples[side], strict=True)
+        ],
+        run_id,
+    )
+
+    # Judge: the candidate is always side A; both orders are asked inside judge_prompts.
+    pairs = {
+        pid: [
+            Candidate(
+                response_ids["candidate"][i], pid, texts[i], samples["candidate"][i].text.strip()
+            ),
+            Candidate(
+                response_ids["baseline"][i], pid, texts[i], samples["baseline"][i].text.strip()
+            ),
+        ]
+        for i, pid in enumerate(prompt_ids)
+    }
+    judge = make_backend(config.judge_model or config.policy, config.seed)
+    judge_config = config.judge.model_copy(update={"pair_strategy": "all_pairs"})
+    judgments = judge_prompts(judge, constitution, pairs, judge_config)
+    store.write("judgments", [j.to_row() | {"run_id": run_id} for j in judgments], run_id)
+
+    cand_texts = [c.text.strip() for c in samples["candidate"]]
+    base_texts = [c.text.strip() for c in samples["baseline"]]
+    cand_logps = sequence_logprobs(cand_path, texts, cand_texts)
+    base_logps = sequence_logprobs(base_path, texts, cand_texts)
+    metrics = [
+        *win_rate(judgments, config.eval.confidence),
+        *violation_rates(constitution, cand_texts),
+        *violation_rates(constitution, base_texts, prefix="baseline/"),
+        *mean_metric("length", [c.num_tokens for c in samples["candidate"]]),
+        *mean_metric("baseline/length", [c.num_tokens for c in samples["baseline"]]),
+        *kl_estimate(cand_logps, base_logps),
+    ]
+    store.write(
+        "evals",
+        [
+            {
+                "eval_id": content_id("eval-metric", run_id, m.metric),
+                "model_id": cand_id or cand_name,
+                "baseline_model_id": base_id or base_name,
+                "metric": m.metric,
+                "value": m.value,
+                "n": m.n,
+                "ci_low": m.ci_low,
+                "ci_high": m.ci_high,
+                "run_id": run_id,
+            }
+            for m in metrics
+        ],
+        run_id,
+    )
+    _record_run(store, run_id, config, constitution.constitution_id, cand_name, judge.model_name)
+    for m in metrics:
+        logger.info("%s = %.4f (n=%d)", m.metric, m.value, m.n)
+    return metrics
+
+
+def _record_run(
+    store: Store, run_id: str, config: PipelineConfig, constitution_id: str, policy: str, judge: str
+) -> None:
+    now = datetime.now(UTC)
+    row: dict[str, Any] = {
+        "event_id": f"{run_id}:completed",
+        "run_id": run_id,
+        "iteration": config.iteration,
+        "status": "completed",
+        "started_at": now,
+        "finished_at": now,
+        "updated_at": now,
+        "config": config.canonical_json(),
+        "constitution_id": constitution_id,
+        "policy_model": policy,
+        "judge_model": judge,
+    }
+    store.write("runs", [row], run_id)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config: PipelineConfig, candidate: str, baseline: str) -> list[Metric]:
+    """Candidate vs baseline on the eval split: win rate, violations, length, KL."""
+    return evaluate_candidate(config, candidate, baseline)
