@@ -378,7 +378,7 @@ def export(
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(["sft"]))
+@click.argument("stage", type=click.Choice(["sft", "reward", "dpo", "ppo", "rloo", "grpo"]))
 @click.option("--config", "config_path", required=True, type=click.Path(), help="Train YAML.")
 @click.option("--run", "runs", multiple=True, help="Train on these run ids (repeatable).")
 @click.option("--store", default=None, help="Store root (overrides the config's `store`).")

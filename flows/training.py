@@ -8,6 +8,7 @@ model instead of training again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.ids import content_id
+from alignment.training.dpo import DPOStageConfig, train_dpo
+from alignment.training.online_rl import OnlineRLConfig, train_online_rl
+from alignment.training.ppo import PPOConfig, PPOTrainer, reward_model_fn
+from alignment.training.reward import RewardStageConfig, train_reward_model
 from alignment.training.sft import SFTStageConfig, train_sft
 from alignment.yaml_spec import load_yaml
 from flows.config import TINY, config_from_data
@@ -53,7 +58,17 @@ class TrainConfig(BaseModel):
     )
     iteration: int = Field(0, ge=0, description="Iteration the trained model belongs to.")
     data: DataConfig = Field(default_factory=DataConfig)
+    reward_model: str | None = Field(
+        None,
+        description="Reward model for ppo, rloo and grpo: a model_id or folder; "
+        "default the latest registered reward model.",
+    )
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    rloo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
+    grpo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -116,10 +131,106 @@ def _register(
     )
 
 
-Trainer = Callable[[str, list[dict[str, Any]], Any, Path], Any]
-STAGES: dict[str, tuple[Callable[[Store, DataFilter], list[dict[str, Any]]], Trainer]] = {
-    "sft": (sft_rows, train_sft),
+@dataclass(frozen=True)
+class StageRun:
+    """What one stage trains from and where it saves."""
+
+    store: Store
+    config: TrainConfig
+    base_path: str
+    output: Path
+
+    def rows(
+        self, reader: Callable[[Store, DataFilter], list[dict[str, Any]]], split: str | None = None
+    ) -> list[dict[str, Any]]:
+        data = self.config.data.as_filter()
+        return reader(self.store, replace(data, split=split) if split else data)
+
+    def reward_model(self) -> str:
+        name = self.config.reward_model
+        if name:
+            return resolve_base(self.store, name)[0]
+        latest = self.store.query(
+            "SELECT path FROM models WHERE stage = 'reward' ORDER BY created_at DESC LIMIT 1"
+        )
+        if not latest:
+            raise ValueError("no reward model registered; run `rlaif train reward` first")
+        return latest[0]["path"]
+
+
+# Each stage: the rows it trains on, read from the store, then training on them.
+Trained = tuple[Path, dict[str, Any]]
+
+
+def _preference_rows(run: StageRun) -> list[dict[str, Any]]:
+    return run.rows(preference_rows)
+
+
+def _sft_rows(run: StageRun) -> list[dict[str, Any]]:
+    return run.rows(sft_rows)
+
+
+def _prompt_rows(run: StageRun) -> list[dict[str, Any]]:
+    """One row per distinct prompt behind the selected pairs (the RL stages' prompts)."""
+    return list({row["prompt_id"]: row for row in run.rows(preference_rows)}.values())
+
+
+def _sft(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
+    result = train_sft(run.base_path, rows, run.config.sft, run.output)
+    return result.path, result.metrics
+
+
+def _reward(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
+    held_out = run.rows(preference_rows, split="eval") or None
+    result = train_reward_model(
+        run.base_path, None, rows, held_out, rows, run.config.reward, run.output
+    )
+    return result.path, result.metrics
+
+
+def _dpo(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
+    held_out = run.rows(preference_rows, split="eval") or None
+    result = train_dpo(run.base_path, rows, held_out, run.config.dpo, run.output)
+    return result.path, result.metrics
+
+
+def _ppo(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
+    from transformers import AutoTokenizer
+
+    reward_path = run.reward_model()
+    tokenizer = AutoTokenizer.from_pretrained(run.base_path)
+    prompts = [row["prompt"][0]["content"] for row in rows]
+    trainer = PPOTrainer(
+        run.config.ppo, run.base_path, tokenizer, reward_model_fn(reward_path), prompts
+    )
+    history = trainer.train()
+    path = trainer.save(run.output)
+    return path, {"reward_model": reward_path, "first": history[0], "last": history[-1]}
+
+
+def _online_rl(algorithm: Literal["rloo", "grpo"]) -> Callable[[StageRun, list], Trained]:
+    def train(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
+        reward_path = run.reward_model()
+        result = train_online_rl(
+            algorithm, run.base_path, reward_path, rows, getattr(run.config, algorithm), run.output
+        )
+        return result.path, {"reward_model": reward_path, **result.metrics}
+
+    return train
+
+
+STAGES: dict[str, tuple[Callable[[StageRun], list], Callable[[StageRun, list], Trained]]] = {
+    "sft": (_sft_rows, _sft),
+    "reward": (_preference_rows, _reward),
+    "dpo": (_preference_rows, _dpo),
+    "ppo": (_prompt_rows, _ppo),
+    "rloo": (_prompt_rows, _online_rl("rloo")),
+    "grpo": (_prompt_rows, _online_rl("grpo")),
 }
+
+
+def _row_id(row: dict[str, Any]) -> str:
+    return row.get("pair_id") or row.get("critique_id") or row["prompt_id"]
 
 
 @task(cache_policy=NO_CACHE)
@@ -127,33 +238,29 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
     """Train one stage on rows from the store and register it; returns the model_id."""
     logger = get_run_logger()
     store = Store(config.store)
-    read_rows, train = STAGES[stage]
-    rows = read_rows(store, config.data.as_filter())
-    if not rows:
-        raise ValueError(f"no {stage} rows in {config.store} match the data filters")
     path, base_name, parent = resolve_base(store, config.base_model)
     stage_config = getattr(config, stage)
-    row_ids = sorted(row.get("pair_id") or row.get("critique_id") for row in rows)
-    model_id = content_id("model", stage, base_name, row_ids, stage_config.model_dump())
+    read_rows, train = STAGES[stage]
+    run = StageRun(store, config, path, Path())
+    rows = read_rows(run)
+    if not rows:
+        raise ValueError(f"no {stage} rows in {config.store} match the data filters")
+    model_id = content_id(
+        "model",
+        stage,
+        base_name,
+        sorted(map(_row_id, rows)),
+        config.reward_model,
+        stage_config.model_dump(),
+    )
     if store.existing_keys("models", [model_id]):
         logger.info("%s model %s is already registered; nothing to train", stage, model_id)
         return model_id
-    output = store.root / "models" / f"{stage}-{model_id[:12]}"
+    run = replace(run, output=store.root / "models" / f"{stage}-{model_id[:12]}")
     logger.info("training %s on %d rows from %s", stage, len(rows), base_name)
-    result = train(path, rows, stage_config, output)
-    _register(
-        store,
-        stage,
-        model_id,
-        result.path,
-        base_name,
-        parent,
-        config,
-        stage_config,
-        rows,
-        result.metrics,
-    )
-    logger.info("registered %s model %s at %s: %s", stage, model_id, result.path, result.metrics)
+    saved, metrics = train(run, rows)
+    _register(store, stage, model_id, saved, base_name, parent, config, stage_config, rows, metrics)
+    logger.info("registered %s model %s at %s", stage, model_id, saved)
     return model_id
 
 
@@ -161,6 +268,3 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
 def train_flow(config: TrainConfig, stage: Stage) -> str:
     """Train one stage from the store's data and register the checkpoint."""
     return train_stage(config, stage)
-
-
-__all__ = ["STAGES", "TrainConfig", "load_train_config", "preference_rows", "train_flow"]
