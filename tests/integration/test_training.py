@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,53 @@ def test_eval_compares_candidate_with_baseline(collected, prefect_harness, vllm_
         [eval_run, model_id],
     )[0]["n"]
     assert judged == eval_prompts
+
+
+TINY_STAGES = {
+    "reward": {"learning_rate": 1e-3, "max_length": 128},
+    "dpo": {"learning_rate": 5e-4, "max_length": 128, "soft_labels": True},
+    "ppo": {"num_batches": 2, "batch_size": 8, "mini_batch_size": 4, "max_new_tokens": 8},
+    "rloo": {
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 8,
+    },
+    "grpo": {
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 8,
+    },
+}
+
+
+@pytest.mark.parametrize("stage", list(TINY_STAGES))
+def test_every_stage_trains_from_the_store_and_registers(
+    stage, collected, prefect_harness, vllm_backend
+):
+    _, store, run_id = collected
+    config = TrainConfig(store=str(store.root), data=DataConfig(split=None), **TINY_STAGES)
+    model_id = train_flow(config=config, stage=stage)
+    row = store.query("SELECT * FROM models WHERE model_id = ?", [model_id])[0]
+    assert row["stage"] == stage and row["data_runs"] == [run_id] and row["examples"] > 0
+    expected = getattr(TrainConfig(**TINY_STAGES), stage).model_dump(mode="json")
+    assert row["constitution_ids"] and json.loads(row["config"]) == expected
+    if stage == "reward":
+        stats = json.loads((Path(row["path"]) / "rlaif_reward_stats.json").read_text())
+        assert stats["std"] > 0
+        return
+    if stage in ("ppo", "rloo", "grpo"):
+        assert json.loads(row["metrics"])["reward_model"].endswith(
+            store.query("SELECT path FROM models WHERE stage = 'reward'")[0]["path"].split("/")[-1]
+        )
+    # every policy checkpoint loads in vLLM and samples
+    base_path, base_name = vllm_backend.model_path, vllm_backend.model_name
+    try:
+        vllm_backend.load_weights(row["path"], model_name=model_id)
+        out = vllm_backend.generate(
+            [[{"role": "user", "content": "Hi"}]], SamplingConfig(max_tokens=4, temperature=0.0)
+        )
+        assert out[0][0].num_tokens > 0
+    finally:
+        vllm_backend.load_weights(base_path, model_name=base_name)
