@@ -18,7 +18,8 @@ response, nats), ``objective/kl_coef`` (beta used for this batch), ``objective/e
 per-token entropy of the sampling distribution), ``objective/non_score_reward`` (-beta * KL),
 ``objective/rlhf_reward`` (score - beta * KL); ``policy/loss``, ``policy/clipfrac`` (share of
 tokens whose ratio was clipped), ``policy/approxkl`` (KL of old to new policy, k3 estimate);
-``val/loss``, ``val/clipfrac``, ``val/explained_variance`` (of the returns by the rollout values).
+``val/loss``, ``val/clipfrac``, ``val/explained_variance`` (of the returns by the rollout values;
+this process only).
 
 References: Schulman et al. 2017 (PPO), 2016 (GAE); Ziegler et al. 2019 (KL penalty, adaptive
 controller); Huang et al. 2023, "The N Implementation Details of RLHF with PPO"; Schulman 2020,
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> (batch,)
-REWARD_STATS_FILE = "rlaif_reward_stats.json"
 
 
 class PPOConfig(BaseModel):
@@ -49,56 +49,33 @@ class PPOConfig(BaseModel):
 
     # --- rollouts ---
     num_batches: int = Field(100, gt=0, description="Rollout batches to collect and train on.")
-    batch_size: int = Field(
-        64,
-        gt=0,
-        description="Rollouts per batch, per process (`accelerate launch` with N processes "
-        "collects N times as many).",
-    )
+    batch_size: int = Field(64, gt=0, description="Rollouts per batch and per process.")
     mini_batch_size: int = Field(8, gt=0, description="Rollouts per gradient step.")
-    ppo_epochs: int = Field(
-        4, gt=0, description="Passes over each rollout batch (4 in Ziegler et al. 2019)."
-    )
-    max_prompt_length: int = Field(
-        512, gt=0, description="Prompt tokens kept; a longer prompt keeps its end."
-    )
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each batch (Ziegler et al.: 4).")
+    max_prompt_length: int = Field(512, gt=0, description="Prompt tokens kept (from the end).")
     max_new_tokens: int = Field(64, gt=0, description="Longest sampled response, in tokens.")
     temperature: float = Field(
         0.7,
         gt=0,
-        description="Sampling temperature; training logits are divided by it too, so the "
-        "log-probs are those of the sampling distribution (Huang et al. 2023).",
+        description="Sampling temperature; training logits are divided by it too, so log-probs "
+        "are those of the sampling distribution (Huang et al. 2023).",
     )
-    chat_template: bool = Field(
-        True, description="Render each prompt as a user turn with the tokenizer's chat template."
-    )
+    chat_template: bool = Field(True, description="Prompt as a user turn of the chat template.")
     # --- reward ---
     kl_coef: float = Field(
-        0.05, ge=0, description="Initial beta of the per-token penalty -beta * kl_t (TRL: 0.05)."
+        0.05, ge=0, description="Initial beta in r_t = -beta * kl_t (TRL: 0.05)."
     )
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1",
-        description="Per-token KL estimate (Schulman 2020): k1 = log(p/p_ref), unbiased, can be "
-        "negative; k3 = (r - 1) - log r with r = p_ref/p, unbiased and never negative.",
+        description="Per-token KL (Schulman 2020): k1 = log(p/p_ref), can be negative; "
+        "k3 = (r - 1) - log r with r = p_ref/p, never negative. Both unbiased.",
     )
-    adaptive_kl: bool = Field(
-        False, description="Move beta toward target_kl after each batch (Ziegler et al. 2019)."
-    )
-    target_kl: float = Field(
-        6.0, gt=0, description="KL per response (nats, summed over tokens) the controller aims at."
-    )
-    kl_horizon: int = Field(
-        10000,
-        gt=0,
-        description="Rollouts over which beta changes by at most 20% (10,000 in Ziegler et al.).",
-    )
-    whiten_rewards: bool = Field(
-        False, description="Scale per-token rewards to unit variance over the batch before GAE."
-    )
+    adaptive_kl: bool = Field(False, description="Steer beta toward target_kl (Ziegler et al.).")
+    target_kl: float = Field(6.0, gt=0, description="Target KL per response, nats (Ziegler: 6).")
+    kl_horizon: int = Field(10000, gt=0, description="Controller horizon, rollouts (Ziegler: 1e4).")
+    whiten_rewards: bool = Field(False, description="Unit-variance per-token rewards before GAE.")
     missing_eos_penalty: float | None = Field(
-        None,
-        ge=0,
-        description="Subtracted from the score of a response that never reached EOS; null: none.",
+        None, ge=0, description="Subtracted from the score of a response without EOS; null: none."
     )
     # --- PPO ---
     learning_rate: float = Field(1e-5, gt=0, description="Adam learning rate (eps 1e-5).")
@@ -367,39 +344,30 @@ def reward_model_fn(
     """A reward_fn from a saved sequence-classification folder: (score - mean) / std.
 
     mean and std come from the arguments, else from ``<path>/rlaif_reward_stats.json``, else 0, 1.
-    (prompt, response) is rendered with the tokenizer's chat template when it has one.
+    Pairs are tokenised as the reward model was trained (``reward.raw_scores``): as a user and
+    an assistant turn when the tokenizer has a chat template.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from alignment.training.reward import STATS_FILE, raw_scores
+
     path = Path(path)
-    stats_file = path / REWARD_STATS_FILE
-    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).exists() else {}
     mean = stats.get("mean", 0.0) if mean is None else mean
     std = stats.get("std", 1.0) if std is None else std
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+    chat = tokenizer.chat_template is not None
 
-    def render(prompt: str, response: str) -> str:
-        if tokenizer.chat_template is None:
-            return prompt + response
-        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(chat, tokenize=False)
-
-    @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        texts = [render(p, r) for p, r in zip(prompts, responses, strict=True)]
-        scores = []
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[i : i + batch_size],
-                return_tensors="pt",
-                padding=True,
-                padding_side="right",
-                add_special_tokens=tokenizer.chat_template is None,
-            ).to(device)
-            scores.append(model(**batch).logits[:, 0].float().cpu())
-        return (torch.cat(scores) - mean) / std
+        pairs = [
+            ([{"role": "user", "content": p}], [{"role": "assistant", "content": r}])
+            if chat
+            else (p, r)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        return (torch.tensor(raw_scores(model, tokenizer, pairs, batch_size)) - mean) / std
 
     return score
 
@@ -410,6 +378,8 @@ def reward_model_fn(
 
 
 class PPOTrainer:
+    """policy: a model folder or a causal LM (trained in place); prompts: plain user texts."""
+
     def __init__(
         self, config: PPOConfig, policy, tokenizer, reward_fn: RewardFn, prompts: list[str]
     ):
@@ -509,22 +479,21 @@ class PPOTrainer:
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self.generator)
             for start in range(0, cfg.batch_size, cfg.mini_batch_size):
-                mb = order[start : start + cfg.mini_batch_size].to(self.accelerator.device)
-                mb_attention = b["attention_mask"][mb]
-                logits, values = self.model(
-                    b["input_ids"][mb], mb_attention, position_ids(mb_attention)
-                )
+                idx = order[start : start + cfg.mini_batch_size].to(self.accelerator.device)
+                mb = {key: value[idx] for key, value in b.items() if value.dim()}
+                mb_positions = position_ids(mb["attention_mask"])
+                logits, values = self.model(mb["input_ids"], mb["attention_mask"], mb_positions)
                 logits = logits[:, context - 1 : -1] / cfg.temperature
-                new_logp = response_logprobs(logits, b["input_ids"][mb, context:])
+                new_logp = response_logprobs(logits, mb["input_ids"][:, context:])
                 new_v = values[:, context - 1 : -1]
                 pg_loss, pg_clipfrac, approxkl = policy_loss(
-                    new_logp, b["logp"][mb], b["advantages"][mb], b["mask"][mb], cfg.cliprange
+                    new_logp, mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange
                 )
                 v_loss, v_clipfrac = value_loss(
                     new_v,
-                    b["values"][mb],
-                    b["returns"][mb],
-                    b["mask"][mb],
+                    mb["values"],
+                    mb["returns"],
+                    mb["mask"],
                     cfg.cliprange_value,
                     cfg.clip_vloss,
                 )
@@ -602,18 +571,3 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(output_dir)
             (output_dir / "ppo_config.json").write_text(self.config.model_dump_json(indent=2))
         return output_dir
-
-
-__all__ = [
-    "AdaptiveKLController",
-    "PPOConfig",
-    "PPOTrainer",
-    "PolicyWithValue",
-    "gae",
-    "kl_penalty",
-    "masked_mean",
-    "masked_whiten",
-    "policy_loss",
-    "reward_model_fn",
-    "value_loss",
-]

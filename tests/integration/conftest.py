@@ -21,6 +21,17 @@ from storage import Store
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 cores beside a vLLM engine: a second intra-op thread only contends."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return tiny_model_path()

@@ -142,3 +142,30 @@ def test_every_stage_trains_from_the_store_and_registers(
         assert out[0][0].num_tokens > 0
     finally:
         vllm_backend.load_weights(base_path, model_name=base_name)
+
+
+def test_dpo_moves_vllm_samples_toward_the_preferred_answers(vllm_backend, tmp_path):
+    """Chosen answers are short, rejected ones long: after DPO, vLLM's samples are shorter."""
+    from alignment.training.dpo import DPOStageConfig, train_dpo
+    from tests.integration.test_reward_dpo import synthetic_pairs
+
+    rows = synthetic_pairs(160, seed=5)
+    config = DPOStageConfig(learning_rate=2e-3, num_train_epochs=3, max_length=128)
+    result = train_dpo(vllm_backend.model_path, rows, rows[:16], config, tmp_path / "dpo")
+    assert result.metrics["eval_reward_accuracy"] >= 0.8
+
+    chats = [r["prompt"] for r in synthetic_pairs(16, seed=6)]
+    sampling = SamplingConfig(n=8, max_tokens=24, temperature=1.0)
+
+    def mean_words() -> float:
+        texts = [c.text for cs in vllm_backend.generate(chats, sampling) for c in cs]
+        return sum(len(t.split()) for t in texts) / len(texts)
+
+    before = mean_words()
+    base_path, base_name = vllm_backend.model_path, vllm_backend.model_name
+    try:
+        vllm_backend.load_weights(result.path, model_name="dpo")
+        after = mean_words()
+    finally:
+        vllm_backend.load_weights(base_path, model_name=base_name)
+    assert after < 0.8 * before, (before, after)
