@@ -414,8 +414,11 @@ def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None
     help="Pipeline YAML: store, constitution, judge, eval settings.",
 )
 @click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@click.option("--reward-model", default=None, help="Reward model (default: the latest one).")
 @user_errors
-def eval_command(candidate: str, baseline: str, config_path: str, store: str | None) -> None:
+def eval_command(
+    candidate: str, baseline: str, config_path: str, store: str | None, reward_model: str | None
+) -> None:
     """Compare a candidate with its baseline on the eval split and write `evals` rows.
 
     Example: rlaif eval --candidate 9a50e132890d3c57bc65abba1bcc596e --baseline tiny
@@ -427,6 +430,9 @@ def eval_command(candidate: str, baseline: str, config_path: str, store: str | N
     if Path(config_path) == DEMO_CONFIG:
         overrides["constitution"] = str(DEMO_CONSTITUTION)
     config = load_config(config_path, overrides)
-    for m in evaluate_flow(config=config, candidate=candidate, baseline=baseline):
+    metrics = evaluate_flow(
+        config=config, candidate=candidate, baseline=baseline, reward_model=reward_model
+    )
+    for m in metrics:
         interval = f"  [{m.ci_low:.3f}, {m.ci_high:.3f}]" if m.ci_low is not None else ""
         click.echo(f"{m.metric:40} {m.value:10.4f}  n={m.n}{interval}")

@@ -28,6 +28,7 @@ from alignment.evaluation import (
 from alignment.ids import content_id
 from alignment.judge import Candidate, judge_prompts
 from alignment.prompts import load_prompts
+from alignment.training.reward import score
 from flows.config import PipelineConfig
 from flows.models import make_backend
 from flows.training import resolve_base
@@ -57,7 +58,9 @@ def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_candidate(config: PipelineConfig, candidate: str, baseline: str) -> list[Metric]:
+def evaluate_candidate(
+    config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
+) -> list[Metric]:
     logger = get_run_logger()
     store = Store(config.store)
     constitution = load_constitution(config.constitution)
@@ -147,6 +150,7 @@ def evaluate_candidate(config: PipelineConfig, candidate: str, baseline: str) ->
         *mean_metric("length", [c.num_tokens for c in samples["candidate"]]),
         *mean_metric("baseline/length", [c.num_tokens for c in samples["baseline"]]),
         *kl_estimate(cand_logps, base_logps),
+        *_reward_scores(store, reward_model, texts, cand_texts, base_texts),
     ]
     store.write(
         "evals",
@@ -172,6 +176,29 @@ def evaluate_candidate(config: PipelineConfig, candidate: str, baseline: str) ->
     return metrics
 
 
+def _reward_scores(
+    store: Store,
+    reward_model: str | None,
+    prompts: list[str],
+    candidate: list[str],
+    baseline: list[str],
+) -> list[Metric]:
+    """Normalised reward-model scores of both sides: the named model, else the latest one."""
+    if reward_model:
+        path = resolve_base(store, reward_model)[0]
+    else:
+        latest = store.query(
+            "SELECT path FROM models WHERE stage = 'reward' ORDER BY created_at DESC LIMIT 1"
+        )
+        if not latest:
+            return []
+        path = latest[0]["path"]
+    return [
+        *mean_metric("reward", score(path, list(zip(prompts, candidate, strict=True)))),
+        *mean_metric("baseline/reward", score(path, list(zip(prompts, baseline, strict=True)))),
+    ]
+
+
 def _record_run(
     store: Store, run_id: str, config: PipelineConfig, constitution_id: str, policy: str, judge: str
 ) -> None:
@@ -193,6 +220,8 @@ def _record_run(
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(config: PipelineConfig, candidate: str, baseline: str) -> list[Metric]:
-    """Candidate vs baseline on the eval split: win rate, violations, length, KL."""
-    return evaluate_candidate(config, candidate, baseline)
+def evaluate_flow(
+    config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
+) -> list[Metric]:
+    """Candidate vs baseline on the eval split: win rate, violations, length, KL, reward."""
+    return evaluate_candidate(config, candidate, baseline, reward_model)

@@ -65,35 +65,6 @@ def test_sft_trains_registers_and_loads_in_vllm(collected, prefect_harness, vllm
         vllm_backend.load_weights(base_path, model_name=base_name)
 
 
-def test_eval_compares_candidate_with_baseline(collected, prefect_harness, vllm_backend):
-    from flows.evaluation import evaluate_flow
-
-    config, store, _ = collected
-    sft = store.query("SELECT model_id FROM models WHERE stage = 'sft'")
-    assert sft, "runs after the SFT test"
-    model_id = sft[0]["model_id"]
-    metrics = {
-        m.metric: m for m in evaluate_flow(config=config, candidate=model_id, baseline="tiny")
-    }
-    eval_prompts = store.query("SELECT count(*) AS n FROM prompts WHERE split = 'eval'")[0]["n"]
-    assert metrics["win_rate"].n + metrics["judge_not_ok"].value == eval_prompts
-    assert metrics["win_rate"].ci_low <= metrics["win_rate"].value <= metrics["win_rate"].ci_high
-    assert {"violation_rate/concise", "baseline/violation_rate/concise", "length", "kl"} <= set(
-        metrics
-    )
-    rows = store.query("SELECT * FROM evals WHERE model_id = ?", [model_id])
-    assert {r["metric"] for r in rows} == set(metrics)
-    assert {r["baseline_model_id"] for r in rows} == {tiny_model_path().name}
-    # every comparison behind the win rate is in the store, under the eval's run
-    eval_run = rows[0]["run_id"]
-    judged = store.query(
-        "SELECT count(*) AS n FROM judgments j JOIN responses r ON r.response_id = "
-        "j.response_a_id WHERE j.run_id = ? AND r.model = ?",
-        [eval_run, model_id],
-    )[0]["n"]
-    assert judged == eval_prompts
-
-
 TINY_STAGES = {
     "reward": {"learning_rate": 1e-3, "max_length": 128},
     "dpo": {"learning_rate": 5e-4, "max_length": 128, "soft_labels": True},
@@ -169,3 +140,38 @@ def test_dpo_moves_vllm_samples_toward_the_preferred_answers(vllm_backend, tmp_p
     finally:
         vllm_backend.load_weights(base_path, model_name=base_name)
     assert after < 0.8 * before, (before, after)
+
+
+def test_eval_compares_candidate_with_baseline(collected, prefect_harness, vllm_backend):
+    from flows.evaluation import evaluate_flow
+
+    config, store, _ = collected
+    sft = store.query("SELECT model_id FROM models WHERE stage = 'sft'")
+    assert sft, "runs after the SFT test"
+    model_id = sft[0]["model_id"]
+    metrics = {
+        m.metric: m for m in evaluate_flow(config=config, candidate=model_id, baseline="tiny")
+    }
+    eval_prompts = store.query("SELECT count(*) AS n FROM prompts WHERE split = 'eval'")[0]["n"]
+    assert metrics["win_rate"].n + metrics["judge_not_ok"].value == eval_prompts
+    assert metrics["win_rate"].ci_low <= metrics["win_rate"].value <= metrics["win_rate"].ci_high
+    expected = {
+        "violation_rate/concise",
+        "baseline/violation_rate/concise",
+        "length",
+        "kl",
+        "reward",
+        "baseline/reward",
+    }  # the reward model comes from the stage tests
+    assert expected <= set(metrics)
+    rows = store.query("SELECT * FROM evals WHERE model_id = ?", [model_id])
+    assert {r["metric"] for r in rows} == set(metrics)
+    assert {r["baseline_model_id"] for r in rows} == {tiny_model_path().name}
+    # every comparison behind the win rate is in the store, under the eval's run
+    eval_run = rows[0]["run_id"]
+    judged = store.query(
+        "SELECT count(*) AS n FROM judgments j JOIN responses r ON r.response_id = "
+        "j.response_a_id WHERE j.run_id = ? AND r.model = ?",
+        [eval_run, model_id],
+    )[0]["n"]
+    assert judged == eval_prompts
