@@ -32,6 +32,41 @@ def test_exported_pairs_are_what_trl_reads(collected, tmp_path):
     parquet = export_rows(rows, "parquet", tmp_path / "pairs.parquet")
     assert datasets.Dataset.from_parquet(str(parquet)).num_rows == len(rows)
 
+    # TRL's own trainers take the exported folder unchanged, lineage columns and all
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    tiny = str(tiny_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    args = {
+        "output_dir": str(tmp_path / "trl"),
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "bf16": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+    }
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    RewardTrainer(
+        model=reward_model,
+        args=RewardConfig(**args),
+        train_dataset=loaded,
+        processing_class=tokenizer,
+    ).train()
+    DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny),
+        ref_model=AutoModelForCausalLM.from_pretrained(tiny),
+        args=DPOConfig(**args),
+        train_dataset=loaded,
+        processing_class=tokenizer,
+    ).train()
+
 
 def test_sft_trains_registers_and_loads_in_vllm(collected, prefect_harness, vllm_backend):
     config_, store, run_id = collected
