@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alignment.training.common import lora_config, save_for_vllm, trainer_args
 from alignment.training.losses import soft_dpo_loss
 from alignment.training.reward import WithPChosen, pair_rows, split_eval
-from alignment.training.sft import lora_config, save_for_vllm
 
 # TRL 1.16's loss types, less exo_pair: it needs TRL's global label_smoothing > 0,
 # which this stage replaces by per-example soft labels.
@@ -192,7 +192,6 @@ def train_dpo(
     ``eval_rows`` None holds out ``config.eval_fraction`` of ``train_rows``.
     """
     import datasets
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -210,8 +209,9 @@ def train_dpo(
     trainer_class = _soft_label_trainer_class() if config.soft_labels else DPOTrainer
 
     with tempfile.TemporaryDirectory(prefix="rlaif-dpo-") as scratch:  # no checkpoints
-        args = DPOConfig(
-            output_dir=scratch,
+        args = trainer_args(
+            DPOConfig,
+            scratch,
             beta=config.beta,
             loss_type=[config.loss_type],
             learning_rate=config.learning_rate,
@@ -220,11 +220,6 @@ def train_dpo(
             max_length=config.max_length,
             precompute_ref_log_probs=config.precompute_ref_log_probs,
             seed=config.seed,
-            bf16=False,  # every TRL config defaults to bf16, an error on CPU
-            use_cpu=not torch.cuda.is_available(),
-            report_to="none",
-            save_strategy="no",
-            logging_steps=1,
         )
         trainer = trainer_class(
             model=model,

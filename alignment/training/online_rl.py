@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.training.sft import lora_config, save_for_vllm
+from alignment.training.common import lora_config, save_for_vllm, trainer_args
 
 
 class OnlineRLConfig(BaseModel):
@@ -62,7 +62,6 @@ def train_online_rl(
 ) -> OnlineRLResult:
     """Train on the prompts of ``rows`` (conversational ``prompt`` column)."""
     import datasets
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -73,8 +72,9 @@ def train_online_rl(
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     model = AutoModelForCausalLM.from_pretrained(policy_path)
     prompts = datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows])
-    args = config_class(
-        output_dir=tempfile.mkdtemp(prefix=f"rlaif-{algorithm}-"),
+    args = trainer_args(
+        config_class,
+        tempfile.mkdtemp(prefix=f"rlaif-{algorithm}-"),
         learning_rate=config.learning_rate,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -83,11 +83,6 @@ def train_online_rl(
         temperature=config.temperature,
         beta=config.beta,
         seed=config.seed,
-        bf16=False,  # every TRL config defaults to bf16, an error on CPU
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
     )
     trainer = trainer_class(
         model=model,

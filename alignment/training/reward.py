@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignment.training.common import lora_config, save_for_vllm, trainer_args
 from alignment.training.losses import margin_from_soft_label, soft_bradley_terry_loss
-from alignment.training.sft import lora_config, save_for_vllm
 
 STATS_FILE = "rlaif_reward_stats.json"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -255,7 +255,6 @@ def train_reward_model(
     ``reference_rows`` None normalises on the training pairs.
     """
     import datasets
-    import torch
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
@@ -276,19 +275,15 @@ def train_reward_model(
     trainer_class = _soft_ce_trainer_class() if config.loss == "soft_ce" else RewardTrainer
 
     with tempfile.TemporaryDirectory(prefix="rlaif-reward-") as scratch:  # no checkpoints
-        args = RewardConfig(
-            output_dir=scratch,
+        args = trainer_args(
+            RewardConfig,
+            scratch,
             learning_rate=config.learning_rate,
             num_train_epochs=config.num_train_epochs,
             per_device_train_batch_size=config.per_device_train_batch_size,
             max_length=config.max_length,
             center_rewards_coefficient=config.center_rewards_coefficient,
             seed=config.seed,
-            bf16=False,  # every TRL config defaults to bf16, an error on CPU
-            use_cpu=not torch.cuda.is_available(),
-            report_to="none",
-            save_strategy="no",
-            logging_steps=1,
         )
         trainer = trainer_class(
             model=str(base_model_path),  # TRL loads it with num_labels=1 and sets pad_token_id

@@ -7,13 +7,14 @@ not the prompts.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from alignment.training.common import lora_config, save_for_vllm, trainer_args
 
 
 class SFTStageConfig(BaseModel):
@@ -38,25 +39,6 @@ class SFTResult:
     metrics: dict[str, Any]
 
 
-def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type
-    )
-
-
-def save_for_vllm(model, tokenizer, output_dir: Path, extra: dict[str, Any]) -> Path:
-    """Merge any LoRA adapter and save a plain model folder that vLLM and transformers load."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "rlaif_stage.json").write_text(json.dumps(extra, indent=2, default=str))
-    return output_dir
-
-
 def train_sft(
     model_path: str | Path,
     rows: list[dict[str, Any]],
@@ -64,7 +46,6 @@ def train_sft(
     output_dir: str | Path,
 ) -> SFTResult:
     import datasets
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -73,19 +54,15 @@ def train_sft(
     dataset = datasets.Dataset.from_list(
         [{"prompt": row["prompt"], "completion": row["completion"]} for row in rows]
     )
-    args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="rlaif-sft-"),  # checkpoints off; logs only
+    args = trainer_args(
+        SFTConfig,
+        tempfile.mkdtemp(prefix="rlaif-sft-"),
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,
         per_device_train_batch_size=config.per_device_train_batch_size,
         max_length=config.max_length,
         completion_only_loss=config.completion_only_loss,
         seed=config.seed,
-        bf16=False,  # every TRL config defaults to bf16, an error on CPU
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
     )
     trainer = SFTTrainer(
         model=model,

@@ -1,0 +1,41 @@
+"""What every TRL-based stage shares: CPU-safe trainer arguments, LoRA, saving for vLLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def trainer_args(config_class: type, output_dir: str, **fields: Any):
+    """A TRL config for a stage: no checkpoints, no reporting, and runnable on CPU."""
+    import torch
+
+    return config_class(
+        output_dir=output_dir,
+        bf16=False,  # every TRL config defaults to bf16, an error on CPU
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        **fields,
+    )
+
+
+def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type
+    )
+
+
+def save_for_vllm(model, tokenizer, output_dir: Path, extra: dict[str, Any]) -> Path:
+    """Merge any LoRA adapter and save a plain model folder that vLLM and transformers load."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / "rlaif_stage.json").write_text(json.dumps(extra, indent=2, default=str))
+    return output_dir
