@@ -22,6 +22,17 @@ def trainer_args(config_class: type, output_dir: str, **fields: Any):
     )
 
 
+def loss_summary(trainer, output) -> dict[str, Any]:
+    """Training loss overall, at the first and last logged step, and the step count."""
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {
+        "train_loss": output.training_loss,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+    }
+
+
 def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 

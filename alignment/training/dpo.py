@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.training.common import lora_config, save_for_vllm, trainer_args
+from alignment.training.common import lora_config, loss_summary, save_for_vllm, trainer_args
 from alignment.training.losses import soft_dpo_loss
 from alignment.training.reward import WithPChosen, pair_rows, split_eval
 
@@ -233,16 +233,12 @@ def train_dpo(
         output = trainer.train()
 
     margins = heldout_margins(trainer, config.beta) if held_out else []
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     metrics = {
         "eval_reward_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
         "eval_reward_margin": sum(margins) / len(margins) if margins else None,
-        "train_loss": output.training_loss,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
+        **loss_summary(trainer, output),
         "train_pairs": len(trainer.train_dataset),  # after TRL drops prompts over max_length
         "eval_pairs": len(margins),
-        "steps": trainer.state.global_step,
     }
     path = save_for_vllm(
         trainer.model,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignment.training.common import lora_config, save_for_vllm, trainer_args
+from alignment.training.common import lora_config, loss_summary, save_for_vllm, trainer_args
 from alignment.training.losses import margin_from_soft_label, soft_bradley_terry_loss
 
 STATS_FILE = "rlaif_reward_stats.json"
@@ -303,7 +303,6 @@ def train_reward_model(
         model = model.merge_and_unload()
     batch_size = config.per_device_train_batch_size
     stats = reference_stats(model, tokenizer, reference, batch_size)
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     metrics = {
         "eval_accuracy": (
             pairwise_accuracy(model, tokenizer, held_out, batch_size) if held_out else None
@@ -311,12 +310,9 @@ def train_reward_model(
         "mean": stats["mean"],
         "std": stats["std"],
         "reference_n": stats["n"],
-        "train_loss": output.training_loss,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
+        **loss_summary(trainer, output),
         "train_pairs": len(trainer.train_dataset),  # after TRL drops pairs over max_length
         "eval_pairs": len(held_out),
-        "steps": trainer.state.global_step,
     }
     path = save_for_vllm(
         model,

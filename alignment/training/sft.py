@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignment.training.common import lora_config, save_for_vllm, trainer_args
+from alignment.training.common import lora_config, loss_summary, save_for_vllm, trainer_args
 
 
 class SFTStageConfig(BaseModel):
@@ -72,13 +72,9 @@ def train_sft(
         peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
     )
     output = trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     metrics = {
-        "train_loss": output.training_loss,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
+        **loss_summary(trainer, output),
         "examples": len(rows),
-        "steps": trainer.state.global_step,
     }
     path = save_for_vllm(
         trainer.model,
