@@ -388,7 +388,7 @@ def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None
 
     Example: rlaif train sft --config configs/train-demo.yaml
     """
-    from flows.training import load_train_config, train_flow
+    from flows.training import has_training_rows, load_train_config, no_rows_message, train_flow
 
     overrides: dict[str, Any] = {"store": store} if store else {}
     config = load_train_config(config_path, overrides)
@@ -396,6 +396,8 @@ def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None
         config = config.model_copy(
             update={"data": config.data.model_copy(update={"runs": list(runs)})}
         )
+    if not has_training_rows(config, stage):
+        _fail(f"error: {no_rows_message(config, stage)}; run `rlaif run` or `rlaif demo` first")
     model_id = train_flow(config=config, stage=stage)
     click.echo(f"{stage} model {model_id} registered")
 

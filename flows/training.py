@@ -233,6 +233,16 @@ def _row_id(row: dict[str, Any]) -> str:
     return row.get("pair_id") or row.get("critique_id") or row["prompt_id"]
 
 
+def no_rows_message(config: TrainConfig, stage: str) -> str:
+    return f"no {stage} training rows in {config.store} match the data filters {config.data}"
+
+
+def has_training_rows(config: TrainConfig, stage: str) -> bool:
+    """Whether the stage would find rows (checked before a flow starts)."""
+    read_rows = STAGES[stage][0]
+    return bool(read_rows(StageRun(Store(config.store), config, "", Path())))
+
+
 @task(cache_policy=NO_CACHE)
 def train_stage(config: TrainConfig, stage: Stage) -> str:
     """Train one stage on rows from the store and register it; returns the model_id."""
@@ -244,7 +254,7 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
     run = StageRun(store, config, path, Path())
     rows = read_rows(run)
     if not rows:
-        raise ValueError(f"no {stage} rows in {config.store} match the data filters")
+        raise ValueError(no_rows_message(config, stage))
     model_id = content_id(
         "model",
         stage,

@@ -288,6 +288,31 @@ def test_summary_of_a_store_without_runs(store: str) -> None:
     )
 
 
+# --- train -----------------------------------------------------------------------------
+
+
+TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train-demo.yaml"
+
+
+def test_train_without_a_store_is_refused(tmp_path: Path) -> None:
+    assert_refused(
+        rlaif("train", "dpo", "--config", str(TRAIN_CONFIG), "--store", "nowhere"),
+        f"error: No rlaif database at {tmp_path.resolve() / 'nowhere' / 'rlaif.duckdb'}. "
+        "Run `rlaif run` or `rlaif demo` first to create it.\n",
+    )
+    assert not Path("nowhere").exists()
+
+
+def test_train_with_no_matching_rows_is_refused(store: str) -> None:
+    assert_refused(
+        rlaif("train", "sft", "--config", str(TRAIN_CONFIG), "--store", store, "--run", "r9"),
+        f"error: no sft training rows in {store} match the data filters runs=['r9'] "
+        "iteration=None split='train' min_p_chosen=None principles=[]; "
+        "run `rlaif run` or `rlaif demo` first\n",
+    )
+    assert Store(store).count("models") == 0
+
+
 # --- help ------------------------------------------------------------------------------
 
 
