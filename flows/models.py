@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,18 +18,25 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY_CORPUS_CONSTITUTIONS = ("constitutions/default.yaml", "constitutions/demo.yaml")
 
 
-def tiny_model_path(
-    cache_dir: Path | None = None, progress: Callable[[int, int, float], None] | None = None
-) -> Path:
-    """The embedded model's folder, built on first use (about a minute on 2 cores)."""
+@functools.cache
+def _tiny_corpus() -> list[list[dict]]:
+    """The shipped text as chats; every task asks for the model, so it is read once."""
     principles = [
         (p.text, p.critique, p.revision)
         for path in TINY_CORPUS_CONSTITUTIONS
         for p in load_constitution(PROJECT_ROOT / path).principles
     ]
     prompts = [p.text for p in load_prompts("builtin")]
-    chats = corpus_chats(prompts, principles, seed=TinyModelConfig().seed)
-    return build_tiny_model(chats, TinyModelConfig(), cache_dir=cache_dir, progress=progress)
+    return corpus_chats(prompts, principles, seed=TinyModelConfig().seed)
+
+
+def tiny_model_path(
+    cache_dir: Path | None = None, progress: Callable[[int, int, float], None] | None = None
+) -> Path:
+    """The embedded model's folder, built on first use (about a minute on 2 cores)."""
+    return build_tiny_model(
+        _tiny_corpus(), TinyModelConfig(), cache_dir=cache_dir, progress=progress
+    )
 
 
 def model_location(config: ModelConfig) -> tuple[str, str]:
