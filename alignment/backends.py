@@ -13,6 +13,8 @@ A backend does two things:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -86,9 +88,21 @@ def logsumexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 
-# One engine per (model, engine settings) per process: an engine is two processes
-# and takes 20-30 s to start on 2 cores, so the judge reuses the policy's engine.
+# One engine per architecture and engine settings per process: an engine is two
+# processes and takes 20-30 s to start on 2 cores. Checkpoints of one architecture (the
+# policy, the judge when it is the same base, every trained candidate) share it, and a
+# backend swaps its own weights in just before it runs (about 0.04 s for a tiny model).
 _ENGINES: dict[tuple, Any] = {}
+_LOADED: dict[int, str] = {}  # id(engine) -> the weights folder it holds now
+
+# config.json keys that differ between checkpoints of one architecture.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+}
 
 
 def release_engines() -> None:
@@ -101,11 +115,37 @@ def release_engines() -> None:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
     _ENGINES.clear()
+    _LOADED.clear()
     gc.collect()
 
 
+def architecture_signature(model: str) -> str:
+    """Same value for checkpoints whose weights can be swapped into one engine.
+
+    A folder is described by its config.json (less the keys that vary per save) and
+    its tokenizer; a hub id only by its name.
+    """
+    folder = Path(model)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return model
+    config = json.loads(config_file.read_text())
+    described = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    tokenizer_file = folder / "tokenizer.json"
+    if tokenizer_file.is_file():
+        digest.update(tokenizer_file.read_bytes())
+    return digest.hexdigest()
+
+
+def request_seed(seed: int, prompt: Any, index: int) -> int:
+    """A sample's own seed: its text depends on the prompt and index, not on the batch."""
+    blob = json.dumps([seed, prompt, index], sort_keys=True).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+
 class VLLMBackend:
-    """Offline ``vllm.LLM``; the engine is shared per process by model and settings."""
+    """Offline ``vllm.LLM``, shared per process by architecture and engine settings."""
 
     def __init__(
         self,
@@ -120,7 +160,9 @@ class VLLMBackend:
     ) -> None:
         self.model_path = str(model)
         self.model_name = model_name or self.model_path
-        key = (self.model_path, seed, max_model_len, kv_cache_gib, dtype, enforce_eager)
+        # No seed in the key: every sampling request carries its own seed.
+        key = (architecture_signature(self.model_path), max_model_len, kv_cache_gib, dtype,
+               enforce_eager)  # fmt: skip
         if key not in _ENGINES:
             from vllm import LLM
 
@@ -132,24 +174,28 @@ class VLLMBackend:
                 kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
                 # Graph compilation costs minutes on 2 cores and buys nothing for tiny models.
                 enforce_eager=enforce_eager,
+                # Per-request seeds crash the CPU sampler when a prompt is prefilled in
+                # chunks ("CPU Generator does not use offset"): prefill whole prompts.
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(max_model_len, 8192),
             )
-        self._key = key
+            _LOADED[id(_ENGINES[key])] = self.model_path
         self.llm = _ENGINES[key]
         self.tokenizer = self.llm.get_tokenizer()
         self._label_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
 
     def load_weights(self, model: str | Path, model_name: str | None = None) -> None:
-        """Swap in a trained checkpoint of the same architecture, in place (no restart).
-
-        The engine is re-registered under the new folder, so a backend asked for the
-        old folder later gets an engine that really holds the old weights.
-        """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model)})
-        self.llm.reset_prefix_cache()
-        _ENGINES.pop(self._key, None)
+        """Point this backend at another checkpoint of the same architecture (no restart)."""
         self.model_path, self.model_name = str(model), model_name or str(model)
-        self._key = (self.model_path, *self._key[1:])
-        _ENGINES[self._key] = self.llm
+        self._ensure_loaded()
+
+    def _ensure_loaded(self) -> None:
+        """Swap this backend's weights into the shared engine if another's are loaded."""
+        if _LOADED.get(id(self.llm)) == self.model_path:
+            return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
+        self.llm.reset_prefix_cache()
+        _LOADED[id(self.llm)] = self.model_path
 
     def _prompt(self, chat: Chat, continue_final: bool) -> dict:
         text = self.tokenizer.apply_chat_template(
@@ -164,22 +210,30 @@ class VLLMBackend:
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            stop=list(sampling.stop) or None,
-        )
+        self._ensure_loaded()
         prompts = [self._prompt(chat, continue_final=False) for chat in chats]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [
-            [
-                Completion(o.text, o.finish_reason or "stop", len(o.token_ids))
-                for o in request.outputs
-            ]
-            for request in outputs
+        # One request per sample, each with its own seed, so a sample's text does not
+        # depend on what else is in the batch: a resumed run reproduces a clean one.
+        requests = [(prompt, i) for prompt in prompts for i in range(sampling.n)]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop) or None,
+                seed=request_seed(sampling.seed, prompt["prompt_token_ids"], i),
+            )
+            for prompt, i in requests
         ]
+        outputs = self.llm.generate([p for p, _ in requests], params, use_tqdm=False)
+        completions = [
+            Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop",
+                       len(o.outputs[0].token_ids))
+            for o in outputs
+        ]  # fmt: skip
+        n = sampling.n
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def score_options(
         self, chats: Sequence[Chat], options: Sequence[str]
@@ -192,6 +246,7 @@ class VLLMBackend:
         variants = self._label_ids[key]
         all_ids = [i for ids in variants.values() for i in ids]
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=all_ids)
+        self._ensure_loaded()
         prompts = [self._prompt(chat, continue_final=True) for chat in chats]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         scores = []

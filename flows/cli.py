@@ -152,16 +152,21 @@ def run(config_path: str, store: str | None) -> None:
 @click.option("--store", default=None, help="Store root (default: the demo config's).")
 @user_errors
 def demo(store: str | None) -> None:
-    """Run one data iteration on the tiny local model, then summarise it from the store.
+    """Three self-improvement iterations on the tiny local model, then what changed.
+
+    Rerunning finishes an interrupted demo; a finished one is only summarised.
 
     Example: rlaif demo
     """
+    from flows.loop import last_iteration
     from storage import Store
 
     # The demo works from any folder: its constitution is the shipped one.
-    overrides = {"constitution": str(DEMO_CONSTITUTION)} | ({"store": store} if store else {})
-    config, run_id = _run_pipeline(DEMO_CONFIG, overrides)
-    _print_summary(Store(config.store), run_id)
+    overrides = {"constitution": str(DEMO_CONSTITUTION)}
+    config = _loop_config(DEMO_CONFIG, store, overrides)
+    done = last_iteration(Store(config.store), config.loop.name)
+    _run_loop(DEMO_CONFIG, config, max(0, config.loop.iterations - done), overrides, 0.0)
+    _print_demo_result(config)
 
 
 @main.command()
@@ -222,6 +227,175 @@ def _print_summary(store: Any, run_id: str) -> None:
 def _shorten(text: str, width: int = 110) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+# --- the loop ------------------------------------------------------------------------
+
+
+def _loop_config(config_path: str | Path, store: str | None, overrides: dict[str, Any]) -> Any:
+    """The loop's config, its constitution and prompts checked before anything runs."""
+    from alignment.constitution import load_constitution
+    from alignment.prompts import load_prompts
+    from flows.loop import load_loop_config
+
+    config = load_loop_config(str(config_path), store, overrides)
+    load_constitution(config.constitution)
+    load_prompts(config.prompts.source, limit=config.prompts.limit)
+    return config
+
+
+def _run_loop(
+    config_path: str | Path,
+    config: Any,
+    iterations: int | None,
+    overrides: dict[str, Any],
+    wait_s: float,
+) -> None:
+    """Run the self-improve flow; a loop already on the store is refused (exit 2)."""
+    from flows.loop import self_improve
+    from storage import Store
+
+    # Refuse before Prefect starts; the flow itself claims the store again.
+    with Store(config.store).claim("loop", "rlaif self-improve, starting", wait_s=wait_s):
+        pass
+    state = self_improve(
+        config_path=str(Path(config_path).resolve()),
+        iterations=iterations,
+        store=str(Path(config.store).resolve()),
+        overrides=overrides or None,
+        wait_s=wait_s,
+        return_state=True,
+    )
+    if state.is_cancelled():
+        _fail(f"error: {state.message}")
+    if not state.is_completed():
+        state.result()  # raises the flow's error
+
+
+@main.command("self-improve")
+@click.option("--config", "config_path", required=True, type=click.Path(), help="Loop YAML.")
+@click.option("--iterations", type=int, default=None, help="New iterations (default: config).")
+@click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@click.option(
+    "--wait", "wait_s", type=float, default=0.0, help="Seconds to wait for a loop already running."
+)
+@user_errors
+def self_improve_command(
+    config_path: str, iterations: int | None, store: str | None, wait_s: float
+) -> None:
+    """Run the self-improvement loop; resumes an interrupted run of the same loop.
+
+    Example: rlaif self-improve --config configs/demo.yaml --iterations 2
+    """
+    config = _loop_config(config_path, store, {})
+    _run_loop(config_path, config, iterations, {}, wait_s)
+    from flows.report import print_status
+    from storage import Store
+
+    print_status(Store(config.store), config.loop.name)
+
+
+def _print_demo_result(config: Any) -> None:
+    from rich.console import Console
+
+    from flows.report import incumbent_series, print_status, write_report
+    from storage import Store
+
+    store = Store(config.store)
+    console = Console(soft_wrap=True)
+    print_status(store, config.loop.name, console)
+    series = incumbent_series(store, config.loop.name, "violation_rate")
+    console.print("\n[bold]Check-violation rate of the policy on the eval split[/bold]")
+    for iteration, value in series:
+        console.print(f"  after iteration {iteration}: {value:.3f}")
+    if len(series) > 1:
+        first, last = series[0][1], series[-1][1]
+        verdict = "halved" if last <= first / 2 else "not halved"
+        change = f"{(first - last) / first:.0%} lower" if first else "no violations at the start"
+        console.print(
+            f"  iteration 0 -> {series[-1][0]}: {first:.3f} -> {last:.3f} ({change}; {verdict})"
+        )
+    report = write_report(store, store.root / "report.html", config.loop.name)
+    console.print(f"\nReport with plots: {report}")
+    console.print("[bold]Try next[/bold]")
+    for line in (
+        f"rlaif status --store {store.root}",
+        f'rlaif sql --store {store.root} "SELECT iteration, decision, reasons FROM iterations"',
+        f"rlaif self-improve --config {DEMO_CONFIG} --iterations 1   # one more iteration",
+    ):
+        console.print(line, markup=False)
+
+
+@main.command()
+@click.option("--config", "config_paths", multiple=True, required=True, type=click.Path(),
+              help="Loop YAML (repeatable: one deployment each).")  # fmt: skip
+@click.option("--store", default=None, help="Store root (overrides the configs' `store`).")
+@user_errors
+def serve(config_paths: tuple[str, ...], store: str | None) -> None:
+    """Serve the loop as Prefect deployments 'self-improve/<loop name>', with their cron
+    schedules, until interrupted. Trigger one with
+    prefect deployment run 'self-improve/<name>' -p iterations=1
+
+    Example: rlaif serve --config configs/demo.yaml
+    """
+    for path in config_paths:
+        _loop_config(path, store, {})
+    from flows.deployments import serve_loops
+
+    serve_loops(list(config_paths), store)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(), help="Loop YAML.")
+@click.option("--pool", required=True, help="A process work pool (prefect work-pool create).")
+@click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@user_errors
+def deploy(config_path: str, pool: str, store: str | None) -> None:
+    """Register the loop for a work pool; `prefect worker start --pool POOL` runs it.
+
+    Example: rlaif deploy --config configs/demo.yaml --pool cpu
+    """
+    config = _loop_config(config_path, store, {})
+    from flows.deployments import deploy_to_pool
+
+    deployment_id = deploy_to_pool(config_path, pool, OFFLINE_ENV, store)
+    click.echo(
+        f"deployment self-improve/{config.loop.name} ({deployment_id}) on pool {pool}; "
+        f"start a worker: prefect worker start --pool {pool}"
+    )
+
+
+@main.command()
+@click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
+@click.option("--loop", "loop", default=None, help="Loop name (default: the latest).")
+@user_errors
+def status(store: str, loop: str | None) -> None:
+    """Iterations, gate decisions, models, and where the incumbent came from.
+
+    Example: rlaif status --store rlaif-data
+    """
+    from flows.report import print_status
+    from storage import Store
+
+    print_status(Store(store), loop)
+
+
+@main.command()
+@click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
+@click.option("--loop", "loop", default=None, help="Loop name (default: the latest).")
+@click.option("--out", default=None, type=click.Path(), help="HTML file (default: in the store).")
+@user_errors
+def report(store: str, loop: str | None, out: str | None) -> None:
+    """Write a self-contained HTML page with plots across the loop's iterations.
+
+    Example: rlaif report --out report.html
+    """
+    from flows.report import write_report
+    from storage import Store
+
+    db = Store(store)
+    path = write_report(db, Path(out) if out else db.root / "report.html", loop)
+    click.echo(str(path))
 
 
 # --- sql -------------------------------------------------------------------------------

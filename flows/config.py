@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alignment.critique import CritiqueConfig
 from alignment.evaluation import EvalConfig
+from alignment.gates import GateConfig
 from alignment.judge import JudgeConfig
+from alignment.training.dpo import DPOStageConfig
+from alignment.training.online_rl import OnlineRLConfig
+from alignment.training.ppo import PPOConfig
+from alignment.training.reward import RewardStageConfig
+from alignment.training.sft import SFTStageConfig
 from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show_value
 
 M = TypeVar("M", bound=BaseModel)
@@ -41,6 +47,9 @@ class ModelConfig(BaseModel):
     kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache memory of the vLLM engine.")
     dtype: str = Field("auto", description="Weights dtype for vLLM (auto, float32, bfloat16).")
     max_concurrency: int = Field(8, gt=0, description="Parallel requests (openai backend).")
+    name: str | None = Field(
+        None, description="Name recorded in lineage (default: the model string)."
+    )
 
     @field_validator("model")
     @classmethod
@@ -71,6 +80,10 @@ class PromptsConfig(BaseModel):
     eval_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of unsplit prompts held out for evaluation."
     )
+    synthetic: int = Field(
+        0, ge=0, description="Self-instruct prompts the policy writes per run (train split)."
+    )
+    synthetic_shots: int = Field(4, gt=0, description="Seed examples shown per synthetic prompt.")
 
     @field_validator("source")
     @classmethod
@@ -87,6 +100,42 @@ class GenerationConfig(BaseModel):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(64, gt=0, description="Token budget of each response.")
+
+
+class StageConfigs(BaseModel):
+    """The settings of every training stage; a loop uses the ones its method needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    rloo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
+    grpo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
+
+
+LoopMethod = Literal["dpo", "ppo", "rloo", "grpo"]
+
+
+class LoopConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        "default",
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="The loop's name: its deployment name and its lineage in the store "
+        "(lowercase letters, digits, dashes).",
+    )
+    iterations: int = Field(3, ge=0, description="Iterations each run of the loop adds.")
+    method: LoopMethod = Field(
+        "dpo", description="dpo, or ppo / rloo / grpo on a reward model trained first."
+    )
+    cron: str | None = Field(
+        None, description="Schedule of the served deployment, e.g. '0 2 * * *' (none: manual)."
+    )
+    train: StageConfigs = Field(default_factory=StageConfigs)
+    gates: GateConfig = Field(default_factory=GateConfig)
 
 
 class PipelineConfig(BaseModel):
@@ -108,6 +157,7 @@ class PipelineConfig(BaseModel):
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     @field_validator("constitution")
     @classmethod
@@ -118,6 +168,10 @@ class PipelineConfig(BaseModel):
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def identity(self) -> dict[str, Any]:
+        """What decides a run's data: the settings less where it is stored and the loop's."""
+        return self.model_dump(mode="json", exclude={"store", "loop"})
 
 
 def _problems(error: ValidationError, doc: LocatedYaml, model: type[BaseModel]) -> list[Problem]:

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from alignment.backends import SamplingConfig, VLLMBackend
+from alignment.backends import SamplingConfig
 from alignment.constitution import load_constitution
 from alignment.evaluation import (
     Metric,
@@ -36,10 +36,14 @@ from storage import Store
 
 
 def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]) -> list:
-    """One response per prompt from the model at ``path``, on the shared policy engine."""
-    backend = make_backend(config.policy, config.seed)
-    if not isinstance(backend, VLLMBackend):
+    """One response per prompt from the model at ``path``.
+
+    A checkpoint of the policy's architecture runs on the policy's engine with its own
+    weights swapped in, so evaluating a candidate starts no new engine.
+    """
+    if config.policy.backend != "vllm":
         raise ValueError("evaluation samples the candidate with the vllm backend")
+    backend = make_backend(config.policy.model_copy(update={"model": path, "name": name}), 0)
     sampling = SamplingConfig(
         n=1,
         temperature=config.eval.temperature,
@@ -47,14 +51,7 @@ def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]
         seed=config.seed,
     )
     chats = [[{"role": "user", "content": p}] for p in prompts]
-    original = (backend.model_path, backend.model_name)
-    if path == original[0]:
-        return [c[0] for c in backend.generate(chats, sampling)]
-    backend.load_weights(path, name)  # same architecture: swap weights, no new engine
-    try:
-        return [c[0] for c in backend.generate(chats, sampling)]
-    finally:
-        backend.load_weights(*original)
+    return [c[0] for c in backend.generate(chats, sampling)]
 
 
 @task(cache_policy=NO_CACHE)
@@ -72,7 +69,7 @@ def evaluate_candidate(
         if p.split == "eval"
     ][: config.eval.max_prompts]
     run_id = content_id(
-        "eval", cand_name, base_name, config.canonical_json(), constitution.constitution_id
+        "eval", cand_name, base_name, config.identity(), constitution.constitution_id
     )
     prompt_ids = [content_id("prompt", p.text) for p in prompts]
     store.write(

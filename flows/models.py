@@ -43,10 +43,9 @@ def model_location(config: ModelConfig) -> tuple[str, str]:
     """(what the engine loads, the name recorded in lineage)."""
     if config.model == TINY:
         path = tiny_model_path()
-        return str(path), path.name  # the folder name is a content hash
-    return str(Path(config.model).expanduser()) if Path(config.model).exists() else config.model, (
-        config.model
-    )
+        return str(path), config.name or path.name  # the folder name is a content hash
+    location = Path(config.model).expanduser()
+    return str(location) if location.exists() else config.model, config.name or config.model
 
 
 def make_backend(config: ModelConfig, seed: int) -> Backend:

@@ -27,6 +27,7 @@ from alignment.critique import critique_and_revise
 from alignment.ids import content_id
 from alignment.judge import Candidate, Judgment, build_pairs, judge_prompts
 from alignment.prompts import load_prompts
+from alignment.synthesis import filter_synthetic, self_instruct_chats
 from flows.config import PipelineConfig
 from flows.models import make_backend, model_location
 from storage import Store
@@ -59,17 +60,45 @@ def _rows_for(store: Store, table: str, column: str, keys: list[str]) -> list[di
     return store.query(f"SELECT * FROM {table} WHERE {column} IN (SELECT unnest(?))", [keys])
 
 
-def _candidates(store: Store, run: Run, prompt_ids: list[str]) -> dict[str, list[Candidate]]:
-    rows = store.query(
+def response_ids(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> dict[str, list[str]]:
+    """The ids of this run's samples of each prompt: its policy, sampling and seed."""
+    sampling = _sampling_json(config)
+    return {
+        pid: [content_id("response", pid, run.policy_model, sampling, i)
+              for i in range(config.generation.n)]
+        for pid in prompt_ids
+    }  # fmt: skip
+
+
+def _sampling_json(config: PipelineConfig) -> str:
+    return json.dumps(config.generation.model_dump() | {"seed": config.seed}, sort_keys=True)
+
+
+def _candidates(
+    config: PipelineConfig, run: Run, prompt_ids: list[str]
+) -> dict[str, list[Candidate]]:
+    """This run's responses to each prompt (other runs may have sampled the same prompts)."""
+    wanted = [rid for ids in response_ids(config, run, prompt_ids).values() for rid in ids]
+    rows = run.store.query(
         "SELECT r.response_id, r.prompt_id, p.text AS prompt, r.text FROM responses r "
-        "JOIN prompts p USING (prompt_id) WHERE r.prompt_id IN (SELECT unnest(?)) "
-        "AND r.model = ? ORDER BY r.prompt_id, r.sample_index",
-        [prompt_ids, run.policy_model],
+        "JOIN prompts p USING (prompt_id) WHERE r.response_id IN (SELECT unnest(?)) "
+        "ORDER BY r.prompt_id, r.sample_index",
+        [wanted],
     )
     by_prompt: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
     for row in rows:
         by_prompt[row["prompt_id"]].append(Candidate(**row))
     return by_prompt
+
+
+def _judgments_of(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> list[dict]:
+    """Stored judgments of this run's responses by this run's judge and constitution."""
+    wanted = [rid for ids in response_ids(config, run, prompt_ids).values() for rid in ids]
+    return run.store.query(
+        "SELECT * EXCLUDE (run_id) FROM judgments WHERE response_a_id IN (SELECT unnest(?)) "
+        "AND constitution_id = ? AND judge_model = ? ORDER BY judgment_id",
+        [wanted, run.constitution_id, run.judge_model],
+    )
 
 
 def _write_logged(run: Run, table: str, rows: list[dict[str, Any]], what: str) -> int:
@@ -89,7 +118,7 @@ def start_run(config: PipelineConfig, constitution: Constitution) -> Run:
     store = Store(config.store)
     policy_name = model_location(config.policy)[1]
     judge_name = model_location(config.judge_model)[1] if config.judge_model else policy_name
-    settings = config.model_dump(mode="json", exclude={"store"})
+    settings = config.identity()
     run_id = content_id("run", settings, constitution.constitution_id, policy_name, judge_name)
     previous = _rows_for(store, "runs", "run_id", [run_id]) if store.db_path.exists() else []
     started = previous[0]["started_at"] if previous else datetime.now(UTC)
@@ -116,11 +145,11 @@ def start_run(config: PipelineConfig, constitution: Constitution) -> Run:
         run_id,
     )
     if not previous:
-        _write_run_event(run, config, "running")
+        write_run_event(run, config, "running")
     return run
 
 
-def _write_run_event(run: Run, config: PipelineConfig, status: str) -> None:
+def write_run_event(run: Run, config: PipelineConfig, status: str) -> None:
     now = datetime.now(UTC)
     run.store.write(
         "runs",
@@ -167,6 +196,47 @@ def store_prompts(config: PipelineConfig, run: Run) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
+def synthesize_prompts(config: PipelineConfig, run: Run) -> list[str]:
+    """Self-instruct: the policy writes new train prompts from seed examples (once per run)."""
+    stored = run.store.query(
+        "SELECT prompt_id FROM prompts WHERE run_id = ? AND source = 'synthetic' "
+        "ORDER BY prompt_id",
+        [run.run_id],
+    )
+    if stored:  # written in one shard, so a stored set is a whole set
+        return [row["prompt_id"] for row in stored]
+    seeds = [p.text for p in load_prompts(config.prompts.source) if p.split == "train"]
+    chats = self_instruct_chats(
+        seeds, config.prompts.synthetic, config.prompts.synthetic_shots, config.seed
+    )
+    sampling = SamplingConfig(
+        n=1,
+        temperature=config.generation.temperature,
+        top_p=config.generation.top_p,
+        max_tokens=config.generation.max_tokens,
+        seed=config.seed,
+    )
+    backend = make_backend(config.policy, config.seed)
+    generated = [c[0].text for c in backend.generate(chats, sampling)]
+    known = [row["text"] for row in run.store.query("SELECT text FROM prompts")]
+    result = filter_synthetic(generated, [*seeds, *known])
+    rows = [
+        {
+            "prompt_id": content_id("prompt", text),
+            "run_id": run.run_id,
+            "text": text,
+            "source": "synthetic",
+            "split": "train",
+            "category": "synthetic",
+        }
+        for text in result.kept
+    ]
+    dropped = ", ".join(f"{k}={v}" for k, v in result.dropped.items()) or "none"
+    _write_logged(run, "prompts", rows, f"{len(chats)} self-instruct chats, dropped: {dropped}")
+    return [row["prompt_id"] for row in rows]
+
+
+@task(cache_policy=NO_CACHE)
 def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
     """n samples per prompt from the policy; prompts that have all of theirs are skipped."""
     gen = config.generation
@@ -177,12 +247,8 @@ def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) ->
         max_tokens=gen.max_tokens,
         seed=config.seed,
     )
-    sampling_json = json.dumps(gen.model_dump() | {"seed": config.seed}, sort_keys=True)
-
-    def response_id(prompt_id: str, index: int) -> str:
-        return content_id("response", prompt_id, run.policy_model, sampling_json, index)
-
-    wanted = {pid: [response_id(pid, i) for i in range(gen.n)] for pid in prompt_ids}
+    sampling_json = _sampling_json(config)
+    wanted = response_ids(config, run, prompt_ids)
     stored = run.store.existing_keys("responses", [r for ids in wanted.values() for r in ids])
     todo = [pid for pid, ids in wanted.items() if not set(ids) <= stored]
     if not todo:
@@ -196,7 +262,7 @@ def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) ->
     )
     rows = [
         {
-            "response_id": response_id(pid, i),
+            "response_id": wanted[pid][i],
             "prompt_id": pid,
             "run_id": run.run_id,
             "model": run.policy_model,
@@ -217,7 +283,7 @@ def critique_responses(
     config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
 ) -> int:
     """SL-CAI critique and revision by the policy, for responses not yet critiqued."""
-    candidates = [c for cs in _candidates(run.store, run, prompt_ids).values() for c in cs]
+    candidates = [c for cs in _candidates(config, run, prompt_ids).values() for c in cs]
     done = {
         row["response_id"]
         for row in run.store.query(
@@ -239,22 +305,16 @@ def critique_responses(
 def judge_responses(
     config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
 ) -> int:
-    """Judge every prompt of the batch that has no judgments by this judge yet."""
-    judged = {
-        row["prompt_id"]
-        for row in run.store.query(
-            "SELECT DISTINCT prompt_id FROM judgments WHERE prompt_id IN (SELECT unnest(?)) "
-            "AND constitution_id = ? AND judge_model = ?",
-            [prompt_ids, run.constitution_id, run.judge_model],
-        )
-    }
+    """Judge every prompt of the batch whose responses have no judgments by this judge yet.
+
+    A prompt's judgments are written in one shard, so a judged prompt is wholly judged.
+    """
+    judged = {row["prompt_id"] for row in _judgments_of(config, run, prompt_ids)}
     todo = [pid for pid in prompt_ids if pid not in judged]
     if not todo:
         return 0
     backend = make_backend(config.judge_model or config.policy, config.seed)
-    judgments = judge_prompts(
-        backend, constitution, _candidates(run.store, run, todo), config.judge
-    )
+    judgments = judge_prompts(backend, constitution, _candidates(config, run, todo), config.judge)
     rows = [j.to_row() | {"run_id": run.run_id} for j in judgments]
     return _write_logged(run, "judgments", rows, f"{len(todo)} prompts")
 
@@ -262,13 +322,8 @@ def judge_responses(
 @task(cache_policy=NO_CACHE)
 def store_pairs(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
     """Turn the batch's judgments into preference pairs (dropping ties and low confidence)."""
-    rows = run.store.query(
-        "SELECT * EXCLUDE (run_id) FROM judgments WHERE prompt_id IN (SELECT unnest(?)) "
-        "AND constitution_id = ? AND judge_model = ?",
-        [prompt_ids, run.constitution_id, run.judge_model],
-    )
-    judgments = [Judgment(**row) for row in rows]
-    outcome = build_pairs(judgments, _candidates(run.store, run, prompt_ids), config.judge)
+    judgments = [Judgment(**row) for row in _judgments_of(config, run, prompt_ids)]
+    outcome = build_pairs(judgments, _candidates(config, run, prompt_ids), config.judge)
     splits = {
         row["prompt_id"]: row["split"]
         for row in _rows_for(run.store, "prompts", "prompt_id", prompt_ids)
@@ -291,7 +346,7 @@ def store_pairs(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
 def finish_run(config: PipelineConfig, run: Run) -> None:
     completed = run.store.existing_keys("runs", [f"{run.run_id}:completed"])
     if not completed:
-        _write_run_event(run, config, "completed")
+        write_run_event(run, config, "completed")
 
 
 # --- Flow -------------------------------------------------------------------------------
@@ -303,7 +358,10 @@ def collect_preferences(config: PipelineConfig) -> str:
     logger = get_run_logger()
     constitution = load_constitution(config.constitution)  # refused before any work
     run = start_run(config, constitution)
-    batches = _batches(store_prompts(config, run), config.batch_size)
+    prompt_ids = store_prompts(config, run)
+    if config.prompts.synthetic:
+        prompt_ids += synthesize_prompts(config, run)
+    batches = _batches(prompt_ids, config.batch_size)
     logger.info(
         "run %s: %d batches of up to %d prompts", run.run_id, len(batches), config.batch_size
     )

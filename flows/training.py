@@ -18,13 +18,13 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.ids import content_id
-from alignment.training.dpo import DPOStageConfig, train_dpo
-from alignment.training.online_rl import OnlineRLConfig, train_online_rl
-from alignment.training.ppo import PPOConfig, PPOTrainer, reward_model_fn
-from alignment.training.reward import RewardStageConfig, train_reward_model
-from alignment.training.sft import SFTStageConfig, train_sft
+from alignment.training.dpo import train_dpo
+from alignment.training.online_rl import train_online_rl
+from alignment.training.ppo import PPOTrainer, reward_model_fn
+from alignment.training.reward import train_reward_model
+from alignment.training.sft import train_sft
 from alignment.yaml_spec import load_yaml
-from flows.config import TINY, config_from_data
+from flows.config import TINY, StageConfigs, config_from_data
 from flows.datasets import DataFilter, preference_rows, sft_rows
 from flows.models import tiny_model_path
 from storage import Store
@@ -49,7 +49,7 @@ class DataConfig(BaseModel):
         )
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StageConfigs):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     store: str = Field("rlaif-data", description="Store root the data comes from.")
@@ -63,12 +63,6 @@ class TrainConfig(BaseModel):
         description="Reward model for ppo, rloo and grpo: a model_id or folder; "
         "default the latest registered reward model.",
     )
-    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
-    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
-    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    rloo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
-    grpo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -243,7 +237,8 @@ def has_training_rows(config: TrainConfig, stage: str) -> bool:
     return bool(read_rows(StageRun(Store(config.store), config, "", Path())))
 
 
-@task(cache_policy=NO_CACHE)
+# log_prints off: the datasets library prints bytecode listings while fingerprinting.
+@task(cache_policy=NO_CACHE, log_prints=False)
 def train_stage(config: TrainConfig, stage: Stage) -> str:
     """Train one stage on rows from the store and register it; returns the model_id."""
     logger = get_run_logger()

@@ -3,6 +3,7 @@
 from storage.errors import (
     QueryError,
     SchemaMismatch,
+    StoreBusy,
     StoreError,
     StoreLocked,
     StoreNotFound,
@@ -17,6 +18,7 @@ __all__ = [
     "QueryError",
     "SchemaMismatch",
     "Store",
+    "StoreBusy",
     "StoreError",
     "StoreLocked",
     "StoreNotFound",

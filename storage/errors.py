@@ -46,5 +46,18 @@ class StoreLocked(StoreError):
         )
 
 
+class StoreBusy(StoreError):
+    """Another process holds a claim on the store (e.g. a running self-improvement loop)."""
+
+    def __init__(self, root: Path, purpose: str, holder: str) -> None:
+        self.root = root
+        self.purpose = purpose
+        self.holder = holder
+        super().__init__(
+            f"a {purpose} is already running on the store {root} ({holder or 'holder unknown'}); "
+            "only one may run per store at a time. Wait for it to finish, or stop it."
+        )
+
+
 class QueryError(StoreError):
     """A SQL statement failed; the message is DuckDB's."""

@@ -116,10 +116,22 @@ TABLES: dict[str, TableSpec] = {
         # the data it saw: the runs its rows came from, how many, under which constitutions
         strings("data_runs"), integer("examples"), strings("constitution_ids"),
         json_text("config"),
+        view="model_registrations",  # `models` adds promotions from `iterations`
     ),
     "evals": _spec(
         "eval_id", text("model_id"), text("baseline_model_id"), text("metric"), real("value"),
         integer("n"), real("ci_low"), real("ci_high"), RUN_ID,
+    ),
+    # One row per self-improvement iteration: what was trained from what, how it was
+    # judged, and whether it became the incumbent. run_id: the loop session.
+    "iterations": _spec(
+        "iteration_id", RUN_ID, text("loop"), integer("iteration"), text("method"),
+        text("incumbent_model_id"), text("candidate_model_id"), text("data_run_id"),
+        text("eval_run_id"), integer("pairs"),
+        choice("decision", "promoted", "rejected", "skipped"), flag("promoted"),
+        json_text("gates"),  # [{gate, metric, value, threshold, passed, message}]
+        strings("reasons"), timestamp("started_at"), timestamp("finished_at"),
+        text("flow_run_id"),
     ),
 }
 # fmt: on
@@ -129,6 +141,12 @@ DERIVED_VIEWS: dict[str, str] = {
     "runs": (
         "SELECT * FROM run_events QUALIFY row_number() OVER "
         "(PARTITION BY run_id ORDER BY updated_at DESC NULLS LAST, event_id DESC) = 1"
+    ),
+    # A model is promoted once a loop iteration made it the incumbent.
+    "models": (
+        "SELECT m.* REPLACE (coalesce(m.promoted, false) OR m.model_id IN "
+        "(SELECT candidate_model_id FROM iterations WHERE promoted) AS promoted) "
+        "FROM model_registrations m"
     ),
 }
 

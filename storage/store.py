@@ -28,7 +28,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import QueryError, SchemaMismatch, StoreError, StoreLocked, StoreNotFound
+from storage.errors import (
+    QueryError,
+    SchemaMismatch,
+    StoreBusy,
+    StoreError,
+    StoreLocked,
+    StoreNotFound,
+)
 from storage.schemas import DERIVED_VIEWS, TABLES, shard_view, table_spec, to_arrow
 
 T = TypeVar("T")
@@ -129,6 +136,36 @@ class Store:
         """Rows in the table's view; for `runs` that is the number of runs, not of events."""
         table_spec(table)
         return self.query(f"SELECT count(*) AS n FROM {_ident(table)}")[0]["n"]
+
+    @contextmanager
+    def claim(self, purpose: str, holder: str, wait_s: float = 0.0) -> Iterator[None]:
+        """Hold the store for one `purpose` (e.g. "loop") until the block ends.
+
+        Raises StoreBusy, naming the current holder, when another process holds it for
+        longer than `wait_s`. The claim is an OS file lock, so a killed holder frees it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f".{purpose}.claim"
+        with open(path, "a+") as fh:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        fh.seek(0)
+                        raise StoreBusy(self.root, purpose, fh.read().strip()) from None
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(holder)
+                fh.flush()
+                yield
+            finally:
+                fh.truncate(0)
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- shards ---------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,13 @@ def save_for_vllm(model, tokenizer, output_dir: Path, extra: dict[str, Any]) -> 
     """Merge any LoRA adapter and save a plain model folder that vLLM and transformers load."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "rlaif_stage.json").write_text(json.dumps(extra, indent=2, default=str))
+    # Saved beside the target and renamed into place: a killed run leaves no half model.
+    staging = output_dir.parent / f".{output_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "rlaif_stage.json").write_text(json.dumps(extra, indent=2, default=str))
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
     return output_dir

@@ -15,9 +15,9 @@ CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.star
 TRAIN_CONFIGS = sorted((REPO / "configs").glob("train-*.yaml"))
 TOP_KEYS = (
     "store, constitution, iteration, seed, batch_size, prompts, policy, judge_model, "
-    "generation, critique, judge, eval"
+    "generation, critique, judge, eval, loop"
 )
-MODEL_KEYS = "model, backend, base_url, max_model_len, kv_cache_gib, dtype, max_concurrency"
+MODEL_KEYS = "model, backend, base_url, max_model_len, kv_cache_gib, dtype, max_concurrency, name"
 
 
 @pytest.fixture(autouse=True)

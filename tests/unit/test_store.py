@@ -78,6 +78,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "eval_id": "v1", "model_id": "m1", "baseline_model_id": "m0", "metric": "win_rate",
         "value": 0.6, "n": 100, "ci_low": 0.5, "ci_high": 0.7, "run_id": RUN,
     },
+    "iterations": {
+        "iteration_id": "i1", "run_id": RUN, "loop": "demo", "iteration": 1, "method": "dpo",
+        "incumbent_model_id": "tiny", "candidate_model_id": "m1", "data_run_id": RUN,
+        "eval_run_id": "e1", "pairs": 8, "decision": "promoted", "promoted": True,
+        "gates": '[{"gate": "kl", "passed": true}]', "reasons": [], "started_at": NOW,
+        "finished_at": NOW, "flow_run_id": None,
+    },
 }  # fmt: skip
 
 
@@ -400,3 +407,11 @@ def test_store_not_found(tmp_path: Path) -> None:
         sql(tmp_path / "missing.duckdb", "SELECT 1")
     with pytest.raises(StoreNotFound):
         Store(tmp_path).count("prompts")
+
+
+def test_models_view_marks_models_promoted_by_an_iteration(store: Store) -> None:
+    store.write("models", [SAMPLES["models"], {**SAMPLES["models"], "model_id": "m2"}], RUN)
+    assert store.query("SELECT model_id FROM models WHERE promoted") == []
+    store.write("iterations", [SAMPLES["iterations"]], RUN)
+    assert store.query("SELECT model_id FROM models WHERE promoted") == [{"model_id": "m1"}]
+    assert store.count("models") == 2

@@ -1,0 +1,379 @@
+"""The self-improvement loop: the policy makes its own preference data and learns from it.
+
+Iteration k of a loop (a named lineage of policies in one store):
+
+  prompts (seed + self-instruct by the incumbent) → samples → critiques → judgments
+  → pairs (the collect-preferences flow) → train a candidate from the incumbent
+  (DPO, or a reward model then PPO / RLOO / GRPO) → evaluate candidate vs incumbent
+  on held-out prompts → promote it only if every gate passes.
+
+The judge stays the starting model (or the configured judge_model) for every
+iteration, so its verdicts are comparable across iterations. Checkpoints of one
+architecture share one vLLM engine: the promoted policy's weights are swapped in
+place, no restart.
+
+A run of the loop is a session of ``iterations`` new iterations, recorded in `runs`
+as ``loop-<name>-<first iteration>``. A session that did not finish (a crash, a kill)
+is resumed by the next run: finished iterations are skipped and the unfinished one
+continues from its last stored batch, since every id is a hash of its inputs. One
+loop at a time holds the store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Cancelled
+
+from alignment.evaluation import Metric
+from alignment.gates import GateResult, check_gates, failed_reasons
+from alignment.ids import content_id
+from flows.config import PipelineConfig, load_config
+from flows.evaluation import evaluate_candidate
+from flows.models import model_location
+from flows.pipeline import Run, collect_preferences, write_run_event
+from flows.training import DataConfig, TrainConfig, train_stage
+from storage import Store, StoreBusy
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """The policy that samples an iteration: a registered model, or the starting model."""
+
+    model: str  # what training starts from: a model_id, or the config's policy.model
+    name: str  # the name in lineage (model_id, or e.g. tiny-1c6521e8ec56)
+    path: str  # the folder vLLM and transformers load
+
+
+@dataclass(frozen=True)
+class Session:
+    run_id: str
+    first: int
+    last: int
+    resumed: bool
+
+    @property
+    def iterations(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def session_id(loop: str, first: int) -> str:
+    return f"loop-{loop}-{first:04d}"
+
+
+def _holder() -> str:
+    run = flow_run.id
+    return f"pid {os.getpid()} on {socket.gethostname()}" + (f", flow run {run}" if run else "")
+
+
+# --- Reading the loop's state ------------------------------------------------------------
+
+
+def starting_model(config: PipelineConfig) -> Incumbent:
+    path, name = model_location(config.policy)
+    return Incumbent(config.policy.model, name, path)
+
+
+def current_incumbent(config: PipelineConfig) -> Incumbent:
+    """The last promoted candidate of this loop, else the starting model."""
+    store = Store(config.store)
+    if store.db_path.exists():
+        promoted = store.query(
+            "SELECT m.model_id, m.path FROM iterations i "
+            "JOIN models m ON m.model_id = i.candidate_model_id "
+            "WHERE i.loop = ? AND i.promoted ORDER BY i.iteration DESC LIMIT 1",
+            [config.loop.name],
+        )
+        if promoted:
+            row = promoted[0]
+            return Incumbent(row["model_id"], row["model_id"], row["path"])
+    return starting_model(config)
+
+
+def last_iteration(store: Store, loop: str) -> int:
+    if not store.db_path.exists():
+        return 0
+    rows = store.query("SELECT max(iteration) AS k FROM iterations WHERE loop = ?", [loop])
+    return rows[0]["k"] or 0
+
+
+def unfinished_session(store: Store, loop: str) -> Session | None:
+    if not store.db_path.exists():
+        return None
+    rows = store.query(
+        "SELECT run_id, iteration, status FROM runs WHERE regexp_matches(run_id, ?) "
+        "ORDER BY started_at DESC LIMIT 1",
+        [f"^loop-{loop}-[0-9]+$"],
+    )
+    if not rows or rows[0]["status"] == "completed":
+        return None
+    first = int(rows[0]["run_id"].rsplit("-", 1)[1])
+    return Session(rows[0]["run_id"], first, rows[0]["iteration"], resumed=True)
+
+
+def iteration_config(config: PipelineConfig, k: int, incumbent: Incumbent) -> PipelineConfig:
+    """Iteration k's data settings: the incumbent samples, the starting model judges."""
+    policy = config.policy.model_copy(update={"model": incumbent.path, "name": incumbent.name})
+    return eval_config(config, k).model_copy(
+        update={"seed": config.seed + k, "policy": policy}  # fresh samples every iteration
+    )
+
+
+def eval_config(config: PipelineConfig, k: int) -> PipelineConfig:
+    """Iteration k's eval settings: the same prompts, seed and judge in every iteration, so
+    a model evaluated twice gets the same samples and iterations compare."""
+    return config.model_copy(
+        update={"iteration": k, "judge_model": config.judge_model or config.policy}
+    )
+
+
+# --- Tasks -------------------------------------------------------------------------------
+
+
+@task(cache_policy=NO_CACHE)
+def open_session(config: PipelineConfig, iterations: int) -> Session | None:
+    """Resume this loop's unfinished session, else start one of ``iterations`` iterations."""
+    store = Store(config.store)
+    session = unfinished_session(store, config.loop.name)
+    if session is None:
+        if iterations == 0:
+            return None
+        first = last_iteration(store, config.loop.name) + 1
+        session = Session(session_id(config.loop.name, first), first, first + iterations - 1, False)
+    _session_event(config, session, "running")
+    return session
+
+
+def _session_event(config: PipelineConfig, session: Session, status: str) -> None:
+    incumbent = current_incumbent(config)
+    judge = model_location(config.judge_model or config.policy)[1]
+    store = Store(config.store)
+    started = store.query(
+        "SELECT started_at FROM run_events WHERE run_id = ? ORDER BY updated_at LIMIT 1",
+        [session.run_id],
+    ) if store.db_path.exists() else []  # fmt: skip
+    run = Run(
+        session.run_id,
+        session.last,
+        str(store.root),
+        "",
+        incumbent.name,
+        judge,
+        started[0]["started_at"] if started else datetime.now(UTC),
+    )
+    if not store.existing_keys("runs", [f"{session.run_id}:{status}"]):
+        write_run_event(run, config, status)
+
+
+@task(cache_policy=NO_CACHE)
+def close_session(config: PipelineConfig, session: Session) -> None:
+    _session_event(config, session, "completed")
+
+
+def _pair_count(store: Store, run_id: str) -> int:
+    return store.query(
+        "SELECT count(*) AS n FROM preference_pairs WHERE run_id = ? AND split = 'train'",
+        [run_id],
+    )[0]["n"]
+
+
+def train_candidate(config: PipelineConfig, k: int, incumbent: Incumbent, data_run: str) -> str:
+    """Train this iteration's candidate from the incumbent on the iteration's pairs."""
+    settings = config.loop.train.model_dump()
+    data = DataConfig(runs=[data_run], split="train")
+    common = {"store": config.store, "iteration": k, "data": data}
+    method = config.loop.method
+    reward_model = None
+    if method != "dpo":  # the RL methods learn from a reward model trained on the pairs
+        reward_config = TrainConfig(**settings, **common, base_model=config.policy.model)
+        reward_model = train_stage(reward_config, "reward")
+    train_config = TrainConfig(
+        **settings, **common, base_model=incumbent.model, reward_model=reward_model
+    )
+    return train_stage(train_config, method)
+
+
+@task(cache_policy=NO_CACHE)
+def record_iteration(
+    config: PipelineConfig,
+    session: Session,
+    k: int,
+    incumbent: Incumbent,
+    data_run: str,
+    pairs: int,
+    started: datetime,
+    candidate: str | None = None,
+    metrics: list[Metric] | None = None,
+) -> dict[str, Any]:
+    """Decide by the gates, store the decision, and publish it as Prefect artifacts."""
+    results: list[GateResult] = []
+    if candidate is None:
+        decision, reasons = "skipped", [f"no train pairs in run {data_run}: nothing to learn"]
+    else:
+        results = check_gates(config.loop.gates, {m.metric: m for m in metrics or []})
+        reasons = failed_reasons(results)
+        decision = "rejected" if reasons else "promoted"
+    eval_run = _eval_run(config, candidate, incumbent) if candidate else None
+    row = {
+        "iteration_id": content_id("iteration", config.loop.name, k),
+        "loop": config.loop.name,
+        "iteration": k,
+        "method": config.loop.method,
+        "incumbent_model_id": incumbent.name,
+        "candidate_model_id": candidate,
+        "data_run_id": data_run,
+        "eval_run_id": eval_run,
+        "pairs": pairs,
+        "decision": decision,
+        "promoted": decision == "promoted",
+        "gates": [r.as_dict() for r in results],
+        "reasons": reasons,
+        "started_at": started,
+        "finished_at": datetime.now(UTC),
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+    }
+    Store(config.store).write("iterations", [row], session.run_id)
+    _publish(config, row, results, metrics or [])
+    logger = get_run_logger()
+    logger.info("iteration %d: %s (%s)", k, decision, "; ".join(reasons) or "all gates passed")
+    return row
+
+
+def _eval_run(config: PipelineConfig, candidate: str, incumbent: Incumbent) -> str | None:
+    rows = Store(config.store).query(
+        "SELECT run_id FROM evals WHERE model_id = ? AND baseline_model_id = ? LIMIT 1",
+        [candidate, incumbent.name],
+    )
+    return rows[0]["run_id"] if rows else None
+
+
+def _publish(
+    config: PipelineConfig, row: dict[str, Any], gates: list[GateResult], metrics: list[Metric]
+) -> None:
+    k, name = row["iteration"], config.loop.name
+    lines = [
+        f"# Loop `{name}`, iteration {k}: **{row['decision']}**",
+        "",
+        f"- incumbent: `{row['incumbent_model_id']}`",
+        f"- candidate: `{row['candidate_model_id']}` ({row['method']})",
+        f"- preference pairs (train): {row['pairs']} from run `{row['data_run_id']}`",
+        f"- eval run: `{row['eval_run_id']}`",
+        "",
+        "| gate | value | threshold | passed |",
+        "|---|---|---|---|",
+        *(f"| {g.gate} | {_fmt(g.value)} | {g.threshold} | {g.passed} |" for g in gates),
+        "",
+        *(f"- {reason}" for reason in row["reasons"]),
+    ]
+    create_markdown_artifact(
+        key=f"{name}-iteration-{k}",
+        markdown="\n".join(lines),
+        description=f"self-improve {name}: iteration {k} {row['decision']}",
+    )
+    table = [
+        {"metric": m.metric, "value": m.value, "n": m.n, "ci_low": m.ci_low, "ci_high": m.ci_high}
+        for m in metrics
+    ] + [
+        {"metric": f"gate/{g.gate}", "value": g.value, "n": None, "ci_low": None,
+         "ci_high": g.threshold, "passed": g.passed}
+        for g in gates
+    ]  # fmt: skip
+    if table:
+        create_table_artifact(
+            key=f"{name}-iteration-{k}-metrics",
+            table=table,
+            description=f"eval metrics and gate decisions of iteration {k}",
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# --- Flows -------------------------------------------------------------------------------
+
+
+def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str, Any]:
+    started = datetime.now(UTC)
+    incumbent = current_incumbent(config)
+    get_run_logger().info("iteration %d: incumbent %s", k, incumbent.name)
+    data_config = iteration_config(config, k, incumbent)
+    data_run = collect_preferences(data_config)
+    store = Store(config.store)
+    pairs = _pair_count(store, data_run)
+    if pairs == 0:
+        return record_iteration(config, session, k, incumbent, data_run, pairs, started)
+    candidate = train_candidate(config, k, incumbent, data_run)
+    metrics = evaluate_candidate(eval_config(config, k), candidate, incumbent.model)
+    return record_iteration(
+        config, session, k, incumbent, data_run, pairs, started, candidate, metrics
+    )
+
+
+def load_loop_config(
+    config_path: str, store: str | None = None, overrides: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """The loop's config file, with the store and any top-level keys overridden."""
+    updates = dict(overrides or {})
+    if store:
+        updates["store"] = store
+    return load_config(config_path, updates)
+
+
+@flow(name="self-improve", log_prints=True)
+def self_improve(
+    config_path: str,
+    iterations: int | None = None,
+    store: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    wait_s: float = 0.0,
+) -> Any:
+    """Run (or resume) a session of the self-improvement loop named in the config.
+
+    iterations: how many new iterations this run adds (default: the config's
+    loop.iterations); an unfinished session is resumed instead. store: the store root.
+    overrides: top-level config keys, e.g. {"seed": 1}. wait_s: how long to wait when
+    another loop holds the store (0: end at once, cancelled, writing nothing).
+    """
+    logger = get_run_logger()
+    config = load_loop_config(config_path, store, overrides)
+    count = config.loop.iterations if iterations is None else iterations
+    try:
+        with Store(config.store).claim("loop", _holder(), wait_s=wait_s):
+            session = open_session(config, count)
+            if session is None:
+                return {"loop": config.loop.name, "iterations": []}
+            logger.info(
+                "%s loop %s: iterations %d..%d (session %s)",
+                "resuming" if session.resumed else "starting",
+                config.loop.name,
+                session.first,
+                session.last,
+                session.run_id,
+            )
+            done = _done_iterations(config, session)
+            rows = [run_iteration(config, session, k) for k in session.iterations if k not in done]
+            close_session(config, session)
+            return {"loop": config.loop.name, "session": session.run_id, "iterations": rows}
+    except StoreBusy as busy:
+        logger.warning(str(busy))
+        return Cancelled(message=str(busy))
+
+
+def _done_iterations(config: PipelineConfig, session: Session) -> set[int]:
+    store = Store(config.store)
+    if not store.db_path.exists():
+        return set()
+    rows = store.query(
+        "SELECT iteration FROM iterations WHERE loop = ? AND iteration BETWEEN ? AND ?",
+        [config.loop.name, session.first, session.last],
+    )
+    return {row["iteration"] for row in rows}

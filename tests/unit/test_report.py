@@ -1,0 +1,176 @@
+"""Loop status and the HTML report, read back from a real store in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from flows.report import incumbent_series, loop_history, print_status, write_report
+from storage import Store, StoreNotFound
+
+START = datetime(2025, 1, 2, tzinfo=timezone.utc)
+BASE = "tiny-1c6521e8ec56"
+M1, M2, M3 = "m1" + "a" * 20, "m2" + "b" * 20, "m3" + "c" * 20
+KL_GATE = {"gate": "kl", "metric": "kl", "threshold": 0.5, "message": "KL too far"}
+WIN_GATE = {"gate": "win_rate", "metric": "win_rate", "threshold": 0.5, "message": ""}
+
+# iteration: (incumbent, candidate, decision, candidate violation rate, incumbent's, kl)
+ITERATIONS = {
+    1: (BASE, M1, "promoted", 0.30, 0.40, 0.1),
+    2: (M1, M2, "rejected", 0.35, 0.31, 0.9),
+    3: (M1, M3, "promoted", 0.20, 0.29, 0.2),
+    4: (M3, None, "skipped", None, None, None),
+}
+
+
+def iteration_row(i: int) -> dict[str, Any]:
+    incumbent, candidate, decision, _, _, kl = ITERATIONS[i]
+    gates = []
+    if kl is not None:
+        gates = [
+            {**KL_GATE, "value": kl, "passed": kl <= 0.5},
+            {**WIN_GATE, "value": 0.6, "passed": True},
+        ]
+    reasons = {"rejected": ["kl 0.9 above 0.5"], "skipped": ["too few pairs: 3 < 8"]}
+    return {
+        "iteration_id": f"loop-a-{i}", "loop": "loop-a", "iteration": i, "method": "dpo",
+        "incumbent_model_id": incumbent, "candidate_model_id": candidate,
+        "data_run_id": f"data-{i}", "eval_run_id": None if kl is None else f"eval-{i}",
+        "pairs": 3 if kl is None else 10, "decision": decision,
+        "promoted": decision == "promoted", "gates": gates,
+        "reasons": reasons.get(decision, []), "started_at": START + timedelta(hours=i),
+        "finished_at": START + timedelta(hours=i, minutes=30), "flow_run_id": None,
+    }  # fmt: skip
+
+
+def eval_rows(i: int) -> list[dict[str, Any]]:
+    incumbent, candidate, _, violations, baseline_violations, kl = ITERATIONS[i]
+    values = {
+        "win_rate": 0.6, "mean_p_win": 0.58, "judge_position_consistency": 0.9,
+        "judge_not_ok": 0.01, "violation_rate": violations,
+        "violation_rate/harmless": violations / 2, "baseline/violation_rate": baseline_violations,
+        "baseline/violation_rate/harmless": baseline_violations / 2, "length": 40.0 + i,
+        "baseline/length": 38.0 + i, "kl": kl,
+    }  # fmt: skip
+    return [
+        {
+            "eval_id": f"eval-{i}-{metric}",
+            "model_id": candidate,
+            "baseline_model_id": incumbent,
+            "metric": metric,
+            "value": value,
+            "n": 50,
+            "ci_low": 0.5 if metric == "win_rate" else None,
+            "ci_high": 0.7 if metric == "win_rate" else None,
+        }  # fmt: skip
+        for metric, value in values.items()
+    ]
+
+
+def model_row(model_id: str, parent: str | None, iteration: int) -> dict[str, Any]:
+    return {
+        "model_id": model_id, "stage": "dpo", "path": f"/models/{model_id}", "base_model": BASE,
+        "parent_model_id": parent, "iteration": iteration, "metrics": {}, "promoted": False,
+        "created_at": START + timedelta(hours=iteration), "data_runs": [f"data-{iteration}"],
+        "examples": 10, "constitution_ids": ["c1"], "config": {},
+    }  # fmt: skip
+
+
+def pair_row(i: int, n: int, principles: list[str]) -> dict[str, Any]:
+    return {
+        "pair_id": f"pair-{i}-{n}", "prompt_id": f"p{n}", "prompt": "Hi <b>?", "chosen": "a",
+        "rejected": "b", "p_chosen": 0.9, "principle_ids": principles, "iteration": i,
+        "split": "train",
+    }  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "data")
+    store.write("iterations", [iteration_row(i) for i in ITERATIONS], "loop-session")
+    for i, (_, _, _, _, _, kl) in ITERATIONS.items():
+        if kl is not None:
+            store.write("evals", eval_rows(i), f"eval-{i}")
+        principles = ["harmless"] if i % 2 else ["harmless", "honest"]
+        store.write("preference_pairs", [pair_row(i, n, principles) for n in range(3)], f"data-{i}")
+    models = [model_row(M1, None, 1), model_row(M2, M1, 2), model_row(M3, M1, 3)]
+    for model in models:
+        store.write("models", [model], f"train-{model['model_id']}")
+    return store
+
+
+def test_incumbent_series_keeps_the_incumbent_when_rejected_or_skipped(store: Store) -> None:
+    series = incumbent_series(store)
+    assert series == [(0, 0.40), (1, 0.30), (2, 0.31), (3, 0.20), (4, 0.20)]
+    assert incumbent_series(store, "loop-a", "violation_rate/harmless")[3] == (3, 0.10)
+    assert incumbent_series(store, "no-such-loop") == []
+
+
+def test_loop_history_reads_gates_and_both_sides_of_the_eval(store: Store) -> None:
+    history = loop_history(store)
+    assert history.loop == "loop-a"
+    assert [it.decision for it in history.iterations] == [
+        "promoted", "rejected", "promoted", "skipped",
+    ]  # fmt: skip
+    rejected = history.iterations[1]
+    assert rejected.failing() == ["kl", "kl 0.9 above 0.5"]
+    assert rejected.value("baseline/length") == 40.0
+    assert rejected.metrics["win_rate"].ci_high == 0.7
+    assert history.iterations[3].metrics == {}
+    assert history.incumbent() == M3
+
+
+def test_status_shows_decisions_and_lineage(store: Store) -> None:
+    out = io.StringIO()
+    print_status(store, console=Console(file=out, width=200))
+    text = out.getvalue()
+    for word in ("promoted", "rejected", "skipped", "too few pairs", "0.400→0.300"):
+        assert word in text
+    lineage = next(line for line in text.splitlines() if line.startswith("incumbent "))
+    assert lineage == (
+        f"incumbent {M3[:12]} (dpo, iteration 3, trained on run data-3) "
+        f"← {M1[:12]} (dpo, iteration 1, trained on run data-1) ← {BASE[:12]}"
+    )
+
+
+def test_status_without_iterations_still_lists_models(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    store.write("models", [model_row(M1, None, 1)], "train-1")
+    out = io.StringIO()
+    print_status(store, console=Console(file=out, width=200))
+    assert "No loop iterations" in out.getvalue()
+    assert M1[:12] in out.getvalue()
+
+
+def test_status_of_a_missing_store_raises(tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFound):
+        print_status(Store(tmp_path / "nothing"), console=Console(file=io.StringIO()))
+
+
+def test_report_is_one_self_contained_html_file(store: Store, tmp_path: Path) -> None:
+    path = write_report(store, tmp_path / "out" / "report.html")
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count("<svg") >= 6
+    assert not re.search(r"<script|<link|<img", page)
+    assert "http" not in re.sub(r'xmlns(:\w+)?="[^"]*"', "", page)  # only SVG namespaces
+    assert "loop-a" in page and str(store.root) in page
+    for text in ("kl", "win_rate", "kl 0.9 above 0.5", "too few pairs: 3 &lt; 8", "honest"):
+        assert text in page
+    assert "FAIL kl 0.9 vs 0.5 (KL too far)" in page
+    assert list(path.parent.iterdir()) == [path]  # no temp file left
+
+
+def test_report_into_a_folder_of_an_empty_loop(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    store.write("models", [model_row(M1, None, 1)], "train-1")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    path = write_report(store, folder)
+    assert path.parent == folder and "No iterations." in path.read_text(encoding="utf-8")
