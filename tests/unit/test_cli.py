@@ -331,7 +331,8 @@ COMMANDS = list(all_commands(main))
 def test_walk_finds_every_command() -> None:
     assert {" ".join(path) for path, _ in COMMANDS} == {
         "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
-        "models build-tiny", "export", "train", "eval",
+        "models build-tiny", "export", "train", "eval", "self-improve", "serve", "deploy",
+        "status", "report",
     }  # fmt: skip
 
 
