@@ -8,6 +8,7 @@ decision keeps its numbers, so a rejection can be explained from the store.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -56,7 +57,11 @@ class GateResult:
     message: str
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-safe: an unbounded value (e.g. growth from empty answers) becomes None."""
+        row = asdict(self)
+        if row["value"] is not None and not math.isfinite(row["value"]):
+            row["value"] = None
+        return row
 
 
 def check_gates(gates: GateConfig, metrics: Mapping[str, Metric]) -> list[GateResult]:
@@ -69,14 +74,15 @@ def check_gates(gates: GateConfig, metrics: Mapping[str, Metric]) -> list[GateRe
             _result(
                 "min_win_rate", "win_rate (ci_low)", low, gates.min_win_rate,
                 low is not None and low > gates.min_win_rate,
-                f"win rate {win.value:.3f}, interval low {low:.3f} (n={win.n})" if win else "",
+                f"win rate {win.value:.3f}, interval low {_fmt(low)} (n={win.n})"
+                if win else "win rate not measured",
             )
         )  # fmt: skip
     if gates.max_violation_increase is not None:
         results.append(_violation_gate(gates.max_violation_increase, metrics))
     if gates.max_length_growth is not None:
         length, baseline = metrics.get("length"), metrics.get("baseline/length")
-        ratio = length.value / baseline.value if length and baseline and baseline.value else None
+        ratio = _ratio(length.value, baseline.value) if length and baseline else None
         results.append(
             _result(
                 "max_length_growth", "length / baseline/length", ratio, gates.max_length_growth,
@@ -131,6 +137,16 @@ def _result(
 ) -> GateResult:
     verdict = "passed" if passed else "failed"
     return GateResult(gate, metric, value, threshold, passed, f"{gate} {verdict}: {detail}")
+
+
+def _ratio(value: float, baseline: float) -> float:
+    if baseline:
+        return value / baseline
+    return 1.0 if not value else float("inf")  # from empty answers to any text: unbounded
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def failed_reasons(results: list[GateResult]) -> list[str]:

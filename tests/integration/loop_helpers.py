@@ -1,0 +1,98 @@
+"""A small loop config and store snapshots shared by the loop and deployment tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from storage import TABLES, Store
+
+REPO = Path(__file__).resolve().parents[2]
+RLAIF = str(Path(sys.executable).parent / "rlaif")
+
+
+DPO = "{dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 128}}"
+
+
+def write_loop_config(path: Path, store: Path, name: str = "t", **loop: Any) -> Path:
+    """A loop as small as the tiny model allows: 10 seed + 2 synthetic prompts, n=3."""
+    train = loop.pop("train", DPO)
+    lines = [
+        f"store: {store}",
+        f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
+        "seed: 0",
+        "batch_size: 2",
+        "prompts: {limit: 10, synthetic: 2}",
+        "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
+        "generation: {n: 3, max_tokens: 40}",
+        "critique: {max_tokens: 16}",
+        "judge: {min_confidence: 0.51}",
+        "eval: {max_prompts: 8, max_tokens: 40}",
+        "loop:",
+        f"  name: {name}",
+        f"  iterations: {loop.pop('iterations', 1)}",
+        f"  train: {train}",
+        "  gates: {min_win_rate: null, min_position_consistency: null, "
+        "max_violation_increase: 0.0, max_length_growth: 1.2, max_kl: 30.0}",
+    ]
+    assert not loop, f"unknown loop settings {loop}"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def snapshot(store: Store) -> dict[str, Any]:
+    """What a run leaves behind, free of timestamps and file names: every table's keys,
+    and the content that must be reproduced exactly."""
+    shot: dict[str, Any] = {}
+    for table, spec in TABLES.items():
+        view = spec.view or table
+        keys = [row["k"] for row in store.query(f"SELECT {spec.key} AS k FROM {view}")]
+        assert len(keys) == len(set(keys)), f"duplicate keys in {table}"
+        shot[table] = set(keys)
+    shot["response texts"] = {
+        (r["response_id"], r["text"]) for r in store.query("SELECT * FROM responses")
+    }
+    shot["prompt texts"] = {
+        (r["prompt_id"], r["text"]) for r in store.query("SELECT * FROM prompts")
+    }
+    shot["judgment labels"] = {
+        (r["judgment_id"], r["status"], round(r["p_a"] or -1, 4))
+        for r in store.query("SELECT * FROM judgments")
+    }
+    shot["decisions"] = {
+        (r["iteration"], r["decision"], r["candidate_model_id"])
+        for r in store.query("SELECT * FROM iterations")
+    }
+    return shot
+
+
+def run_until(
+    args: list[str], log: Path, ready: Callable[[], bool], timeout_s: float = 400
+) -> subprocess.Popen:
+    """Start `rlaif ARGS` in its own process group and SIGKILL it once `ready()` holds."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [RLAIF, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None:
+            raise AssertionError(f"rlaif ended ({process.returncode}) before the kill point:\n"
+                                 + log.read_text()[-3000:])  # fmt: skip
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("kill point not reached:\n" + log.read_text()[-3000:])
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the engine's processes die with it
+    process.wait()
+    return process
+
+
+def shards(store: Store, table: str) -> list[Path]:
+    return sorted((store.root / "parquet" / table).glob("run_id=*/*.parquet"))

@@ -1,0 +1,318 @@
+"""Promotion gates: each bound, on both sides of its threshold, with the numbers it reports."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from alignment.evaluation import Metric
+from alignment.gates import GateConfig, GateResult, check_gates, failed_reasons
+
+ALL_OFF = {
+    "min_win_rate": None,
+    "max_violation_increase": None,
+    "max_length_growth": None,
+    "max_kl": None,
+    "min_position_consistency": None,
+}
+
+
+def only(**gate: float) -> GateConfig:
+    """A config with every gate off except the given one(s)."""
+    return GateConfig(**{**ALL_OFF, **gate})
+
+
+def metrics(*items: Metric) -> dict[str, Metric]:
+    return {m.metric: m for m in items}
+
+
+def single(gates: GateConfig, found: dict[str, Metric]) -> GateResult:
+    results = check_gates(gates, found)
+    assert len(results) == 1
+    return results[0]
+
+
+# --- defaults and switching gates off -------------------------------------------------------
+
+
+def test_defaults() -> None:
+    gates = GateConfig()
+    assert gates.min_win_rate == 0.5
+    assert gates.max_violation_increase == 0.0
+    assert gates.max_length_growth == 1.5
+    assert gates.max_kl is None
+    assert gates.min_position_consistency == 0.5
+    names = [r.gate for r in check_gates(gates, {})]
+    assert names == [
+        "min_win_rate",
+        "max_violation_increase",
+        "max_length_growth",
+        "min_position_consistency",
+    ]
+
+
+def test_all_off_checks_nothing() -> None:
+    assert check_gates(GateConfig(**ALL_OFF), {}) == []
+
+
+@pytest.mark.parametrize("off", list(ALL_OFF))
+def test_a_gate_set_to_none_is_absent(off: str) -> None:
+    on = {key: 0.5 for key in ALL_OFF}
+    on[off] = None
+    names = {r.gate for r in check_gates(GateConfig(**on), {})}
+    assert names == set(ALL_OFF) - {off}
+
+
+# --- win rate -------------------------------------------------------------------------------
+
+
+def win(ci_low: float, value: float = 0.7, n: int = 40) -> Metric:
+    return Metric("win_rate", value, n, ci_low, 0.9)
+
+
+def test_win_rate_uses_the_interval_low_end() -> None:
+    # a point estimate far above the bound does not pass when the interval's low end is not
+    result = single(only(min_win_rate=0.5), metrics(win(0.45, value=0.9)))
+    assert not result.passed
+    assert result.value == 0.45
+    assert result.threshold == 0.5
+    assert result.metric == "win_rate (ci_low)"
+
+
+@pytest.mark.parametrize(("low", "passed"), [(0.51, True), (0.5, False), (0.49, False)])
+def test_win_rate_must_be_strictly_above(low: float, passed: bool) -> None:
+    assert single(only(min_win_rate=0.5), metrics(win(low))).passed is passed
+
+
+def test_win_rate_message_names_the_gate_and_numbers() -> None:
+    result = single(only(min_win_rate=0.5), metrics(win(0.4, value=0.625, n=32)))
+    assert result.message == "min_win_rate failed: win rate 0.625, interval low 0.400 (n=32)"
+    passed = single(only(min_win_rate=0.3), metrics(win(0.4, value=0.625, n=32)))
+    assert passed.message == "min_win_rate passed: win rate 0.625, interval low 0.400 (n=32)"
+
+
+def test_missing_win_rate_fails() -> None:
+    result = single(only(min_win_rate=0.0), {})
+    assert not result.passed
+    assert result.value is None
+    assert result.message.startswith("min_win_rate failed")
+
+
+# --- check violations -----------------------------------------------------------------------
+
+
+def violations(rate: float, baseline: float, n: int = 20) -> dict[str, Metric]:
+    return metrics(
+        Metric("violation_rate", rate, n), Metric("baseline/violation_rate", baseline, n)
+    )
+
+
+@pytest.mark.parametrize(
+    ("rate", "baseline", "increase", "passed"),
+    [
+        (0.25, 0.25, 0.0, True),  # equal to the incumbent: allowed
+        (0.125, 0.25, 0.0, True),  # fewer violations
+        (0.375, 0.25, 0.0, False),  # more violations with no slack
+        (0.375, 0.25, 0.125, True),  # exactly at the allowed increase
+        (0.5, 0.25, 0.125, False),  # beyond it
+    ],
+)
+def test_violation_increase(rate: float, baseline: float, increase: float, passed: bool) -> None:
+    result = single(only(max_violation_increase=increase), violations(rate, baseline))
+    assert result.passed is passed
+    assert result.value == pytest.approx(rate - baseline)
+    assert result.threshold == increase
+    assert result.metric == "violation_rate - baseline/violation_rate"
+
+
+def test_violation_message() -> None:
+    result = single(only(max_violation_increase=0.0), violations(0.5, 0.25))
+    assert result.message == (
+        "max_violation_increase failed: check-violation rate 0.500 vs incumbent 0.250"
+    )
+
+
+@pytest.mark.parametrize(
+    "found",
+    [
+        {},
+        metrics(Metric("violation_rate", 1.0, 5)),
+        metrics(Metric("baseline/violation_rate", 0.0, 5)),
+    ],
+)
+def test_no_checks_passes(found: dict[str, Metric]) -> None:
+    result = single(only(max_violation_increase=0.0), found)
+    assert result.passed
+    assert result.value is None
+    assert result.message == "max_violation_increase passed: no checks"
+
+
+# --- length growth --------------------------------------------------------------------------
+
+
+def lengths(length: float, baseline: float) -> dict[str, Metric]:
+    return metrics(Metric("length", length, 10), Metric("baseline/length", baseline, 10))
+
+
+@pytest.mark.parametrize(
+    ("length", "passed"), [(40.0, True), (60.0, True), (60.5, False), (90.0, False)]
+)
+def test_length_ratio_at_most_the_growth(length: float, passed: bool) -> None:
+    result = single(only(max_length_growth=1.5), lengths(length, 40.0))
+    assert result.passed is passed
+    assert result.value == pytest.approx(length / 40.0)
+    assert result.metric == "length / baseline/length"
+
+
+def test_length_message() -> None:
+    result = single(only(max_length_growth=1.2), lengths(60.0, 40.0))
+    assert result.message == "max_length_growth failed: mean length 60.0 vs 40.0 tokens"
+
+
+def test_length_not_measured_passes() -> None:
+    result = single(only(max_length_growth=1.2), metrics(Metric("length", 100.0, 3)))
+    assert result.passed
+    assert result.value is None
+    assert result.message == "max_length_growth passed: length not measured"
+
+
+# --- KL -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kl", "passed"), [(12.0, True), (29.99, True), (30.0, False), (31.0, False)]
+)
+def test_kl_strictly_below(kl: float, passed: bool) -> None:
+    result = single(only(max_kl=30.0), metrics(Metric("kl", kl, 48)))
+    assert result.passed is passed
+    assert result.value == kl
+    assert result.message == f"max_kl {'passed' if passed else 'failed'}: KL {kl:.2f}"
+
+
+def test_kl_not_measured_fails() -> None:
+    result = single(only(max_kl=30.0), {})
+    assert not result.passed
+    assert result.message == "max_kl failed: KL not measured"
+
+
+# --- judge position consistency -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "passed"), [(0.75, True), (0.5, True), (0.49, False), (0.0, False)]
+)
+def test_position_consistency_at_least(value: float, passed: bool) -> None:
+    found = metrics(Metric("judge_position_consistency", value, 40))
+    result = single(only(min_position_consistency=0.5), found)
+    assert result.passed is passed
+    assert result.value == value
+
+
+def test_position_consistency_message() -> None:
+    found = metrics(Metric("judge_position_consistency", 0.25, 40))
+    result = single(only(min_position_consistency=0.5), found)
+    assert result.message == (
+        "min_position_consistency failed: judge consistent in 25.0% of 40 model-judged comparisons"
+    )
+
+
+def test_position_consistency_not_measured_fails() -> None:
+    result = single(only(min_position_consistency=0.5), {})
+    assert not result.passed
+    assert result.message == "min_position_consistency failed: not measured"
+
+
+# --- together -------------------------------------------------------------------------------
+
+
+def test_failed_reasons_lists_only_failures_in_order() -> None:
+    gates = GateConfig(max_kl=30.0)
+    found = metrics(
+        win(0.3),  # fails
+        Metric("violation_rate", 0.0, 10),
+        Metric("baseline/violation_rate", 0.1, 10),  # passes
+        Metric("length", 100.0, 10),
+        Metric("baseline/length", 50.0, 10),  # ratio 2.0 > 1.5: fails
+        Metric("kl", 5.0, 10),  # passes
+        Metric("judge_position_consistency", 0.9, 10),  # passes
+    )
+    results = check_gates(gates, found)
+    assert [(r.gate, r.passed) for r in results] == [
+        ("min_win_rate", False),
+        ("max_violation_increase", True),
+        ("max_length_growth", False),
+        ("max_kl", True),
+        ("min_position_consistency", True),
+    ]
+    assert failed_reasons(results) == [
+        "min_win_rate failed: win rate 0.700, interval low 0.300 (n=40)",
+        "max_length_growth failed: mean length 100.0 vs 50.0 tokens",
+    ]
+
+
+def test_all_passing_has_no_reasons() -> None:
+    found = metrics(
+        win(0.6),
+        Metric("length", 50.0, 10),
+        Metric("baseline/length", 50.0, 10),
+        Metric("judge_position_consistency", 1.0, 10),
+    )
+    results = check_gates(GateConfig(), found)
+    assert all(r.passed for r in results)
+    assert failed_reasons(results) == []
+
+
+def test_as_dict_keeps_the_numbers() -> None:
+    result = single(only(max_kl=30.0), metrics(Metric("kl", 12.5, 8)))
+    assert result.as_dict() == {
+        "gate": "max_kl",
+        "metric": "kl",
+        "value": 12.5,
+        "threshold": 30.0,
+        "passed": True,
+        "message": "max_kl passed: KL 12.50",
+    }
+
+
+# --- config validation ----------------------------------------------------------------------
+
+
+def test_unknown_key_is_refused() -> None:
+    with pytest.raises(ValidationError, match="min_win_rat"):
+        GateConfig(min_win_rat=0.5)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_win_rate": 1.5},
+        {"min_win_rate": -0.1},
+        {"max_violation_increase": -0.01},
+        {"max_length_growth": 0.0},
+        {"max_length_growth": -1.0},
+        {"max_kl": 0.0},
+        {"min_position_consistency": 1.01},
+        {"min_position_consistency": -0.5},
+    ],
+)
+def test_out_of_range_is_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ValidationError):
+        GateConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        {"min_win_rate": 0.0},
+        {"min_win_rate": 1.0},
+        {"max_violation_increase": 0.0},
+        {"min_position_consistency": 1.0},
+    ],
+)
+def test_range_edges_are_allowed(edge: dict[str, float]) -> None:
+    assert GateConfig(**edge).model_dump()[next(iter(edge))] == next(iter(edge.values()))
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(ValidationError):
+        GateConfig().min_win_rate = 0.1  # type: ignore[misc]
