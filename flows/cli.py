@@ -527,7 +527,7 @@ def export(
 
     Example: rlaif export pairs pairs-hf --min-p 0.6 --principle concise
     """
-    from flows.datasets import DataFilter, export_rows, preference_rows, sft_rows
+    from flows.training_rows import DataFilter, export_rows, preference_rows, sft_rows
     from storage import Store
 
     data = DataFilter(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType
 
 from flows.loop import load_loop_config, self_improve
 
@@ -49,8 +50,13 @@ def serve_loops(config_paths: list[str], store: str | None = None) -> None:
     """Serve one deployment per config from this process until interrupted."""
     from prefect import serve
 
+    # Imported as the module flows.loop: loading the file would put flows/ on sys.path,
+    # where its modules could shadow libraries of the same name.
     deployments = [
-        self_improve.to_deployment(**deployment_settings(path, store)) for path in config_paths
+        self_improve.to_deployment(
+            **deployment_settings(path, store), entrypoint_type=EntrypointType.MODULE_PATH
+        )
+        for path in config_paths
     ]
     serve(*deployments, print_starting_message=True)
 

@@ -25,8 +25,8 @@ from alignment.training.reward import train_reward_model
 from alignment.training.sft import train_sft
 from alignment.yaml_spec import load_yaml
 from flows.config import TINY, StageConfigs, config_from_data
-from flows.datasets import DataFilter, preference_rows, sft_rows
 from flows.models import tiny_model_path
+from flows.training_rows import DataFilter, preference_rows, sft_rows
 from storage import Store
 
 Stage = Literal["sft", "reward", "dpo", "ppo", "rloo", "grpo"]

@@ -1,6 +1,6 @@
 """SL-CAI: supervised fine-tuning on the constitution's revisions (TRL ``SFTTrainer``).
 
-Rows are conversational prompt/completion pairs (``flows.datasets.sft_rows``);
+Rows are conversational prompt/completion pairs (``flows.training_rows.sft_rows``);
 the loss is on the completion only, so the model learns the revised answers,
 not the prompts.
 """

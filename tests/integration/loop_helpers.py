@@ -37,6 +37,7 @@ def write_loop_config(path: Path, store: Path, name: str = "t", **loop: Any) -> 
         "loop:",
         f"  name: {name}",
         f"  iterations: {loop.pop('iterations', 1)}",
+        f"  cron: {loop.pop('cron', 'null')}",
         f"  train: {train}",
         "  gates: {min_win_rate: null, min_position_consistency: null, "
         "max_violation_increase: 0.0, max_length_growth: 1.2, max_kl: 30.0}",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from alignment.backends import SamplingConfig
-from flows.datasets import DataFilter, export_rows, preference_rows, sft_rows
 from flows.models import tiny_model_path
 from flows.training import DataConfig, TrainConfig, train_flow
+from flows.training_rows import DataFilter, export_rows, preference_rows, sft_rows
 
 pytestmark = pytest.mark.integration
 
