@@ -302,7 +302,7 @@ def _print_demo_result(config: Any) -> None:
     from storage import Store
 
     store = Store(config.store)
-    console = Console(soft_wrap=True)
+    console = Console(width=max(Console().width, 140))
     print_status(store, config.loop.name, console)
     series = incumbent_series(store, config.loop.name, "violation_rate")
     console.print("\n[bold]Check-violation rate of the policy on the eval split[/bold]")
@@ -486,10 +486,6 @@ def build_tiny(cache_dir: str | None) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --- export ----------------------------------------------------------------------------
 
 
@@ -612,3 +608,7 @@ def eval_command(
     for m in metrics:
         interval = f"  [{m.ci_low:.3f}, {m.ci_high:.3f}]" if m.ci_low is not None else ""
         click.echo(f"{m.metric:40} {m.value:10.4f}  n={m.n}{interval}")
+
+
+if __name__ == "__main__":
+    main()

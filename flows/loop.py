@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
+from alignment.constitution import load_constitution
 from alignment.evaluation import Metric
 from alignment.gates import GateResult, check_gates, failed_reasons
 from alignment.ids import content_id
@@ -164,7 +165,7 @@ def _session_event(config: PipelineConfig, session: Session, status: str) -> Non
         session.run_id,
         session.last,
         str(store.root),
-        "",
+        load_constitution(config.constitution).constitution_id,
         incumbent.name,
         judge,
         started[0]["started_at"] if started else datetime.now(UTC),

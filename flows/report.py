@@ -87,9 +87,9 @@ class Iteration:
         return found.value if found else None
 
     def failing(self) -> list[str]:
-        """Names of the gates that failed, then the reasons given."""
+        """Names of the gates that failed, else the reasons given (e.g. why skipped)."""
         failed = [str(g.get("gate")) for g in self.gates if not g.get("passed")]
-        return failed + list(self.reasons)
+        return failed or list(self.reasons)
 
 
 @dataclass
@@ -261,7 +261,8 @@ def _any(value: Any) -> str:
 
 def print_status(store: Store, loop: str | None = None, console: Console | None = None) -> None:
     """Iterations, models and the incumbent's lineage as rich tables. Raises StoreNotFound."""
-    console = console or Console()
+    # Piped output gets 80 columns by default, too narrow for the iterations table.
+    console = console or Console(width=max(Console().width, 140))
     history = loop_history(store, loop)
     if history.iterations:
         console.print(_iterations_table(history))
@@ -279,7 +280,7 @@ def _iterations_table(history: LoopHistory) -> Table:
     table = Table(title=f"loop {history.loop}")
     for name in ("it", "method", "incumbent → candidate", "pairs", "win rate [CI]"):
         table.add_column(name)
-    for name in ("violations inc→cand", "KL", "decision", "failing gates / reasons"):
+    for name in ("violations", "KL", "decision", "failed gates / why"):
         table.add_column(name)
     for it in history.iterations:
         table.add_row(
