@@ -37,7 +37,8 @@ from alignment.constitution import load_constitution
 from alignment.evaluation import Metric
 from alignment.gates import GateResult, check_gates, failed_reasons
 from alignment.ids import content_id
-from flows.config import PipelineConfig, load_config
+from alignment.yaml_spec import Problem, SpecError, load_yaml
+from flows.config import PipelineConfig, config_from_data
 from flows.evaluation import evaluate_candidate
 from flows.models import model_location
 from flows.pipeline import Run, collect_preferences, write_run_event
@@ -326,7 +327,15 @@ def load_loop_config(
     updates = dict(overrides or {})
     if store:
         updates["store"] = store
-    return load_config(config_path, updates)
+    doc = load_yaml(config_path)
+    config = config_from_data(doc, updates)
+    if config.policy.backend != "vllm":
+        where = doc.line("policy", "backend")
+        raise SpecError(
+            [Problem(doc.file, where, "policy.backend: the loop samples every new checkpoint "
+                     "in a vLLM engine, so it needs backend: vllm (judge_model may be openai)")]
+        )  # fmt: skip
+    return config
 
 
 @flow(name="self-improve", log_prints=True)

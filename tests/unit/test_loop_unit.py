@@ -262,6 +262,17 @@ def test_self_improve_refuses_a_bad_loop_config(tmp_path: Path, loop: str, messa
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.usefixtures("cli_env")
+def test_self_improve_refuses_a_policy_it_cannot_swap_weights_into(tmp_path: Path) -> None:
+    Path("bad.yaml").write_text(
+        f"store: store\nconstitution: {CONSTITUTION}\npolicy:\n  model: tiny\n"
+        "  backend: openai\n  base_url: http://127.0.0.1:9/v1\n"
+    )
+    line = assert_refused(rlaif("self-improve", "--config", "bad.yaml"))
+    assert line.startswith("bad.yaml:5: policy.backend: the loop samples every new checkpoint")
+    assert not (tmp_path / "store").exists()
+
+
 # --- iteration and eval configs -------------------------------------------------------------
 
 
