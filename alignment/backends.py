@@ -103,6 +103,7 @@ _VOLATILE_CONFIG_KEYS = {
     "dtype",
     "use_cache",
 }
+_TOKENIZER_KEYS = ("chat_template", "bos_token", "eos_token", "pad_token", "added_tokens_decoder")
 
 
 def release_engines() -> None:
@@ -129,13 +130,24 @@ def architecture_signature(model: str) -> str:
     config_file = folder / "config.json"
     if not config_file.is_file():
         return model
-    config = json.loads(config_file.read_text())
-    described = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
-    tokenizer_file = folder / "tokenizer.json"
-    if tokenizer_file.is_file():
-        digest.update(tokenizer_file.read_bytes())
+    described: dict[str, Any] = {"config": _json_less(config_file, _VOLATILE_CONFIG_KEYS)}
+    # The engine's tokenizer, chat template and stop tokens come from the first folder.
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        settings = json.loads(tokenizer_config.read_text())
+        described["tokenizer"] = {k: settings.get(k) for k in _TOKENIZER_KEYS}
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        described["generation"] = _json_less(generation, {"transformers_version"})
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
     return digest.hexdigest()
+
+
+def _json_less(path: Path, keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in keys}
 
 
 def request_seed(seed: int, prompt: Any, index: int) -> int:
@@ -193,6 +205,7 @@ class VLLMBackend:
         """Swap this backend's weights into the shared engine if another's are loaded."""
         if _LOADED.get(id(self.llm)) == self.model_path:
             return
+        _LOADED.pop(id(self.llm), None)  # a swap that fails half-way leaves unknown weights
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
         self.llm.reset_prefix_cache()
         _LOADED[id(self.llm)] = self.model_path

@@ -86,7 +86,7 @@ def check_gates(gates: GateConfig, metrics: Mapping[str, Metric]) -> list[GateRe
         results.append(
             _result(
                 "max_length_growth", "length / baseline/length", ratio, gates.max_length_growth,
-                ratio is None or ratio <= gates.max_length_growth,
+                ratio is not None and ratio <= gates.max_length_growth,
                 f"mean length {length.value:.1f} vs {baseline.value:.1f} tokens"
                 if length and baseline else "length not measured",
             )

@@ -274,7 +274,12 @@ def _run_loop(
 
 @main.command("self-improve")
 @click.option("--config", "config_path", required=True, type=click.Path(), help="Loop YAML.")
-@click.option("--iterations", type=int, default=None, help="New iterations (default: config).")
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=0),
+    default=None,
+    help="New iterations (default: config).",
+)
 @click.option("--store", default=None, help="Store root (overrides the config's `store`).")
 @click.option(
     "--wait", "wait_s", type=float, default=0.0, help="Seconds to wait for a loop already running."

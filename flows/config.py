@@ -136,6 +136,11 @@ class LoopConfig(BaseModel):
     )
     train: StageConfigs = Field(default_factory=StageConfigs)
     gates: GateConfig = Field(default_factory=GateConfig)
+    release_engines_for_training: bool = Field(
+        False,
+        description="Shut the vLLM engine down before training (and start it again after): "
+        "for GPUs too small to hold the engine and the trainer at once.",
+    )
 
 
 class PipelineConfig(BaseModel):
@@ -170,8 +175,9 @@ class PipelineConfig(BaseModel):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def identity(self) -> dict[str, Any]:
-        """What decides a run's data: the settings less where it is stored and the loop's."""
-        return self.model_dump(mode="json", exclude={"store", "loop"})
+        """What decides a run's data: the settings less where it is stored, how it is
+        evaluated and the loop's."""
+        return self.model_dump(mode="json", exclude={"store", "eval", "loop"})
 
 
 def _problems(error: ValidationError, doc: LocatedYaml, model: type[BaseModel]) -> list[Problem]:

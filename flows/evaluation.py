@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,10 +55,16 @@ def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]
     return [c[0] for c in backend.generate(chats, sampling)]
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    run_id: str  # the eval's own run: its prompts, responses, judgments and evals rows
+    metrics: list[Metric]
+
+
 @task(cache_policy=NO_CACHE)
 def evaluate_candidate(
     config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
-) -> list[Metric]:
+) -> EvalResult:
     logger = get_run_logger()
     store = Store(config.store)
     constitution = load_constitution(config.constitution)
@@ -68,9 +75,8 @@ def evaluate_candidate(
         for p in load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
         if p.split == "eval"
     ][: config.eval.max_prompts]
-    run_id = content_id(
-        "eval", cand_name, base_name, config.identity(), constitution.constitution_id
-    )
+    settings = config.identity() | {"eval": config.eval.model_dump(mode="json")}
+    run_id = content_id("eval", cand_name, base_name, settings, constitution.constitution_id)
     prompt_ids = [content_id("prompt", p.text) for p in prompts]
     store.write(
         "prompts",
@@ -170,7 +176,7 @@ def evaluate_candidate(
     _record_run(store, run_id, config, constitution.constitution_id, cand_name, judge.model_name)
     for m in metrics:
         logger.info("%s = %.4f (n=%d)", m.metric, m.value, m.n)
-    return metrics
+    return EvalResult(run_id, metrics)
 
 
 def _reward_scores(
@@ -221,4 +227,4 @@ def evaluate_flow(
     config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
 ) -> list[Metric]:
     """Candidate vs baseline on the eval split: win rate, violations, length, KL, reward."""
-    return evaluate_candidate(config, candidate, baseline, reward_model)
+    return evaluate_candidate(config, candidate, baseline, reward_model).metrics

@@ -33,15 +33,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
+from alignment.backends import release_engines
 from alignment.constitution import load_constitution
 from alignment.evaluation import Metric
 from alignment.gates import GateResult, check_gates, failed_reasons
 from alignment.ids import content_id
 from alignment.yaml_spec import Problem, SpecError, load_yaml
 from flows.config import PipelineConfig, config_from_data
-from flows.evaluation import evaluate_candidate
+from flows.evaluation import EvalResult, evaluate_candidate
 from flows.models import model_location
-from flows.pipeline import Run, collect_preferences, write_run_event
+from flows.pipeline import Run, collect_preferences, run_pair_ids, write_run_event
 from flows.training import DataConfig, TrainConfig, train_stage
 from storage import Store, StoreBusy
 
@@ -171,8 +172,7 @@ def _session_event(config: PipelineConfig, session: Session, status: str) -> Non
         judge,
         started[0]["started_at"] if started else datetime.now(UTC),
     )
-    if not store.existing_keys("runs", [f"{session.run_id}:{status}"]):
-        write_run_event(run, config, status)
+    write_run_event(run, config, status)  # a second write of an event is skipped
 
 
 @task(cache_policy=NO_CACHE)
@@ -180,17 +180,10 @@ def close_session(config: PipelineConfig, session: Session) -> None:
     _session_event(config, session, "completed")
 
 
-def _pair_count(store: Store, run_id: str) -> int:
-    return store.query(
-        "SELECT count(*) AS n FROM preference_pairs WHERE run_id = ? AND split = 'train'",
-        [run_id],
-    )[0]["n"]
-
-
-def train_candidate(config: PipelineConfig, k: int, incumbent: Incumbent, data_run: str) -> str:
+def train_candidate(config: PipelineConfig, k: int, incumbent: Incumbent, pairs: list[str]) -> str:
     """Train this iteration's candidate from the incumbent on the iteration's pairs."""
     settings = config.loop.train.model_dump()
-    data = DataConfig(runs=[data_run], split="train")
+    data = DataConfig(pairs=pairs, split="train")
     common = {"store": config.store, "iteration": k, "data": data}
     method = config.loop.method
     reward_model = None
@@ -213,17 +206,17 @@ def record_iteration(
     pairs: int,
     started: datetime,
     candidate: str | None = None,
-    metrics: list[Metric] | None = None,
+    evaluation: EvalResult | None = None,
 ) -> dict[str, Any]:
     """Decide by the gates, store the decision, and publish it as Prefect artifacts."""
     results: list[GateResult] = []
+    metrics = evaluation.metrics if evaluation else []
     if candidate is None:
         decision, reasons = "skipped", [f"no train pairs in run {data_run}: nothing to learn"]
     else:
-        results = check_gates(config.loop.gates, {m.metric: m for m in metrics or []})
+        results = check_gates(config.loop.gates, {m.metric: m for m in metrics})
         reasons = failed_reasons(results)
         decision = "rejected" if reasons else "promoted"
-    eval_run = _eval_run(config, candidate, incumbent) if candidate else None
     row = {
         "iteration_id": content_id("iteration", config.loop.name, k),
         "loop": config.loop.name,
@@ -232,7 +225,7 @@ def record_iteration(
         "incumbent_model_id": incumbent.name,
         "candidate_model_id": candidate,
         "data_run_id": data_run,
-        "eval_run_id": eval_run,
+        "eval_run_id": evaluation.run_id if evaluation else None,
         "pairs": pairs,
         "decision": decision,
         "promoted": decision == "promoted",
@@ -242,19 +235,12 @@ def record_iteration(
         "finished_at": datetime.now(UTC),
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
     }
+    # Published first: once the row is stored, a rerun treats the iteration as done.
+    _publish(config, row, results, metrics)
     Store(config.store).write("iterations", [row], session.run_id)
-    _publish(config, row, results, metrics or [])
     logger = get_run_logger()
     logger.info("iteration %d: %s (%s)", k, decision, "; ".join(reasons) or "all gates passed")
     return row
-
-
-def _eval_run(config: PipelineConfig, candidate: str, incumbent: Incumbent) -> str | None:
-    rows = Store(config.store).query(
-        "SELECT run_id FROM evals WHERE model_id = ? AND baseline_model_id = ? LIMIT 1",
-        [candidate, incumbent.name],
-    )
-    return rows[0]["run_id"] if rows else None
 
 
 def _publish(
@@ -309,14 +295,15 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     get_run_logger().info("iteration %d: incumbent %s", k, incumbent.name)
     data_config = iteration_config(config, k, incumbent)
     data_run = collect_preferences(data_config)
-    store = Store(config.store)
-    pairs = _pair_count(store, data_run)
-    if pairs == 0:
-        return record_iteration(config, session, k, incumbent, data_run, pairs, started)
-    candidate = train_candidate(config, k, incumbent, data_run)
-    metrics = evaluate_candidate(eval_config(config, k), candidate, incumbent.model)
+    pairs = run_pair_ids(data_config)
+    if not pairs:
+        return record_iteration(config, session, k, incumbent, data_run, 0, started)
+    if config.loop.release_engines_for_training:
+        release_engines()
+    candidate = train_candidate(config, k, incumbent, pairs)
+    evaluation = evaluate_candidate(eval_config(config, k), candidate, incumbent.model)
     return record_iteration(
-        config, session, k, incumbent, data_run, pairs, started, candidate, metrics
+        config, session, k, incumbent, data_run, len(pairs), started, candidate, evaluation
     )
 
 

@@ -14,7 +14,7 @@ memory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,25 +112,50 @@ def _write_logged(run: Run, table: str, rows: list[dict[str, Any]], what: str) -
 # --- Tasks ------------------------------------------------------------------------------
 
 
-@task(cache_policy=NO_CACHE)
-def start_run(config: PipelineConfig, constitution: Constitution) -> Run:
-    """Record the run and its constitution; the run id is a hash of the whole config."""
-    store = Store(config.store)
+def describe_run(config: PipelineConfig, constitution: Constitution) -> Run:
+    """The run a config makes: its id is a hash of the settings that decide its data."""
     policy_name = model_location(config.policy)[1]
     judge_name = model_location(config.judge_model)[1] if config.judge_model else policy_name
     settings = config.identity()
     run_id = content_id("run", settings, constitution.constitution_id, policy_name, judge_name)
-    previous = _rows_for(store, "runs", "run_id", [run_id]) if store.db_path.exists() else []
-    started = previous[0]["started_at"] if previous else datetime.now(UTC)
-    run = Run(
+    store_root = str(Store(config.store).root)
+    return Run(
         run_id,
         config.iteration,
-        str(store.root),
+        store_root,
         constitution.constitution_id,
         policy_name,
         judge_name,
-        started,
+        datetime.now(UTC),
     )
+
+
+def run_pair_ids(config: PipelineConfig) -> list[str]:
+    """The train pairs of the run a config makes: judged comparisons of its own samples.
+
+    Found by the ids of its samples, not by run_id: a row that another run stored first
+    (the same samples of the same policy, judged the same way) belongs to this run too.
+    """
+    run = describe_run(config, load_constitution(config.constitution))
+    seeds = [row["prompt_id"] for row in _prompt_rows(config, run) if row["split"] == "train"]
+    synthetic = _synthetic_prompt_ids(run)
+    samples = [rid for ids in response_ids(config, run, seeds + synthetic).values() for rid in ids]
+    rows = run.store.query(
+        "SELECT pair_id FROM preference_pairs WHERE chosen_response_id IN (SELECT unnest(?)) "
+        "AND judge_model = ? AND constitution_id = ? ORDER BY pair_id",
+        [samples, run.judge_model, run.constitution_id],
+    )
+    return [row["pair_id"] for row in rows]
+
+
+@task(cache_policy=NO_CACHE)
+def start_run(config: PipelineConfig, constitution: Constitution) -> Run:
+    """Record the run and its constitution."""
+    run = describe_run(config, constitution)
+    store, run_id = run.store, run.run_id
+    previous = _rows_for(store, "runs", "run_id", [run_id]) if store.db_path.exists() else []
+    if previous:
+        run = replace(run, started_at=previous[0]["started_at"])
     store.write(
         "constitutions",
         [
@@ -175,12 +200,18 @@ def write_run_event(run: Run, config: PipelineConfig, status: str) -> None:
 @task(cache_policy=NO_CACHE)
 def store_prompts(config: PipelineConfig, run: Run) -> list[str]:
     """Load the prompt set, store it, and return the ids of the training prompts."""
+    rows = _prompt_rows(config, run)
+    run.store.write("prompts", rows, run.run_id)
+    return [row["prompt_id"] for row in rows if row["split"] == "train"]
+
+
+def _prompt_rows(config: PipelineConfig, run: Run) -> list[dict[str, Any]]:
     prompts = load_prompts(
         config.prompts.source,
         limit=config.prompts.limit,
         eval_fraction=config.prompts.eval_fraction,
     )
-    rows = [
+    return [
         {
             "prompt_id": content_id("prompt", p.text),
             "run_id": run.run_id,
@@ -191,21 +222,28 @@ def store_prompts(config: PipelineConfig, run: Run) -> list[str]:
         }
         for p in prompts
     ]
-    run.store.write("prompts", rows, run.run_id)
-    return [row["prompt_id"] for row in rows if row["split"] == "train"]
+
+
+def _synthetic_prompt_ids(run: Run) -> list[str]:
+    """The run's self-instruct prompts: new texts by construction, so stored under this run."""
+    if not run.store.db_path.exists():
+        return []
+    rows = run.store.query(
+        "SELECT prompt_id FROM prompts WHERE run_id = ? AND source = 'synthetic' "
+        "ORDER BY prompt_id",
+        [run.run_id],
+    )
+    return [row["prompt_id"] for row in rows]
 
 
 @task(cache_policy=NO_CACHE)
 def synthesize_prompts(config: PipelineConfig, run: Run) -> list[str]:
     """Self-instruct: the policy writes new train prompts from seed examples (once per run)."""
-    stored = run.store.query(
-        "SELECT prompt_id FROM prompts WHERE run_id = ? AND source = 'synthetic' "
-        "ORDER BY prompt_id",
-        [run.run_id],
-    )
+    stored = _synthetic_prompt_ids(run)
     if stored:  # written in one shard, so a stored set is a whole set
-        return [row["prompt_id"] for row in stored]
-    seeds = [p.text for p in load_prompts(config.prompts.source) if p.split == "train"]
+        return stored
+    source = load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
+    seeds = [p.text for p in source if p.split == "train"]
     chats = self_instruct_chats(
         seeds, config.prompts.synthetic, config.prompts.synthetic_shots, config.seed
     )
@@ -218,8 +256,9 @@ def synthesize_prompts(config: PipelineConfig, run: Run) -> list[str]:
     )
     backend = make_backend(config.policy, config.seed)
     generated = [c[0].text for c in backend.generate(chats, sampling)]
+    # Compared with every prompt, eval ones included: none may leak into training.
     known = [row["text"] for row in run.store.query("SELECT text FROM prompts")]
-    result = filter_synthetic(generated, [*seeds, *known])
+    result = filter_synthetic(generated, [*(p.text for p in source), *known])
     rows = [
         {
             "prompt_id": content_id("prompt", text),

@@ -42,10 +42,18 @@ class DataConfig(BaseModel):
         None, ge=0.5, le=1.0, description="Only pairs the judge preferred at least this much."
     )
     principles: list[str] = Field(default_factory=list, description="Only these principle ids.")
+    pairs: list[str] = Field(
+        default_factory=list, description="Only these pair ids (the loop passes its run's)."
+    )
 
     def as_filter(self) -> DataFilter:
         return DataFilter(
-            tuple(self.runs), self.iteration, self.split, self.min_p_chosen, tuple(self.principles)
+            tuple(self.runs),
+            self.iteration,
+            self.split,
+            self.min_p_chosen,
+            tuple(self.principles),
+            tuple(self.pairs),
         )
 
 
@@ -228,7 +236,10 @@ def _row_id(row: dict[str, Any]) -> str:
 
 
 def no_rows_message(config: TrainConfig, stage: str) -> str:
-    return f"no {stage} training rows in {config.store} match the data filters {config.data}"
+    filters = " ".join(
+        f"{key}={value!r}" for key, value in config.data.model_dump().items() if value or value == 0
+    )
+    return f"no {stage} training rows in {config.store} match the data filters {filters}"
 
 
 def has_training_rows(config: TrainConfig, stage: str) -> bool:

@@ -31,6 +31,7 @@ class DataFilter:
     split: str | None = "train"
     min_p_chosen: float | None = None
     principles: tuple[str, ...] = field(default_factory=tuple)
+    pair_ids: tuple[str, ...] = field(default_factory=tuple)
 
     def where(self, columns: dict[str, str]) -> tuple[str, list[Any]]:
         """SQL conditions and parameters; ``columns`` maps run_id, iteration, split,
@@ -43,6 +44,10 @@ class DataFilter:
             "principles": (
                 f"list_has_any({columns['principles']}, ?)",
                 list(self.principles) or None,
+            ),
+            "pair_ids": (
+                f"{columns.get('pair_id')} IN (SELECT unnest(?))",
+                list(self.pair_ids) or None,
             ),
         }
         clauses, params = ["TRUE"], []
@@ -70,6 +75,7 @@ def preference_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
             "split": "p.split",
             "p_chosen": "p.p_chosen",
             "principles": "p.principle_ids",
+            "pair_id": "p.pair_id",
         }
     )
     rows = store.query(
@@ -92,8 +98,8 @@ def preference_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
 
 def sft_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
     """The last revision of each critiqued response, as a prompt/completion conversation."""
-    if data.min_p_chosen is not None:
-        raise ValueError("min_p_chosen filters preference pairs, not SFT revisions")
+    if data.min_p_chosen is not None or data.pair_ids:
+        raise ValueError("min_p_chosen and pair ids filter preference pairs, not SFT revisions")
     where, params = data.where(
         {
             "run_id": "c.run_id",

@@ -120,17 +120,32 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Run read-only SQL against the views; one dict per row. Raises QueryError."""
-        names, rows = _run(self._db_or_raise(), sql, params)
+        names, rows = self._with_current_views(lambda: _run(self._db_or_raise(), sql, params))
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     def query_arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Like query(), as an Arrow table."""
-        with _connect(self._db_or_raise(), read_only=True) as con:
-            try:
-                relation = con.sql(sql, params=params)
-                return relation.to_arrow_table() if relation is not None else pa.table({})
-            except duckdb.Error as e:
-                raise QueryError(str(e)) from e
+
+        def read() -> pa.Table:
+            with _connect(self._db_or_raise(), read_only=True) as con:
+                try:
+                    relation = con.sql(sql, params=params)
+                    return relation.to_arrow_table() if relation is not None else pa.table({})
+                except duckdb.Error as e:
+                    raise QueryError(str(e)) from e
+
+        return self._with_current_views(read)
+
+    def _with_current_views(self, read: Callable[[], T]) -> T:
+        """Run `read`; if it names a view this store's database lacks (a store made by an
+        older version, before a table existed), bring the views up to date and run it again."""
+        try:
+            return read()
+        except QueryError as error:
+            if "does not exist" not in str(error) or self._views_current():
+                raise
+            self.ensure()
+            return read()
 
     def count(self, table: str) -> int:
         """Rows in the table's view; for `runs` that is the number of runs, not of events."""
@@ -246,6 +261,10 @@ class Store:
                 con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(wanted[name])}")
             con.execute("COMMIT")
             con.execute("CHECKPOINT")  # leave no WAL behind for read-only openers
+
+    def _views_current(self) -> bool:
+        wanted = {name: _fingerprint(sql) for name, sql in self._views().items()}
+        return self._installed_fingerprints(wanted) == wanted
 
     def _installed_fingerprints(self, names: Iterable[str]) -> dict[str, str | None]:
         if not self.db_path.is_file():

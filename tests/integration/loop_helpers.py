@@ -20,14 +20,16 @@ RLAIF = str(Path(sys.executable).parent / "rlaif")
 DPO = "{dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 128}}"
 
 
-def write_loop_config(path: Path, store: Path, name: str = "t", **loop: Any) -> Path:
+def write_loop_config(
+    path: Path, store: Path, name: str = "t", batch_size: int = 2, **loop: Any
+) -> Path:
     """A loop as small as the tiny model allows: 10 seed + 2 synthetic prompts, n=3."""
     train = loop.pop("train", DPO)
     lines = [
         f"store: {store}",
         f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
         "seed: 0",
-        "batch_size: 2",
+        f"batch_size: {batch_size}",
         "prompts: {limit: 10, synthetic: 2}",
         "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
         "generation: {n: 3, max_tokens: 40}",

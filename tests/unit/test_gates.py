@@ -169,11 +169,11 @@ def test_length_message() -> None:
     assert result.message == "max_length_growth failed: mean length 60.0 vs 40.0 tokens"
 
 
-def test_length_not_measured_passes() -> None:
+def test_length_not_measured_fails() -> None:
     result = single(only(max_length_growth=1.2), metrics(Metric("length", 100.0, 3)))
-    assert result.passed
+    assert not result.passed  # no evidence is no promotion, as for every other gate
     assert result.value is None
-    assert result.message == "max_length_growth passed: length not measured"
+    assert result.message == "max_length_growth failed: length not measured"
 
 
 # --- KL -------------------------------------------------------------------------------------

@@ -415,3 +415,20 @@ def test_models_view_marks_models_promoted_by_an_iteration(store: Store) -> None
     store.write("iterations", [SAMPLES["iterations"]], RUN)
     assert store.query("SELECT model_id FROM models WHERE promoted") == [{"model_id": "m1"}]
     assert store.count("models") == 2
+
+
+def test_a_store_from_an_older_version_gets_its_new_views_on_first_read(store: Store) -> None:
+    import duckdb
+
+    store.write("prompts", [prompt(1)], RUN)
+    with duckdb.connect(str(store.db_path)) as con:  # as a version without `iterations` left it
+        con.execute("DROP VIEW models")
+        con.execute("DROP VIEW iterations")
+    assert store.query("SELECT count(*) AS n FROM iterations") == [{"n": 0}]
+    assert store.count("prompts") == 1
+
+
+def test_an_unknown_table_is_still_an_error(store: Store) -> None:
+    store.write("prompts", [prompt(1)], RUN)
+    with pytest.raises(QueryError, match="nope"):
+        store.query("SELECT * FROM nope")
