@@ -97,9 +97,10 @@ def test_a_finished_loop_rerun_with_no_new_iterations_writes_nothing(loop_store)
 def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tmp_path):
     """Loop `wrecked` trains with a learning rate of 1.0: its candidate is garbage.
 
-    Its batches differ from loop `t`'s, so its data run has another id, but its samples,
-    judgments and pairs are loop `t`'s first iteration's, stored already: it must find
-    and train on them all the same."""
+    Its batches differ from loop `t`'s, so its data run has another id, but its samples of
+    the seed prompts, their judgments and pairs are loop `t`'s first iteration's, stored
+    already: it must find and train on them all the same. (Its self-instruct prompts are
+    `t`'s too, so they are not new and are dropped.)"""
     _, store, _ = loop_store
     config_path = write_loop_config(
         tmp_path / "wrecked.yaml", store.root, name="wrecked", batch_size=3,
@@ -108,7 +109,13 @@ def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tm
     self_improve(config_path=str(config_path))
     row = store.query("SELECT * FROM iterations WHERE loop = 'wrecked'")[0]
     first = store.query("SELECT * FROM iterations WHERE loop = 't' AND iteration = 1")[0]
-    assert row["data_run_id"] != first["data_run_id"] and row["pairs"] == first["pairs"]
+    seed_pairs = store.query(
+        "SELECT count(*) AS n FROM preference_pairs JOIN prompts USING (prompt_id) "
+        "WHERE preference_pairs.run_id = ? AND source = 'seed'",
+        [first["data_run_id"]],
+    )[0]["n"]
+    assert row["data_run_id"] != first["data_run_id"]
+    assert row["pairs"] == seed_pairs > 0
     assert row["decision"] == "rejected" and not row["promoted"]
     assert row["reasons"] and all("failed" in reason for reason in row["reasons"])
     config = load_loop_config(str(config_path))
