@@ -13,6 +13,7 @@ A backend does two things:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -120,6 +121,7 @@ def release_engines() -> None:
     gc.collect()
 
 
+@functools.cache  # every task asks for a backend; a large tokenizer.json is read once
 def architecture_signature(model: str) -> str:
     """Same value for checkpoints whose weights can be swapped into one engine.
 
