@@ -99,9 +99,11 @@ TABLES: dict[str, TableSpec] = {
         "judgment_id", text("prompt_id"), RUN_ID, text("response_a_id"),
         text("response_b_id"),  # null for pointwise scoring
         text("principle_id"), text("constitution_id"), text("judge_model"),
-        choice("mode", "pairwise", "pointwise", "checks", "cot"),
+        choice("mode", "pairwise", "pointwise", "checks", "cot", "contrast", "ensemble"),
         real("p_a_first"), real("p_a_second"), real("p_a"), flag("position_consistent"),
         real("option_mass"), text("status"), text("rationale"),
+        # contrast modes: each response's principle-conditioned log-likelihood ratio
+        real("delta_a"), real("delta_b"),
     ),
     "preference_pairs": _spec(
         "pair_id", text("prompt_id"), text("prompt"), text("chosen"), text("rejected"),
@@ -121,6 +123,13 @@ TABLES: dict[str, TableSpec] = {
     "evals": _spec(
         "eval_id", text("model_id"), text("baseline_model_id"), text("metric"), real("value"),
         integer("n"), real("ci_low"), real("ci_high"), RUN_ID,
+    ),
+    # One row per metric of one judge evaluation on a labelled preference set
+    # (`rlaif judge eval`, and the loop's audit each iteration). run_id: the audit's run.
+    "judge_evals": _spec(
+        "judge_eval_id", RUN_ID, text("judge_model"), text("judge_config_id"), text("mode"),
+        text("dataset"), text("dataset_id"), text("metric"), real("value"), integer("n"),
+        json_text("judge_config"), integer("iteration"), text("loop"), timestamp("created_at"),
     ),
     # One row per self-improvement iteration: what was trained from what, how it was
     # judged, and whether it became the incumbent. run_id: the loop session.
