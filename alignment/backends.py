@@ -1,6 +1,6 @@
 """Generation backends: one small protocol, two real engines.
 
-A backend does two things:
+A backend does three things:
 
 * ``generate``: sample ``n`` completions for each chat;
 * ``score_options``: for each chat whose last message is an *assistant prefix*
@@ -8,7 +8,10 @@ A backend does two things:
   very next token is each option label, read from the next-token distribution
   in a single prefill. Tokenizer variants of a label (``"A"`` and ``" A"``) are
   summed (log-sum-exp) inside the backend; a label the backend cannot see is
-  ``None`` and never a guess.
+  ``None`` and never a guess;
+* ``score_sequences``: for each chat whose last message is a whole assistant
+  response, its log-likelihood given everything before it, also in a single
+  prefill (the contrast judge's Δ is a difference of two of these).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,22 @@ class Completion:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class SequenceScore:
+    """log p(response | chat before it), read in one prefill.
+
+    ``logprob`` sums the response's own tokens; ``num_tokens`` counts them, so a
+    per-token mean is ``logprob / num_tokens``. The end-of-turn token the chat
+    template writes right after the response is kept apart in ``end_logprob``
+    (``None`` when the template writes none): whether the model would *stop* there
+    is a signal of its own (conciseness), and the caller decides whether it counts.
+    """
+
+    logprob: float
+    num_tokens: int
+    end_logprob: float | None = None
+
+
 class Backend(Protocol):
     model_name: str
 
@@ -56,6 +75,10 @@ class Backend(Protocol):
         self, chats: Sequence[Chat], options: Sequence[str]
     ) -> list[dict[str, float | None]]:
         """Next-token log-prob of each option label after each chat's assistant prefix."""
+        ...
+
+    def score_sequences(self, chats: Sequence[Chat]) -> list[SequenceScore | None]:
+        """Log-likelihood of each chat's last (assistant) message; None when unreadable."""
         ...
 
 
@@ -196,6 +219,7 @@ class VLLMBackend:
             _LOADED[id(_ENGINES[key])] = self.model_path
         self.llm = _ENGINES[key]
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = max_model_len
         self._label_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
 
     def load_weights(self, model: str | Path, model_name: str | None = None) -> None:
@@ -277,6 +301,91 @@ class VLLMBackend:
             )
         return scores
 
+    def response_tokens(self, chat: Chat) -> ResponseTokens:
+        """The chat's token ids up to the end-of-turn token, and where the response sits."""
+        if not chat or chat[-1]["role"] != "assistant":
+            raise ValueError("score_sequences needs chats that end with an assistant message")
+
+        def render(messages: Chat, **kwargs: bool) -> str:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+
+        return split_response(
+            render(chat[:-1], add_generation_prompt=True),
+            render(chat, add_generation_prompt=False, continue_final_message=True),
+            render(chat, add_generation_prompt=False),
+            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+        )
+
+    def score_sequences(self, chats: Sequence[Chat]) -> list[SequenceScore | None]:
+        from vllm import SamplingParams
+
+        self._ensure_loaded()
+        located = [self.response_tokens(chat) for chat in chats]
+        # A chat the engine cannot hold is None (missing), not an error for the whole batch.
+        fits = [i for i, r in enumerate(located) if len(r.token_ids) + 1 <= self.max_model_len]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": located[i].token_ids} for i in fits], params, use_tqdm=False
+        )
+        scores: list[SequenceScore | None] = [None] * len(chats)
+        for i, output in zip(fits, outputs, strict=True):
+            ids, found = located[i].token_ids, output.prompt_logprobs or []
+            logprobs = [
+                getattr((at or {}).get(token), "logprob", None)
+                for at, token in zip(found, ids, strict=False)
+            ]
+            scores[i] = located[i].score(logprobs)
+        return scores
+
+
+@dataclass(frozen=True)
+class ResponseTokens:
+    """A chat's token ids; the response is ``token_ids[start:end]``, and the template's
+    end-of-turn token, when it writes one, is ``token_ids[end]`` (the last id)."""
+
+    token_ids: list[int]
+    start: int
+    end: int
+
+    def score(self, token_logprobs: Sequence[float | None]) -> SequenceScore | None:
+        """Sum ``token_logprobs[i]`` = log p(token_ids[i] | ids before it) over the response."""
+        values = token_logprobs[self.start : len(self.token_ids)]
+        if len(values) < len(self.token_ids) - self.start or any(
+            v is None or math.isnan(v) for v in values
+        ):
+            return None
+        has_end = len(self.token_ids) > self.end
+        return SequenceScore(
+            logprob=math.fsum(values[: self.end - self.start]),  # type: ignore[arg-type]
+            num_tokens=self.end - self.start,
+            end_logprob=values[-1] if has_end else None,
+        )
+
+
+def split_response(
+    prefix: str, body: str, full: str, encode: Callable[[str], list[int]]
+) -> ResponseTokens:
+    """Token ids of ``full`` cut after its end-of-turn token, with the response located.
+
+    ``prefix`` is the chat before the response with the assistant turn opened,
+    ``body`` that plus the response, ``full`` the whole rendered chat. When
+    tokenizing ``full`` in one piece keeps the pieces' boundaries, those tokens are
+    used; when a token straddles a boundary, each piece is tokenized on its own and
+    the ids are joined, so every scored position belongs to the response alone.
+    """
+    if not (body.startswith(prefix) and full.startswith(body)):
+        raise ValueError(
+            "the chat template does not render the response after the opened assistant "
+            "turn; score_sequences cannot tell which tokens are the response"
+        )
+    prefix_ids, body_ids, full_ids = encode(prefix), encode(body), encode(full)
+    whole = body_ids[: len(prefix_ids)] == prefix_ids and full_ids[: len(body_ids)] == body_ids
+    if not whole:
+        body_ids = prefix_ids + encode(body[len(prefix) :])
+        full_ids = body_ids + encode(full[len(body) :])
+    end = len(body_ids)
+    return ResponseTokens(full_ids[: end + 1], len(prefix_ids), end)
+
 
 class OpenAIBackend:
     """Any OpenAI-compatible chat server (e.g. vLLM's), with bounded concurrency and retries.
@@ -311,12 +420,12 @@ class OpenAIBackend:
             timeout=timeout_s,
         )
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, body: dict, url: str = "/chat/completions") -> dict:
         import httpx
 
         for attempt in range(self.max_retries + 1):
             try:
-                response = self.client.post("/chat/completions", json=body)
+                response = self.client.post(url, json=body)
                 if response.status_code < 500 and response.status_code != 429:
                     response.raise_for_status()
                     return response.json()
@@ -395,3 +504,66 @@ class OpenAIBackend:
                 }
             )
         return scores
+
+    def score_sequences(self, chats: Sequence[Chat]) -> list[SequenceScore | None]:
+        """vLLM's server only: its ``/tokenize`` locates the response, and a chat request
+        with ``prompt_logprobs=0`` returns every prompt token's log-prob.
+
+        Three requests per chat (two tokenizations, one prefill). A chat whose template
+        merges a token across the response's edges cannot be split by the server and
+        scores None, as does a reply without prompt log-probs.
+        """
+        for chat in chats:
+            if not chat or chat[-1]["role"] != "assistant":
+                raise ValueError("score_sequences needs chats that end with an assistant message")
+        prefixes = self._map_tokenize(
+            [{"messages": list(c[:-1]), "add_generation_prompt": True} for c in chats]
+        )
+        bodies = self._map_tokenize(
+            [
+                {"messages": list(c), "add_generation_prompt": False,
+                 "continue_final_message": True}
+                for c in chats
+            ]
+        )  # fmt: skip
+        replies = self._map(
+            [
+                {
+                    "model": self.model,
+                    "messages": list(chat),
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "add_generation_prompt": False,
+                    "prompt_logprobs": 0,
+                    "return_token_ids": True,
+                }
+                for chat in chats
+            ]
+        )
+        return [
+            _served_score(prefix, body, reply)
+            for prefix, body, reply in zip(prefixes, bodies, replies, strict=True)
+        ]
+
+    def _map_tokenize(self, bodies: list[dict]) -> list[list[int]]:
+        # /tokenize sits at the server's root, beside /v1.
+        root = str(self.client.base_url).rstrip("/").removesuffix("/v1")
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            replies = pool.map(
+                lambda body: self._post({"model": self.model, **body}, f"{root}/tokenize"),
+                bodies,
+            )
+            return [reply["tokens"] for reply in replies]
+
+
+def _served_score(prefix: list[int], body: list[int], reply: dict) -> SequenceScore | None:
+    """A served chat's score, when its prompt tokens extend the prefix and body tokens."""
+    full, found = reply.get("prompt_token_ids"), reply.get("prompt_logprobs")
+    if not full or not found or body[: len(prefix)] != prefix or full[: len(body)] != body:
+        return None
+    logprobs = [
+        (at or {}).get(str(token), {}).get("logprob")
+        for at, token in zip(found, full, strict=False)
+    ]
+    located = ResponseTokens(full[: len(body) + 1], len(prefix), len(body))
+    return located.score(logprobs)

@@ -2,31 +2,52 @@
 
 Each eval prompt gets one response from the candidate and one from the
 baseline; the judge compares them in both orders under one sampled principle
-(the same protocol as the preference data), and the win rate carries a Wilson
-score interval so a promotion gate can use its lower bound. Checked principles
-give violation rates without a model; the KL to the baseline is estimated from
-the candidate's own samples.
+(the same protocol as the preference data). The metrics are built so that a
+collapsed candidate cannot pass as a good one:
+
+- ``win_rate`` (Wilson interval) counts a model-judged comparison whose two
+  orders disagree as a tie: the judge then preferred a position, not a response.
+- ``lc_win_rate`` is the win rate at equal length (AlpacaEval-LC): a judge that
+  rewards length alone gives 0.5, however long the candidate became.
+- ``kl`` is the exact KL(candidate ‖ baseline) between both models' full
+  next-token distributions at the sampling temperature, summed over the
+  candidate's own eval responses: ≥ 0 by construction.
+- ``degenerate/*`` counts empty, very short, repetitive and unfinished answers,
+  which a judge or a check may not notice.
+- Checked principles give violation rates without a model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.constitution import Constitution
 from alignment.judge import Judgment
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_prompts: int = Field(64, gt=0, description="Eval-split prompts used (first N).")
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature of both models.")
+    temperature: float = Field(
+        0.7,
+        ge=0.0,
+        description="Sampling temperature of both models; the KL is measured at it too.",
+    )
     max_tokens: int = Field(64, gt=0, description="Token budget of each eval response.")
-    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the Wilson interval.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the intervals.")
+    min_words: int = Field(
+        3, ge=1, description="A response with fewer words counts as degenerate/short."
+    )
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,13 @@ class Metric:
     n: int
     ci_low: float | None = None
     ci_high: float | None = None
+
+
+def mean_metric(name: str, values: Sequence[float]) -> list[Metric]:
+    return [Metric(name, sum(values) / len(values), len(values))] if values else []
+
+
+# --- Win rates -----------------------------------------------------------------------------
 
 
 def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -61,10 +89,32 @@ def _normal_quantile(q: float) -> float:
     return (low + high) / 2
 
 
+def _position_biased(j: Judgment) -> bool:
+    """A model-judged comparison whose two orders picked different responses."""
+    return j.mode != "checks" and j.position_consistent is False
+
+
+def _win(j: Judgment) -> float:
+    """1 win, 1/2 tie, 0 loss for side A; a position-biased answer is a tie, not a win."""
+    if _position_biased(j):
+        return 0.5
+    assert j.p_a is not None
+    return 1.0 if j.p_a > 0.5 else 0.5 if j.p_a == 0.5 else 0.0
+
+
+def _ok(judgments: Sequence[Judgment]) -> list[Judgment]:
+    return [j for j in judgments if j.status == "ok" and j.p_a is not None]
+
+
 def win_rate(judgments: Sequence[Judgment], confidence: float = 0.95) -> list[Metric]:
-    """Candidate is side A of every comparison: win 1, tie 1/2, loss 0, over ok judgments."""
-    ok = [j for j in judgments if j.status == "ok" and j.p_a is not None]
-    wins = sum(1.0 if j.p_a > 0.5 else 0.5 if j.p_a == 0.5 else 0.0 for j in ok)
+    """Candidate is side A of every comparison: win 1, tie 1/2, loss 0, over ok judgments.
+
+    A judge that always names the first option answers "A" in one order and "B" in
+    the other; counted at face value its p_a would still lean to one side, so every
+    position-inconsistent comparison counts as a tie (an always-"A" judge gives 0.5).
+    """
+    ok = _ok(judgments)
+    wins = sum(_win(j) for j in ok)
     low, high = wilson_interval(wins, len(ok), confidence)
     model_judged = [j for j in ok if j.mode != "checks"]
     consistent = sum(bool(j.position_consistent) for j in model_judged)
@@ -78,6 +128,68 @@ def win_rate(judgments: Sequence[Judgment], confidence: float = 0.95) -> list[Me
         ),
         Metric("judge_not_ok", float(len(judgments) - len(ok)), len(judgments)),
     ]
+
+
+# L2 on the length slope only: keeps the fit finite when the judge separates the
+# comparisons by length exactly (then the slope would run off to infinity) or when every
+# length difference is 0. Small enough that a pure length preference still fits to ~0.5.
+LC_SLOPE_L2 = 1e-3
+
+
+def lc_win_rate(
+    judgments: Sequence[Judgment],
+    lengths: Mapping[str, int],
+    confidence: float = 0.95,
+    resamples: int = 500,
+    seed: int = 0,
+) -> list[Metric]:
+    """Length-controlled win rate (AlpacaEval-LC): the win rate at equal response length.
+
+    Per ok comparison: the soft outcome y = p_a (a position-biased comparison y = 1/2)
+    and z = (len_A − len_B) / sd over the eval (sd 0 → z = 0), lengths in tokens from
+    ``lengths`` (response id → tokens). Fit y ~ σ(θ0 + θ1 z) by cross-entropy with soft
+    targets; the metric is σ(θ0), the prediction at zero length difference. Its interval
+    is the percentile interval of a seeded bootstrap over comparisons, so it repeats.
+    """
+    ok = [j for j in _ok(judgments) if j.response_b_id is not None]
+    if not ok:
+        return []
+    y = np.array([0.5 if _position_biased(j) else j.p_a for j in ok], dtype=float)
+    diff = np.array([lengths[j.response_a_id] - lengths[str(j.response_b_id)] for j in ok], float)
+    sd = diff.std()
+    z = diff / sd if sd > 0 else np.zeros_like(diff)
+    draws = np.random.default_rng(seed).integers(0, len(ok), size=(resamples, len(ok)))
+    boot = np.array([_fit_at_zero_length(y[d], z[d]) for d in draws])
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return [Metric("lc_win_rate", _fit_at_zero_length(y, z), len(ok), float(low), float(high))]
+
+
+def _fit_at_zero_length(y: np.ndarray, z: np.ndarray) -> float:
+    """σ(θ0) of the soft-target logistic regression y ~ σ(θ0 + θ1 z), by damped Newton."""
+    x = np.column_stack([np.ones_like(z), z])
+    l2 = np.array([0.0, LC_SLOPE_L2])
+
+    def loss(theta: np.ndarray) -> float:
+        eta = x @ theta
+        return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * l2 @ theta**2)
+
+    theta = np.zeros(2)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(x @ theta)))
+        grad = x.T @ (p - y) + l2 * theta
+        # The 1e-9 keeps the Hessian invertible when every prediction saturates (all y = 1).
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + np.diag(l2 + 1e-9)
+        step = np.linalg.solve(hessian, grad)
+        scale = 1.0
+        while loss(theta - scale * step) > loss(theta) and scale > 1e-6:
+            scale /= 2
+        theta = theta - scale * step
+        if np.max(np.abs(scale * step)) < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-theta[0])))
+
+
+# --- Checks and degenerate output -----------------------------------------------------------
 
 
 def violation_rates(
@@ -101,42 +213,172 @@ def violation_rates(
     return metrics
 
 
-def mean_metric(name: str, values: Sequence[float]) -> list[Metric]:
-    return [Metric(name, sum(values) / len(values), len(values))] if values else []
+def is_repetitive(text: str) -> bool:
+    """Looping output: ≥ 8 words whose distinct word 3-grams are under half of all 3-grams,
+    or ≥ 3 words that are all the same word. Words are whitespace-split, lower-cased."""
+    words = text.lower().split()
+    if len(words) >= 3 and len(set(words)) == 1:
+        return True
+    if len(words) < 8:
+        return False
+    grams = list(zip(words, words[1:], words[2:], strict=False))
+    return len(set(grams)) / len(grams) < 0.5
 
 
-def sequence_logprobs(
-    model_path: str,
+def degenerate_rates(
+    texts: Sequence[str], finish_reasons: Sequence[str], min_words: int = 3, prefix: str = ""
+) -> list[Metric]:
+    """Shares of collapsed answers, which neither a judge nor a check is sure to notice.
+
+    ``degenerate/empty``: nothing but whitespace; ``degenerate/short``: fewer than
+    ``min_words`` words (empty included); ``degenerate/repetitive``: see is_repetitive;
+    ``degenerate/no_stop``: cut off by the token budget (finish_reason "length");
+    ``degenerate_rate``: empty, short or repetitive (an unfinished answer may be fine).
+    """
+    if not texts:
+        return []
+    n = len(texts)
+    empty = [not t.strip() for t in texts]
+    short = [len(t.split()) < min_words for t in texts]
+    repetitive = [is_repetitive(t) for t in texts]
+    no_stop = [reason == "length" for reason in finish_reasons]
+    if len(no_stop) != n:
+        raise ValueError(f"{n} responses but {len(no_stop)} finish reasons")
+    any_bad = [e or s or r for e, s, r in zip(empty, short, repetitive, strict=True)]
+    return [
+        Metric(f"{prefix}degenerate/empty", sum(empty) / n, n),
+        Metric(f"{prefix}degenerate/short", sum(short) / n, n),
+        Metric(f"{prefix}degenerate/repetitive", sum(repetitive) / n, n),
+        Metric(f"{prefix}degenerate/no_stop", sum(no_stop) / n, n),
+        Metric(f"{prefix}degenerate_rate", sum(any_bad) / n, n),
+    ]
+
+
+# --- KL to the baseline ---------------------------------------------------------------------
+
+
+def token_kl(
+    candidate_logits: torch.Tensor, baseline_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Exact KL(p_c ‖ p_b) per position, p = softmax(logits / T) over the whole vocabulary.
+
+    Both sides use the sampling temperature: the samples came from the candidate at T,
+    and scoring them at another T measures another pair of distributions (on main that
+    gave a KL of −53). T = 0 (greedy) has no sampling distribution; the KL is then taken
+    at T = 1 along the greedy responses. The sum runs in float64: float32 log-probs near
+    −10 carry rounding of ~1e-6, as large as the KLs this must tell from zero.
+    """
+    import torch
+
+    if candidate_logits.shape != baseline_logits.shape:
+        raise ValueError(
+            f"candidate and baseline logits differ in shape ({tuple(candidate_logits.shape)} "
+            f"vs {tuple(baseline_logits.shape)}): the models must share one tokenizer"
+        )
+    t = temperature or 1.0
+    log_p = torch.log_softmax(candidate_logits.double() / t, dim=-1)
+    log_q = torch.log_softmax(baseline_logits.double() / t, dim=-1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    if (kl < -1e-6).any():
+        raise RuntimeError(f"negative KL {kl.min().item():.3g} per token: a bug, not noise")
+    return kl.clamp(min=0.0)
+
+
+def sequence_kls(
+    candidate: Any,
+    baseline: Any,
+    tokenizer: Any,
     prompts: Sequence[str],
     responses: Sequence[str],
-    tokenizer_path: str | None = None,
-) -> list[float]:
-    """Sum of the response tokens' log-probs under a causal LM, one chat turn per prompt."""
+    stopped: Sequence[bool],
+    temperature: float,
+    batch_size: int = 4,
+    device: str = "cpu",
+) -> list[tuple[float, int]]:
+    """(KL summed over the response's positions, number of positions) per response.
+
+    The positions are those at which the candidate sampled: each response token, and the
+    stop token after them when the response stopped (a collapsed model's early stop is
+    where it differs most). The prompt is rendered with the chat template and tokenised
+    without special tokens, as vLLM saw it; the response is its stored text tokenised
+    again, which may split a word differently from the sample, but every position's KL
+    is still exact for the context it is given.
+    """
+    import torch
+
+    rows = [_chat_ids(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    results = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(head) + len(body) for head, body in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (head, body) in enumerate(batch):  # right padding: positions keep their ids
+            ids[i, : len(head) + len(body)] = torch.tensor(head + body)
+            mask[i, : len(head) + len(body)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            cand = candidate(input_ids=ids, attention_mask=mask).logits
+            base = baseline(input_ids=ids, attention_mask=mask).logits
+        for i, (head, body) in enumerate(batch):
+            # logits[k] predict token k + 1: the first response token is predicted at head - 1
+            end = len(head) + len(body) - 1 + int(stopped[start + i])
+            kl = token_kl(cand[i, len(head) - 1 : end], base[i, len(head) - 1 : end], temperature)
+            results.append((kl.sum().item(), kl.numel()))
+    return results
+
+
+def _chat_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    # The template writes its own BOS; tokenizing again must not add a second one.
+    return (
+        tokenizer.encode(head, add_special_tokens=False),
+        tokenizer.encode(response, add_special_tokens=False),
+    )
+
+
+def kl_to_baseline(
+    candidate_path: str,
+    baseline_path: str,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    stopped: Sequence[bool],
+    temperature: float,
+) -> list[tuple[float, int]]:
+    """sequence_kls with both checkpoints loaded by transformers (on the GPU if there is one).
+
+    Raises ValueError when the two checkpoints' tokenizers differ: a KL over token
+    distributions only means something over one shared vocabulary.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    model.eval()
-    totals = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        head = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    tokenizer = AutoTokenizer.from_pretrained(candidate_path)
+    if tokenizer.get_vocab() != AutoTokenizer.from_pretrained(baseline_path).get_vocab():
+        raise ValueError(
+            f"{candidate_path} and {baseline_path} have different tokenizers: the KL between "
+            "them is undefined; evaluate against a baseline of the same tokenizer"
         )
-        head_ids = tokenizer.encode(head, add_special_tokens=False)
-        body_ids = tokenizer.encode(response, add_special_tokens=False)
-        if not body_ids:
-            totals.append(0.0)
-            continue
-        ids = torch.tensor([head_ids + body_ids])
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(head_ids) - 1 : -1]
-        logps = torch.log_softmax(logits.float(), dim=-1)
-        totals.append(logps.gather(1, torch.tensor(body_ids)[:, None]).sum().item())
-    return totals
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    candidate, baseline = (
+        AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        for path in (candidate_path, baseline_path)
+    )
+    return sequence_kls(
+        candidate, baseline, tokenizer, prompts, responses, stopped, temperature, device=device
+    )
 
 
-def kl_estimate(candidate_logps: Sequence[float], baseline_logps: Sequence[float]) -> list[Metric]:
-    """KL(candidate || baseline) per sequence, from the candidate's own samples (k1)."""
-    diffs = [c - b for c, b in zip(candidate_logps, baseline_logps, strict=True)]
-    return mean_metric("kl", diffs)
+def kl_metrics(per_sequence: Sequence[tuple[float, int]]) -> list[Metric]:
+    """``kl``: mean KL per response (nats); ``kl_per_token``: total KL / total positions."""
+    if not per_sequence:
+        return []
+    total = sum(kl for kl, _ in per_sequence)
+    positions = sum(n for _, n in per_sequence)
+    return [
+        Metric("kl", total / len(per_sequence), len(per_sequence)),
+        Metric("kl_per_token", total / positions if positions else 0.0, positions),
+    ]

@@ -10,13 +10,27 @@ From each order only the two labels' log-probs are kept and normalised:
     position_consistent = (P1 > 0.5) == (P2 > 0.5)
 
 Chain-of-thought mode generates a rationale first and clamps P1 and P2 to
-``cot_clamp`` before averaging (CAI §4.3). A principle with ``checks`` is
-decided by the checks, without a model call. Refusals, unparseable answers and
-missing log-probs are statuses of their own and never become preferences.
+``cot_clamp`` before averaging (CAI §4.3).
+
+Contrast mode asks no question (SAMI, RLCD): each response's Δ is its
+log-likelihood under a system prompt that states the principle minus its
+log-likelihood under a neutral one (or one asking for the opposite), and
+
+    p_a_first = p_a_second = p_a = σ((Δ_A − Δ_B) / contrast_tau)
+
+with no option order, so no position bias. Likelihood mode is its baseline
+without the principle (each response's mean log-likelihood per token), and
+ensemble mode averages the contrast log-odds with the A/B question's log-odds.
+
+A principle with ``checks`` is decided by the checks, without a model call.
+Refusals, unparseable answers and missing log-probs are statuses of their own and
+never become preferences. Which mode is worth what on a 135M judge is measured in
+docs/judging.md.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,11 +40,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.backends import Backend, Chat, SamplingConfig, logsumexp
+from alignment.backends import Backend, Chat, SamplingConfig, SequenceScore, logsumexp
 from alignment.constitution import Constitution, Principle
 from alignment.ids import content_id
 from alignment.templates import (
     LABELS,
+    NEUTRAL_SYSTEM,
+    conditioned_chat,
+    contrast_systems,
     cot_answer_chat,
     pairwise_cot_chat,
     pairwise_judge_chat,
@@ -38,7 +55,8 @@ from alignment.templates import (
 )
 
 Status = Literal["ok", "refusal", "unparseable", "missing_logprobs"]
-Mode = Literal["pairwise", "cot", "checks", "pointwise"]
+# How one judgment was made (the store's ``judgments.mode``).
+Mode = Literal["pairwise", "cot", "checks", "pointwise", "contrast", "likelihood", "ensemble"]
 LabelLogprobs = Mapping[str, float | None]
 
 DROP_REASONS = (
@@ -63,18 +81,27 @@ REFUSAL_PATTERN = re.compile(
 class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["logprob", "cot"] = Field(
-        "logprob",
-        description="logprob: read the label log-probs right after the question. "
-        "cot: generate a rationale first, then read them; probabilities are clamped "
-        "to cot_clamp (CAI §4.3).",
+    mode: Literal["logprob", "cot", "contrast", "likelihood", "ensemble"] = Field(
+        "contrast",
+        description="logprob: ask which response follows the principle, (A) or (B), in "
+        "both orders and read the label log-probs. cot: generate a rationale first, then "
+        "read them; probabilities are clamped to cot_clamp (CAI §4.3). contrast: no "
+        "question; each response's likelihood under the principle against without it "
+        "(see contrast_negative), p_a = σ((Δ_A − Δ_B)/contrast_tau); no position bias. "
+        "likelihood: the baseline without any principle, each response's mean "
+        "log-likelihood per token. ensemble: the mean of the contrast log-odds and the "
+        "A/B question's log-odds (scaled by ensemble_ab_scale). contrast is the default: "
+        "the most accurate mode on SmolLM2-135M whose labels have no position bias; "
+        "ensemble is more accurate still, but each of its orders is position-biased "
+        "(docs/judging.md).",
     )
     pair_strategy: Literal["all_pairs", "best_vs_worst"] = Field(
         "all_pairs",
         description="all_pairs: compare every pair of a prompt's responses (n(n-1)/2 "
         "comparisons). best_vs_worst: score each response pointwise, then compare "
-        "the best with the worst (n + 1). Pointwise scores always read log-probs, "
-        "even in cot mode.",
+        "the best with the worst (n + 1). Pointwise scores read the yes/no question's "
+        "log-probs in logprob and cot modes, and σ(Δ/contrast_tau) in contrast, "
+        "likelihood and ensemble modes.",
     )
     min_confidence: float = Field(
         0.55,
@@ -94,6 +121,37 @@ class JudgeConfig(BaseModel):
         description="If P(A) + P(B) under the full next-token distribution is below "
         "this in either order, the answer is 'unparseable' (the judge wanted to "
         "say something else).",
+    )
+    few_shot: bool = Field(
+        False,
+        description="Show two solved example questions (one answered (A), one (B)) "
+        "before each A/B question (logprob, cot and ensemble modes). On SmolLM2-135M "
+        "they lift the both-orders accuracy from about 0.5 to about 0.7, though each "
+        "single order still favours one position.",
+    )
+    contrast_tau: float = Field(
+        3.0,
+        gt=0.0,
+        description="Temperature of the contrast label σ((Δ_A − Δ_B)/τ), in nats. 3 "
+        "minimises the gold set's log loss for SmolLM2-135M (Δ sums over the "
+        "response's tokens, so longer responses move it more).",
+    )
+    contrast_negative: Literal["neutral", "opposite"] = Field(
+        "neutral",
+        description="What the principle-conditioned likelihood is contrasted with. "
+        "neutral: the same system prompt without the principle (the pointwise mutual "
+        "information of principle and response, as in SAMI). opposite: a system prompt "
+        "asking for the opposite (RLCD's negative prompt); a small model reads the "
+        "opposite's words, not its negation, and scores near chance.",
+    )
+    ensemble_ab_scale: float = Field(
+        8.0,
+        gt=0.0,
+        description="ensemble mode: the A/B question's log-odds, averaged over both "
+        "orders, are multiplied by this before being averaged with the contrast "
+        "log-odds. A small judge's A/B log-odds are tiny once the position bias "
+        "cancels; 8 minimises the gold set's log loss of the few-shot A/B question "
+        "for SmolLM2-135M in float32 (as contrast_tau does for the contrast).",
     )
     cot_max_tokens: int = Field(128, gt=0, description="Token budget of a cot rationale.")
     cot_temperature: float = Field(
@@ -151,9 +209,22 @@ class Judgment:
     option_mass: float | None  # min over both orders; None when unknown
     status: Status
     rationale: str | None  # cot only: both orders' rationales
+    delta_a: float | None = None  # contrast: response A's log-likelihood ratio Δ
+    delta_b: float | None = None
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One question to the judge: is ``a`` or ``b`` the better answer to ``prompt``
+    under ``principle``? The principle is given, not sampled."""
+
+    prompt: str
+    a: str
+    b: str
+    principle: Principle
 
 
 @dataclass(frozen=True)
@@ -191,7 +262,10 @@ class PairOutcome:
 
 @dataclass(frozen=True)
 class SoftLabel:
-    """What both orders of one question say; p fields are None unless status is ok."""
+    """What both orders of one question say; p fields are None unless status is ok.
+
+    Contrast labels have one order (p_a_first = p_a_second = p_a) and keep each
+    response's Δ; a pointwise label's p_a is P(response A follows the principle)."""
 
     status: Status
     p_a_first: float | None = None
@@ -199,6 +273,16 @@ class SoftLabel:
     p_a: float | None = None
     position_consistent: bool | None = None
     option_mass: float | None = None
+    delta_a: float | None = None
+    delta_b: float | None = None
+
+
+def sigmoid(z: float) -> float:
+    """1 / (1 + e^-z) without overflow for large |z|."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 def normalised(logp: float, other_logp: float) -> float:
@@ -241,6 +325,69 @@ def read_soft_label(
     )
 
 
+def sequence_total(score: SequenceScore, per_token: bool = False) -> float:
+    """A response's log-likelihood, its end-of-turn token included (deciding to stop
+    is part of the response: it is what makes a short answer short); ``per_token``
+    divides by the tokens counted."""
+    has_end = score.end_logprob is not None
+    total = score.logprob + (score.end_logprob if has_end else 0.0)
+    return total / max(score.num_tokens + has_end, 1) if per_token else total
+
+
+def read_contrast(
+    delta_a: float | None, delta_b: float | None, tau: float, *, pointwise: bool = False
+) -> SoftLabel:
+    """σ((Δ_A − Δ_B)/τ), or σ(Δ_A/τ) for a pointwise score: P(A follows the principle)
+    when each Δ is a log-likelihood ratio of following it. There is no option order."""
+    if delta_a is None or (not pointwise and delta_b is None):
+        return SoftLabel("missing_logprobs", delta_a=delta_a, delta_b=delta_b)
+    z = delta_a / tau if pointwise else (delta_a - delta_b) / tau  # type: ignore[operator]
+    p = sigmoid(z)
+    return SoftLabel("ok", p, p, p, True, None, delta_a, None if pointwise else delta_b)
+
+
+def read_ensemble(
+    contrast: SoftLabel,
+    first: LabelLogprobs,
+    second: LabelLogprobs,
+    *,
+    tau: float,
+    ab_scale: float,
+    min_option_mass: float = 0.0,
+) -> SoftLabel:
+    """Average the contrast log-odds z_c = (Δ_A − Δ_B)/τ with the A/B question's, in logit
+    space where a constant position bias cancels between the orders:
+
+        l1 = logit(P1), l2 = logit(P2), s = ab_scale
+        p_a_first = σ((z_c + s·l1)/2), p_a_second = σ((z_c + s·l2)/2)
+        p_a = σ((z_c + s·(l1 + l2)/2) / 2)
+    """
+    if contrast.status != "ok" or contrast.delta_a is None or contrast.delta_b is None:
+        return contrast
+    asked = read_soft_label(first, second, min_option_mass=min_option_mass)
+    if asked.status != "ok" or asked.p_a_first is None or asked.p_a_second is None:
+        return SoftLabel(asked.status, option_mass=asked.option_mass,
+                         delta_a=contrast.delta_a, delta_b=contrast.delta_b)  # fmt: skip
+    z_c = (contrast.delta_a - contrast.delta_b) / tau
+    l1, l2 = (ab_scale * _logit(p) for p in (asked.p_a_first, asked.p_a_second))
+    p1, p2 = sigmoid((z_c + l1) / 2), sigmoid((z_c + l2) / 2)
+    return SoftLabel(
+        status="ok",
+        p_a_first=p1,
+        p_a_second=p2,
+        p_a=sigmoid((z_c + (l1 + l2) / 2) / 2),
+        position_consistent=(p1 > 0.5) == (p2 > 0.5),
+        option_mass=asked.option_mass,
+        delta_a=contrast.delta_a,
+        delta_b=contrast.delta_b,
+    )
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p) - math.log1p(-p)
+
+
 def rationale_status(rationale: str) -> Status:
     """A cot rationale that is empty or a refusal is never read as a preference."""
     if not rationale.strip():
@@ -265,6 +412,210 @@ def decide_by_checks(principle: Principle, a_text: str, b_text: str | None) -> S
 
 
 @dataclass(frozen=True)
+class _Ask:
+    """One comparison (b set) or one pointwise score (b None), as the model sees it."""
+
+    prompt: str
+    a: str
+    b: str | None
+    principle: Principle
+
+
+@dataclass(frozen=True)
+class _Answer:
+    label: SoftLabel
+    mode: Mode
+    rationale: str | None = None
+
+
+class _Likelihoods:
+    """Sequence scores, each distinct chat scored once per judge call: a response's
+    neutral chat is shared by every principle, and best_vs_worst's comparison reuses
+    the pointwise pass's chats."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.scores: dict[str, SequenceScore | None] = {}
+
+    def score(self, chats: Sequence[Chat]) -> list[SequenceScore | None]:
+        keys = [json.dumps(list(chat), sort_keys=True) for chat in chats]
+        missing = {k: chat for k, chat in zip(keys, chats, strict=True) if k not in self.scores}
+        if missing:  # one prefill batch for all of them
+            found = self.backend.score_sequences(list(missing.values()))
+            self.scores.update(zip(missing, found, strict=True))
+        return [self.scores[k] for k in keys]
+
+
+def _answer(
+    backend: Backend, asks: Sequence[_Ask], config: JudgeConfig, likelihoods: _Likelihoods
+) -> list[_Answer]:
+    """Checked principles are decided by their checks; the rest go to the model, batched."""
+    model_asks = [a for a in asks if not a.principle.checks]
+    answers = iter(_ask_model(backend, model_asks, config, likelihoods))
+    return [
+        _Answer(decide_by_checks(a.principle, a.a, a.b), "checks")
+        if a.principle.checks
+        else next(answers)
+        for a in asks
+    ]
+
+
+def _ask_model(
+    backend: Backend, asks: Sequence[_Ask], config: JudgeConfig, likelihoods: _Likelihoods
+) -> list[_Answer]:
+    """All asks are of one kind (pairwise or pointwise); the config's mode answers them."""
+    if not asks:
+        return []
+    pointwise = asks[0].b is None
+    if any((a.b is None) != pointwise for a in asks):
+        raise ValueError("one batch must be all comparisons or all pointwise scores")
+    if config.mode in ("contrast", "likelihood") or (config.mode == "ensemble" and pointwise):
+        mode: Mode = "likelihood" if config.mode == "likelihood" else "contrast"
+        return [_Answer(label, mode) for label in _contrast(asks, config, likelihoods)]
+    cot = config.mode == "cot" and not pointwise
+    first, second, rationales = _ask_both_orders(backend, asks, cot, config)
+    if config.mode == "ensemble":
+        contrast = _contrast(asks, config, likelihoods)
+        return [
+            _Answer(
+                read_ensemble(
+                    c,
+                    s1,
+                    s2,
+                    tau=config.contrast_tau,
+                    ab_scale=config.ensemble_ab_scale,
+                    min_option_mass=config.min_option_mass,
+                ),
+                "ensemble",
+            )
+            for c, s1, s2 in zip(contrast, first, second, strict=True)
+        ]
+    mode = "pointwise" if pointwise else ("cot" if cot else "pairwise")
+    clamp = config.cot_clamp if cot else None
+    labels = [
+        read_soft_label(s1, s2, min_option_mass=config.min_option_mass, clamp=clamp)
+        for s1, s2 in zip(first, second, strict=True)
+    ]
+    if rationales is None:
+        return [_Answer(label, mode) for label in labels]
+    answers = []
+    for label, (r1, r2) in zip(labels, rationales, strict=True):
+        label, rationale = _with_rationales(label, r1, r2)
+        answers.append(_Answer(label, mode, rationale))
+    return answers
+
+
+def _contrast(
+    asks: Sequence[_Ask], config: JudgeConfig, likelihoods: _Likelihoods
+) -> list[SoftLabel]:
+    """Each response's Δ from one batch of sequence scores, then σ((Δ_A − Δ_B)/τ).
+
+    contrast: Δ = log p(r | x, principle) − log p(r | x, neutral or opposite);
+    likelihood: Δ = mean log p(r | x, neutral) per token (no principle at all).
+    """
+    texts = [(a, text) for a in asks for text in ([a.a] if a.b is None else [a.a, a.b])]
+    if config.mode == "likelihood":
+        chats = [[conditioned_chat(NEUTRAL_SYSTEM, a.prompt, text)] for a, text in texts]
+    else:
+        chats = []
+        for a, text in texts:
+            follow, other = contrast_systems(a.principle.text, config.contrast_negative)
+            chats.append([conditioned_chat(s, a.prompt, text) for s in (follow, other)])
+    flat = likelihoods.score([chat for group in chats for chat in group])
+    deltas, at = [], 0
+    for group in chats:
+        scores, at = flat[at : at + len(group)], at + len(group)
+        deltas.append(_delta(scores))
+    labels, at = [], 0
+    for a in asks:
+        if a.b is None:
+            labels.append(read_contrast(deltas[at], None, config.contrast_tau, pointwise=True))
+            at += 1
+        else:
+            labels.append(read_contrast(deltas[at], deltas[at + 1], config.contrast_tau))
+            at += 2
+    return labels
+
+
+def _delta(scores: Sequence[SequenceScore | None]) -> float | None:
+    """Follow minus other (two scores), or the mean per token (one: likelihood mode)."""
+    if any(s is None for s in scores):
+        return None
+    if len(scores) == 1:
+        return sequence_total(scores[0], per_token=True)  # type: ignore[arg-type]
+    follow, other = scores
+    return sequence_total(follow) - sequence_total(other)  # type: ignore[arg-type]
+
+
+def _question_chats(ask: _Ask, cot: bool, config: JudgeConfig) -> tuple[Chat, Chat]:
+    """The A/B question in order 1 and order 2 (pointwise: "yes" shown as (A), then (B))."""
+    text, prompt, a = ask.principle.text, ask.prompt, ask.a
+    if ask.b is None:
+        return (
+            pointwise_judge_chat(text, prompt, a, yes_label="A"),
+            pointwise_judge_chat(text, prompt, a, yes_label="B"),
+        )
+    b = ask.b
+    if cot:
+        return pairwise_cot_chat(text, prompt, a, b), pairwise_cot_chat(text, prompt, b, a)
+    shots = config.few_shot
+    return (
+        pairwise_judge_chat(text, prompt, a, b, shots=shots),
+        pairwise_judge_chat(text, prompt, b, a, shots=shots),
+    )
+
+
+def _ask_both_orders(
+    backend: Backend, asks: Sequence[_Ask], cot: bool, config: JudgeConfig
+) -> tuple[list[LabelLogprobs], list[LabelLogprobs], list[tuple[str, str]] | None]:
+    """Label log-probs of every order-1 chat in one batch, then every order-2 chat."""
+    both = [_question_chats(a, cot, config) for a in asks]
+    first, rationales_1 = _score_one_order(backend, [c[0] for c in both], cot, config)
+    second, rationales_2 = _score_one_order(backend, [c[1] for c in both], cot, config)
+    if rationales_1 is None or rationales_2 is None:
+        return first, second, None
+    return first, second, list(zip(rationales_1, rationales_2, strict=True))
+
+
+def _score_one_order(
+    backend: Backend, chats: list[Chat], cot: bool, config: JudgeConfig
+) -> tuple[list[LabelLogprobs], list[str] | None]:
+    """One score_options call for the whole batch (cot: one generate call first)."""
+    if not cot:
+        return backend.score_options(chats, LABELS), None
+    sampling = SamplingConfig(
+        n=1, temperature=config.cot_temperature, max_tokens=config.cot_max_tokens, seed=config.seed
+    )
+    rationales = [completions[0].text for completions in backend.generate(chats, sampling)]
+    answer_chats = [cot_answer_chat(c, r) for c, r in zip(chats, rationales, strict=True)]
+    return backend.score_options(answer_chats, LABELS), rationales
+
+
+def _with_rationales(label: SoftLabel, first: str, second: str) -> tuple[SoftLabel, str]:
+    """A refused or empty rationale in either order overrides what the labels say."""
+    statuses = [rationale_status(first), rationale_status(second)]
+    status = next((s for s in statuses if s != "ok"), "ok")
+    if status != "ok":
+        label = SoftLabel(status, option_mass=label.option_mass)
+    return label, first.strip() + RATIONALE_SEPARATOR + second.strip()
+
+
+def judge_comparisons(
+    backend: Backend, comparisons: Sequence[Comparison], config: JudgeConfig
+) -> list[SoftLabel]:
+    """P(a is better) for each comparison under its given principle, in the config's mode.
+
+    A principle with checks is decided by them. Everything else is batched: one
+    backend call per order of the A/B question, one call for all sequence scores.
+    """
+    asks = [_Ask(c.prompt, c.a, c.b, c.principle) for c in comparisons]
+    return [answer.label for answer in _answer(backend, asks, config, _Likelihoods(backend))]
+
+
+# --- Judging a run's candidates ---------------------------------------------------
+
+
+@dataclass(frozen=True)
 class _Question:
     """One comparison (b set) or one pointwise score (b None) under one principle."""
 
@@ -284,70 +635,24 @@ def _pointwise(constitution: Constitution, a: Candidate, seed: int) -> _Question
     return _Question(a, None, constitution.sample_principle(key, seed))
 
 
-def _chats(question: _Question, cot: bool) -> tuple[Chat, Chat]:
-    """The question in order 1 and order 2."""
-    text, prompt, a = question.principle.text, question.a.prompt, question.a.text
-    if question.b is None:
-        return (
-            pointwise_judge_chat(text, prompt, a, yes_label="A"),
-            pointwise_judge_chat(text, prompt, a, yes_label="B"),
-        )
-    b = question.b.text
-    template = pairwise_cot_chat if cot else pairwise_judge_chat
-    return template(text, prompt, a, b), template(text, prompt, b, a)
-
-
-def _score_one_order(
-    backend: Backend, chats: list[Chat], cot: bool, config: JudgeConfig
-) -> tuple[list[LabelLogprobs], list[str] | None]:
-    """One score_options call for the whole batch (cot: one generate call first)."""
-    if not cot:
-        return backend.score_options(chats, LABELS), None
-    sampling = SamplingConfig(
-        n=1, temperature=config.cot_temperature, max_tokens=config.cot_max_tokens, seed=config.seed
-    )
-    rationales = [completions[0].text for completions in backend.generate(chats, sampling)]
-    answer_chats = [cot_answer_chat(c, r) for c, r in zip(chats, rationales, strict=True)]
-    return backend.score_options(answer_chats, LABELS), rationales
-
-
-def _ask_model(
-    backend: Backend, questions: list[_Question], cot: bool, config: JudgeConfig
-) -> list[tuple[SoftLabel, str | None]]:
-    """Soft labels (and cot rationales): one batch for all order-1 chats, one for order 2."""
-    if not questions:
-        return []
-    both_orders = [_chats(q, cot) for q in questions]
-    chats_1, chats_2 = [c[0] for c in both_orders], [c[1] for c in both_orders]
-    scores_1, rationales_1 = _score_one_order(backend, chats_1, cot, config)
-    scores_2, rationales_2 = _score_one_order(backend, chats_2, cot, config)
-    clamp = config.cot_clamp if cot else None
-    labels = [
-        read_soft_label(s1, s2, min_option_mass=config.min_option_mass, clamp=clamp)
-        for s1, s2 in zip(scores_1, scores_2, strict=True)
-    ]
-    if rationales_1 is None or rationales_2 is None:
-        return [(label, None) for label in labels]
-    return [
-        _with_rationales(label, r1, r2)
-        for label, r1, r2 in zip(labels, rationales_1, rationales_2, strict=True)
-    ]
-
-
-def _with_rationales(label: SoftLabel, first: str, second: str) -> tuple[SoftLabel, str]:
-    """A refused or empty rationale in either order overrides what the labels say."""
-    statuses = [rationale_status(first), rationale_status(second)]
-    status = next((s for s in statuses if s != "ok"), "ok")
-    if status != "ok":
-        label = SoftLabel(status, option_mass=label.option_mass)
-    return label, first.strip() + RATIONALE_SEPARATOR + second.strip()
+def _label_settings(config: JudgeConfig) -> str | dict[str, Any]:
+    """The settings that decide a judgment's numbers, for its id; the bare mode when it
+    is the only one, so ids made before the other settings existed stay the same."""
+    settings: dict[str, Any] = {"mode": config.mode}
+    if config.mode in ("logprob", "cot", "ensemble") and config.few_shot:
+        settings["few_shot"] = True
+    if config.mode in ("contrast", "likelihood", "ensemble"):
+        settings["contrast_tau"] = config.contrast_tau
+    if config.mode in ("contrast", "ensemble"):
+        settings["contrast_negative"] = config.contrast_negative
+    if config.mode == "ensemble":
+        settings["ensemble_ab_scale"] = config.ensemble_ab_scale
+    return config.mode if len(settings) == 1 else settings
 
 
 def _judgment(
     question: _Question,
-    mode: Mode,
-    label: SoftLabel,
-    rationale: str | None,
+    answer: _Answer,
     constitution: Constitution,
     judge_model: str,
     config: JudgeConfig,
@@ -356,6 +661,7 @@ def _judgment(
     b_id = question.b.response_id if question.b is not None else None
     prompt_id, principle_id = question.a.prompt_id, question.principle.id
     constitution_id = constitution.constitution_id
+    label = answer.label
     return Judgment(
         judgment_id=content_id(
             "judgment",
@@ -365,8 +671,8 @@ def _judgment(
             principle_id,
             constitution_id,
             judge_model,
-            mode,
-            config.mode,
+            answer.mode,
+            _label_settings(config),
         ),
         prompt_id=prompt_id,
         response_a_id=a_id,
@@ -374,14 +680,16 @@ def _judgment(
         principle_id=principle_id,
         constitution_id=constitution_id,
         judge_model=judge_model,
-        mode=mode,
+        mode=answer.mode,
         p_a_first=label.p_a_first,
         p_a_second=label.p_a_second,
         p_a=label.p_a,
         position_consistent=label.position_consistent,
         option_mass=label.option_mass,
         status=label.status,
-        rationale=rationale,
+        rationale=answer.rationale,
+        delta_a=label.delta_a,
+        delta_b=label.delta_b,
     )
 
 
@@ -390,30 +698,18 @@ def _judge(
     constitution: Constitution,
     questions: list[_Question],
     config: JudgeConfig,
-    pairwise: bool,
+    likelihoods: _Likelihoods,
 ) -> list[Judgment]:
-    """Judge questions of one kind, in order: checked principles decide without the model,
-    the rest go to the model in one batch per order."""
-    cot = pairwise and config.mode == "cot"
-    model_mode: Mode = ("cot" if cot else "pairwise") if pairwise else "pointwise"
-    answers = iter(
-        _ask_model(backend, [q for q in questions if not q.principle.checks], cot, config)
-    )
-    judgments = []
-    for q in questions:
-        if q.principle.checks:
-            mode, label, rationale = "checks", _decide(q), None
-        else:
-            mode, (label, rationale) = model_mode, next(answers)
-        judgments.append(
-            _judgment(q, mode, label, rationale, constitution, backend.model_name, config)
-        )
-    return judgments
-
-
-def _decide(question: _Question) -> SoftLabel:
-    b_text = question.b.text if question.b is not None else None
-    return decide_by_checks(question.principle, question.a.text, b_text)
+    """Judge questions of one kind, in order (the same machinery as judge_comparisons)."""
+    asks = [
+        _Ask(q.a.prompt, q.a.text, q.b.text if q.b is not None else None, q.principle)
+        for q in questions
+    ]
+    answers = _answer(backend, asks, config, likelihoods)
+    return [
+        _judgment(q, answer, constitution, backend.model_name, config)
+        for q, answer in zip(questions, answers, strict=True)
+    ]
 
 
 def _best_vs_worst(
@@ -440,29 +736,32 @@ def judge_prompts(
     candidates_by_prompt: Mapping[str, Sequence[Candidate]],
     config: JudgeConfig,
 ) -> list[Judgment]:
-    """Judge each prompt's candidates; pointwise judgments (best_vs_worst) come first."""
-    seed = config.seed
+    """Judge each prompt's candidates; pointwise judgments (best_vs_worst) come first.
+
+    One principle is sampled per comparison (and per pointwise score) by weight.
+    """
+    seed, likelihoods = config.seed, _Likelihoods(backend)
     if config.pair_strategy == "all_pairs":
         comparisons = [
             _comparison(constitution, a, b, seed)
             for candidates in candidates_by_prompt.values()
             for a, b in combinations(candidates, 2)
         ]
-        return _judge(backend, constitution, comparisons, config, pairwise=True)
+        return _judge(backend, constitution, comparisons, config, likelihoods)
 
     singles = [
         _pointwise(constitution, c, seed)
         for candidates in candidates_by_prompt.values()
         for c in candidates
     ]
-    pointwise = _judge(backend, constitution, singles, config, pairwise=False)
+    pointwise = _judge(backend, constitution, singles, config, likelihoods)
     scores = {j.response_a_id: j.p_a for j in pointwise if j.status == "ok" and j.p_a is not None}
     comparisons = [
         q
         for candidates in candidates_by_prompt.values()
         if (q := _best_vs_worst(constitution, scores, candidates, seed)) is not None
     ]
-    return pointwise + _judge(backend, constitution, comparisons, config, pairwise=True)
+    return pointwise + _judge(backend, constitution, comparisons, config, likelihoods)
 
 
 # --- Pairs ------------------------------------------------------------------------

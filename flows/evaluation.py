@@ -1,6 +1,9 @@
 """Evaluate a candidate policy against a baseline on the eval split; write `evals` rows.
 
-Both models answer the same held-out prompts; every response and judgment is
+Both models answer the same held-out prompts. A model's eval response to a prompt
+has a content id (prompt, model, sampling settings), so a model evaluated again,
+e.g. a candidate against the incumbent and then against the starting model, reads
+its stored answers instead of sampling them again. Judgments and metrics are
 stored under the eval's own run id, so a win rate can be traced to the exact
 comparisons behind it.
 """
@@ -16,13 +19,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from alignment.backends import SamplingConfig
+from alignment.backends import Completion, SamplingConfig
 from alignment.constitution import load_constitution
 from alignment.evaluation import (
     Metric,
-    kl_estimate,
+    degenerate_rates,
+    kl_metrics,
+    kl_to_baseline,
+    lc_win_rate,
     mean_metric,
-    sequence_logprobs,
     violation_rates,
     win_rate,
 )
@@ -53,6 +58,71 @@ def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]
     )
     chats = [[{"role": "user", "content": p}] for p in prompts]
     return [c[0] for c in backend.generate(chats, sampling)]
+
+
+def _sampling_json(config: PipelineConfig) -> str:
+    """What determines an eval sample besides prompt and model (not e.g. max_prompts)."""
+    return json.dumps(
+        {
+            "temperature": config.eval.temperature,
+            "max_tokens": config.eval.max_tokens,
+            "seed": config.seed,
+        },
+        sort_keys=True,
+    )
+
+
+def _responses(
+    config: PipelineConfig,
+    store: Store,
+    run_id: str,
+    model: tuple[str, str],
+    prompt_ids: list[str],
+    texts: list[str],
+) -> tuple[list[str], list[Completion]]:
+    """(response ids, responses) of ``model`` (path, name) to every prompt: stored ones are
+    read back, only the missing are sampled and written under ``run_id``."""
+    path, name = model
+    sampling_json = _sampling_json(config)
+    ids = [content_id("response", pid, name, sampling_json, 0) for pid in prompt_ids]
+    stored = store.existing_keys("responses", ids)
+    missing = [i for i, rid in enumerate(ids) if rid not in stored]
+    found: dict[str, Completion] = {}
+    if missing:
+        fresh = _sample(config, path, name, [texts[i] for i in missing])
+        found |= {
+            ids[i]: Completion(c.text.strip(), c.finish_reason, c.num_tokens)
+            for i, c in zip(missing, fresh, strict=True)
+        }
+        store.write(
+            "responses",
+            [
+                {
+                    "response_id": ids[i],
+                    "prompt_id": prompt_ids[i],
+                    "run_id": run_id,
+                    "model": name,
+                    "text": found[ids[i]].text,
+                    "sample_index": 0,
+                    "finish_reason": found[ids[i]].finish_reason,
+                    "num_tokens": found[ids[i]].num_tokens,
+                    "sampling": sampling_json,
+                }
+                for i in missing
+            ],
+            run_id,
+        )
+    if stored:
+        rows = store.query(
+            "SELECT response_id, text, finish_reason, num_tokens FROM responses "
+            "WHERE response_id IN (SELECT unnest(?))",
+            [sorted(stored)],
+        )
+        found |= {
+            r["response_id"]: Completion(r["text"], r["finish_reason"], r["num_tokens"])
+            for r in rows
+        }
+    return ids, [found[rid] for rid in ids]
 
 
 @dataclass(frozen=True)
@@ -95,45 +165,14 @@ def evaluate_candidate(
     )
 
     texts = [p.text for p in prompts]
-    samples = {
-        "candidate": _sample(config, cand_path, cand_name, texts),
-        "baseline": _sample(config, base_path, base_name, texts),
-    }
-    models = {"candidate": cand_name, "baseline": base_name}
-    sampling_json = json.dumps(config.eval.model_dump() | {"seed": config.seed}, sort_keys=True)
-    response_ids = {
-        side: [content_id("response", pid, models[side], sampling_json, 0) for pid in prompt_ids]
-        for side in samples
-    }
-    store.write(
-        "responses",
-        [
-            {
-                "response_id": rid,
-                "prompt_id": pid,
-                "run_id": run_id,
-                "model": models[side],
-                "text": c.text.strip(),
-                "sample_index": 0,
-                "finish_reason": c.finish_reason,
-                "num_tokens": c.num_tokens,
-                "sampling": sampling_json,
-            }
-            for side in samples
-            for rid, pid, c in zip(response_ids[side], prompt_ids, samples[side], strict=True)
-        ],
-        run_id,
-    )
+    cand_ids, cand = _responses(config, store, run_id, (cand_path, cand_name), prompt_ids, texts)
+    base_ids, base = _responses(config, store, run_id, (base_path, base_name), prompt_ids, texts)
 
     # Judge: the candidate is always side A; both orders are asked inside judge_prompts.
     pairs = {
         pid: [
-            Candidate(
-                response_ids["candidate"][i], pid, texts[i], samples["candidate"][i].text.strip()
-            ),
-            Candidate(
-                response_ids["baseline"][i], pid, texts[i], samples["baseline"][i].text.strip()
-            ),
+            Candidate(cand_ids[i], pid, texts[i], cand[i].text),
+            Candidate(base_ids[i], pid, texts[i], base[i].text),
         ]
         for i, pid in enumerate(prompt_ids)
     }
@@ -142,17 +181,21 @@ def evaluate_candidate(
     judgments = judge_prompts(judge, constitution, pairs, judge_config)
     store.write("judgments", [j.to_row() | {"run_id": run_id} for j in judgments], run_id)
 
-    cand_texts = [c.text.strip() for c in samples["candidate"]]
-    base_texts = [c.text.strip() for c in samples["baseline"]]
-    cand_logps = sequence_logprobs(cand_path, texts, cand_texts)
-    base_logps = sequence_logprobs(base_path, texts, cand_texts)
+    cand_texts, base_texts = [c.text for c in cand], [c.text for c in base]
+    lengths = dict(zip(cand_ids + base_ids, [c.num_tokens for c in cand + base], strict=True))
+    stopped = [c.finish_reason == "stop" for c in cand]
+    kls = kl_to_baseline(cand_path, base_path, texts, cand_texts, stopped, config.eval.temperature)
+    min_words = config.eval.min_words
     metrics = [
         *win_rate(judgments, config.eval.confidence),
+        *lc_win_rate(judgments, lengths, config.eval.confidence, seed=config.seed),
         *violation_rates(constitution, cand_texts),
         *violation_rates(constitution, base_texts, prefix="baseline/"),
-        *mean_metric("length", [c.num_tokens for c in samples["candidate"]]),
-        *mean_metric("baseline/length", [c.num_tokens for c in samples["baseline"]]),
-        *kl_estimate(cand_logps, base_logps),
+        *degenerate_rates(cand_texts, [c.finish_reason for c in cand], min_words),
+        *degenerate_rates(base_texts, [c.finish_reason for c in base], min_words, "baseline/"),
+        *mean_metric("length", [c.num_tokens for c in cand]),
+        *mean_metric("baseline/length", [c.num_tokens for c in base]),
+        *kl_metrics(kls),
         *_reward_scores(store, reward_model, texts, cand_texts, base_texts),
     ]
     store.write(
@@ -226,5 +269,6 @@ def _record_run(
 def evaluate_flow(
     config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
 ) -> list[Metric]:
-    """Candidate vs baseline on the eval split: win rate, violations, length, KL, reward."""
+    """Candidate vs baseline on the eval split: win rates (raw and length-controlled),
+    check violations, degenerate output, length, KL at the sampling temperature, reward."""
     return evaluate_candidate(config, candidate, baseline, reward_model).metrics

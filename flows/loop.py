@@ -5,7 +5,9 @@ Iteration k of a loop (a named lineage of policies in one store):
   prompts (seed + self-instruct by the incumbent) → samples → critiques → judgments
   → pairs (the collect-preferences flow) → train a candidate from the incumbent
   (DPO, or a reward model then PPO / RLOO / GRPO) → evaluate candidate vs incumbent
-  on held-out prompts → promote it only if every gate passes.
+  (and vs the starting policy) on held-out prompts → promote it only if every gate
+  passes. Each iteration first audits the judge on a fixed gold set, so the win-rate
+  gates can refuse to trust a judge that is no better than chance.
 
 The judge stays the starting model (or the configured judge_model) for every
 iteration, so its verdicts are comparable across iterations. Checkpoints of one
@@ -41,6 +43,7 @@ from alignment.ids import content_id
 from alignment.yaml_spec import Problem, SpecError, load_yaml
 from flows.config import PipelineConfig, config_from_data
 from flows.evaluation import EvalResult, evaluate_candidate
+from flows.judge_eval import audit_judge
 from flows.models import model_location
 from flows.pipeline import Run, collect_preferences, run_pair_ids, write_run_event
 from flows.training import DataConfig, TrainConfig, train_stage
@@ -207,14 +210,16 @@ def record_iteration(
     started: datetime,
     candidate: str | None = None,
     evaluation: EvalResult | None = None,
+    versus_start: EvalResult | None = None,
+    judge_quality: list[Metric] | None = None,
 ) -> dict[str, Any]:
     """Decide by the gates, store the decision, and publish it as Prefect artifacts."""
     results: list[GateResult] = []
-    metrics = evaluation.metrics if evaluation else []
-    if candidate is None:
+    metrics = [*(evaluation.metrics if evaluation else []), *(judge_quality or [])]
+    if candidate is None or evaluation is None:
         decision, reasons = "skipped", [f"no train pairs in run {data_run}: nothing to learn"]
     else:
-        results = check_gates(config.loop.gates, {m.metric: m for m in metrics})
+        results = _gate_results(config, evaluation.metrics, judge_quality)
         reasons = failed_reasons(results)
         decision = "rejected" if reasons else "promoted"
     row = {
@@ -226,6 +231,7 @@ def record_iteration(
         "candidate_model_id": candidate,
         "data_run_id": data_run,
         "eval_run_id": evaluation.run_id if evaluation else None,
+        "start_eval_run_id": versus_start.run_id if versus_start else None,
         "pairs": pairs,
         "decision": decision,
         "promoted": decision == "promoted",
@@ -241,6 +247,13 @@ def record_iteration(
     logger = get_run_logger()
     logger.info("iteration %d: %s (%s)", k, decision, "; ".join(reasons) or "all gates passed")
     return row
+
+
+def _gate_results(
+    config: PipelineConfig, metrics: list[Metric], judge_quality: list[Metric] | None
+) -> list[GateResult]:
+    """The gates on the eval's metrics and the judge's audit (judge/accuracy, ...)."""
+    return check_gates(config.loop.gates, {m.metric: m for m in [*metrics, *(judge_quality or [])]})
 
 
 def _publish(
@@ -293,18 +306,43 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     started = datetime.now(UTC)
     incumbent = current_incumbent(config)
     get_run_logger().info("iteration %d: incumbent %s", k, incumbent.name)
+    judge_quality = audit_judge_once(config, k)
     data_config = iteration_config(config, k, incumbent)
     data_run = collect_preferences(data_config)
-    pairs = run_pair_ids(data_config)
+    pairs = run_pair_ids(data_config, config.loop.max_pairs)
     if not pairs:
-        return record_iteration(config, session, k, incumbent, data_run, 0, started)
+        return record_iteration(
+            config, session, k, incumbent, data_run, 0, started, judge_quality=judge_quality
+        )
     if config.loop.release_engines_for_training:
         release_engines()
     candidate = train_candidate(config, k, incumbent, pairs)
     evaluation = evaluate_candidate(eval_config(config, k), candidate, incumbent.model)
+    # A candidate that will be promoted is also measured against the starting policy:
+    # how far the loop has come, not only this step.
+    start = starting_model(config)
+    versus_start = evaluation if incumbent.name == start.name else None
+    passes = not failed_reasons(_gate_results(config, evaluation.metrics, judge_quality))
+    if versus_start is None and passes:
+        versus_start = evaluate_candidate(eval_config(config, k), candidate, start.model)
     return record_iteration(
-        config, session, k, incumbent, data_run, len(pairs), started, candidate, evaluation
-    )
+        config, session, k, incumbent, data_run, len(pairs), started, candidate, evaluation,
+        versus_start, judge_quality,
+    )  # fmt: skip
+
+
+def audit_judge_once(config: PipelineConfig, k: int) -> list[Metric]:
+    """The judge's accuracy on the loop's fixed gold audit set, as `judge/...` metrics.
+
+    Stored in `judge_evals` under the loop and iteration; a judge that drifts (or a
+    changed judge config) shows up as a change in these figures.
+    """
+    loop = config.loop
+    if loop.judge_audit is None:
+        return []
+    judge_config = eval_config(config, k)
+    figures = audit_judge(judge_config, loop.judge_audit, loop.judge_audit_limit, loop.name, k)
+    return [Metric(name, value, n) for name, (value, n) in figures.items()]
 
 
 def load_loop_config(

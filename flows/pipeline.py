@@ -130,11 +130,13 @@ def describe_run(config: PipelineConfig, constitution: Constitution) -> Run:
     )
 
 
-def run_pair_ids(config: PipelineConfig) -> list[str]:
+def run_pair_ids(config: PipelineConfig, limit: int | None = None) -> list[str]:
     """The train pairs of the run a config makes: judged comparisons of its own samples.
 
     Found by the ids of its samples, not by run_id: a row that another run stored first
     (the same samples of the same policy, judged the same way) belongs to this run too.
+    With ``limit``, the most confident pairs of each principle in turn, so a principle
+    decided by checks (p = 1) cannot crowd out the model-judged ones.
     """
     run = describe_run(config, load_constitution(config.constitution))
     seeds = [row["prompt_id"] for row in _prompt_rows(config, run) if row["split"] == "train"]
@@ -142,10 +144,12 @@ def run_pair_ids(config: PipelineConfig) -> list[str]:
     samples = [rid for ids in response_ids(config, run, seeds + synthetic).values() for rid in ids]
     rows = run.store.query(
         "SELECT pair_id FROM preference_pairs WHERE chosen_response_id IN (SELECT unnest(?)) "
-        "AND judge_model = ? AND constitution_id = ? ORDER BY pair_id",
+        "AND judge_model = ? AND constitution_id = ? ORDER BY row_number() OVER "
+        "(PARTITION BY principle_ids[1] ORDER BY p_chosen DESC, pair_id), pair_id",
         [samples, run.judge_model, run.constitution_id],
     )
-    return [row["pair_id"] for row in rows]
+    chosen = [row["pair_id"] for row in rows][:limit]
+    return sorted(chosen)
 
 
 @task(cache_policy=NO_CACHE)

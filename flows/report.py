@@ -10,6 +10,7 @@ import html
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from alignment.judge_eval import JudgeMetrics, Share
 from storage import Store
 
 SHORT = 12  # characters of a model id shown in tables
@@ -55,6 +57,19 @@ SELECT run_id, principle, count(*) AS pairs
 FROM (SELECT run_id, unnest(principle_ids) AS principle FROM preference_pairs)
 WHERE run_id IN (SELECT data_run_id FROM iterations WHERE loop = ?)
 GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+# The latest audit of each iteration (a rerun under another judge config writes a new run).
+_JUDGE_SQL = """
+SELECT iteration, run_id, judge_model, mode, metric, value, n FROM judge_evals
+WHERE loop = ? AND iteration IS NOT NULL
+QUALIFY dense_rank() OVER (PARTITION BY iteration ORDER BY created_at DESC, run_id DESC) = 1
+ORDER BY iteration, metric
+"""
+# The loop's latest session run holds its config, and with it the judge gate.
+_LOOP_CONFIG_SQL = """
+SELECT config FROM runs WHERE regexp_matches(run_id, ?)
+ORDER BY updated_at DESC NULLS LAST LIMIT 1
 """
 
 
@@ -182,6 +197,55 @@ def incumbent_series(
 ) -> list[tuple[int, float]]:
     """(iteration, metric of the incumbent after it); [] when the loop has no such evals."""
     return incumbent_values(loop_history(store, loop).iterations, metric)
+
+
+@dataclass
+class JudgeAudit:
+    """One gold-set audit of the loop's judge (`judge_evals` rows of one run)."""
+
+    iteration: int
+    run_id: str
+    judge_model: str | None
+    mode: str | None
+    metrics: JudgeMetrics
+
+
+@dataclass
+class JudgeAudits:
+    audits: list[JudgeAudit]  # the latest audit of each iteration, in iteration order
+    min_accuracy: float | None  # the loop's min_judge_accuracy gate; None when off
+
+    def latest(self) -> JudgeAudit | None:
+        return self.audits[-1] if self.audits else None
+
+    def distrusted(self) -> bool:
+        """The latest audit's accuracy is below the gate: the judge's win rates promote nothing."""
+        latest = self.latest()
+        return (
+            latest is not None
+            and self.min_accuracy is not None
+            and latest.metrics.accuracy < self.min_accuracy
+        )
+
+
+def judge_audits(store: Store, loop: str | None) -> JudgeAudits:
+    """The loop's judge audits and its min_judge_accuracy gate, from the store."""
+    if loop is None:
+        return JudgeAudits([], None)
+    runs: dict[str, tuple[int, str | None, str | None, dict[str, tuple[float, int]]]] = {}
+    for row in store.query(_JUDGE_SQL, [loop]):
+        run = runs.setdefault(
+            row["run_id"], (row["iteration"], row["judge_model"], row["mode"], {})
+        )
+        run[3][row["metric"]] = (row["value"], row["n"])
+    audits = [
+        JudgeAudit(iteration, run_id, model, mode, JudgeMetrics.from_flat(figures))
+        for run_id, (iteration, model, mode, figures) in runs.items()
+    ]
+    configs = store.query(_LOOP_CONFIG_SQL, [f"^loop-{re.escape(loop)}-[0-9]+$"])
+    config = json.loads(configs[0]["config"]) if configs and configs[0]["config"] else {}
+    bound = config.get("loop", {}).get("gates", {}).get("min_judge_accuracy")
+    return JudgeAudits(sorted(audits, key=lambda a: a.iteration), bound)
 
 
 def lineage(history: LoopHistory) -> list[str]:
@@ -318,8 +382,10 @@ def _models_table(models: dict[str, dict[str, Any]]) -> Table:
 Draw = Callable[[Any], None]  # draws on a matplotlib Axes
 
 
-def _svg(title: str, draw: Draw) -> str:
-    """One figure as an inline <svg> element; text stays text so the browser renders it."""
+def _svg(title: str, draw: Draw, per_iteration: bool = True) -> str:
+    """One figure as an inline <svg> element; text stays text so the browser renders it.
+
+    A per-iteration figure gets the iteration axis; any other labels its own axes."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global figure state
     from matplotlib.ticker import MaxNLocator
@@ -329,8 +395,9 @@ def _svg(title: str, draw: Draw) -> str:
         ax = fig.add_subplot()
         draw(ax)
         ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if per_iteration:
+            ax.set_xlabel("iteration")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
         fig.tight_layout()
@@ -476,6 +543,55 @@ def plots(history: LoopHistory, pairs: dict[int, dict[str, int]]) -> list[tuple[
     return [(title, _svg(title, draw)) for title, draw in drawn]
 
 
+def _draw_judge_quality(judge: JudgeAudits) -> Draw:
+    def draw(ax: Any) -> None:
+        xs = [a.iteration for a in judge.audits]
+        ax.plot(xs, [a.metrics.accuracy for a in judge.audits], "o-", label="gold accuracy")
+        consistency = [a.metrics.position_consistency for a in judge.audits]
+        ax.plot(xs, consistency, "s-", label="position consistency")
+        ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+        if judge.min_accuracy is not None:
+            ax.axhline(judge.min_accuracy, color="red", linestyle="--", label="min_judge_accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("share of pairs")
+
+    return draw
+
+
+def _draw_reliability(audit: JudgeAudit) -> Draw:
+    """Accuracy against stated confidence per bin; a calibrated judge sits on the diagonal."""
+
+    def draw(ax: Any) -> None:
+        ax.plot([0.5, 1.0], [0.5, 1.0], color="grey", linestyle="--", label="calibrated")
+        full = [b for b in audit.metrics.calibration if b.count]
+        if not full:
+            _no_data(ax)
+        else:
+            ax.plot([b.confidence for b in full], [b.accuracy for b in full], "o-", label="judge")
+            for b in full:
+                where = (b.confidence, b.accuracy)
+                ax.annotate(str(b.count), where, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlim(0.5, 1.0)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("confidence max(p_a, 1 − p_a) (labels: pairs per bin)")
+        ax.set_ylabel("accuracy")
+
+    return draw
+
+
+def judge_plots(judge: JudgeAudits) -> list[tuple[str, str]]:
+    """(title, inline svg) of the judge section; none when the loop has no audits."""
+    latest = judge.latest()
+    if latest is None:
+        return []
+    quality = "Judge on the gold audit set"
+    reliability = f"Judge reliability, iteration {latest.iteration} audit"
+    return [
+        (quality, _svg(quality, _draw_judge_quality(judge))),
+        (reliability, _svg(reliability, _draw_reliability(latest), per_iteration=False)),
+    ]
+
+
 # -- report ---------------------------------------------------------------------------------
 
 _CSS = """
@@ -556,7 +672,66 @@ def _models_html(history: LoopHistory) -> str:
     return _table(headers, rows)
 
 
-def render_report(history: LoopHistory, pairs: dict[int, dict[str, int]], store_root: Path) -> str:
+def _judge_verdict(judge: JudgeAudits) -> str:
+    """One plain sentence: is the loop's judge trusted by its gate?"""
+    latest = judge.latest()
+    if latest is None:
+        return "<p>No judge audits in this loop (loop.judge_audit is off, or no iteration ran).</p>"
+    accuracy = f"gold accuracy {latest.metrics.accuracy:.3f} (iteration {latest.iteration} audit)"
+    if judge.min_accuracy is None:
+        return f"<p>Judge {_e(accuracy)}; no min_judge_accuracy gate is set.</p>"
+    bound = f"min_judge_accuracy {judge.min_accuracy:.3f}"
+    if judge.distrusted():
+        return (
+            f'<p class="fail">Judge not trusted: {_e(accuracy)} is below {_e(bound)}; '
+            "its win rates promote nothing.</p>"
+        )
+    return f'<p class="pass">Judge trusted: {_e(accuracy)} is at least {_e(bound)}.</p>'
+
+
+def _judge_html(judge: JudgeAudits) -> str:
+    figures = "".join(f"<figure>{svg}</figure>" for _, svg in judge_plots(judge))
+    headers = ["it", "judge", "mode", "pairs", "accuracy", "position consistency"]
+    headers += ["first-position rate", "ECE", "chosen longer / shorter", "not ok", "run"]
+    rows = [
+        [
+            _e(a.iteration),
+            f"<code>{_e(a.judge_model)}</code>",
+            _e(a.mode),
+            _e(a.metrics.n),
+            _e(_num(a.metrics.accuracy)),
+            _e(_num(a.metrics.position_consistency)),
+            _e(_num(_share(a.metrics.first_position_rate))),
+            _e(_num(_share(a.metrics.ece))),
+            _e(_length_bias(a.metrics)),
+            _e(a.metrics.not_ok),
+            f"<code>{_e(a.run_id)}</code>",
+        ]
+        for a in judge.audits
+    ]
+    table = _table(headers, rows) if rows else ""
+    return f'{_judge_verdict(judge)}<div class="plots">{figures}</div>{table}'
+
+
+def _share(share: Share | None) -> float | None:
+    return None if share is None else share.value
+
+
+def _length_bias(metrics: JudgeMetrics) -> str:
+    """Accuracy when chosen is the longer / the shorter response: far apart means length bias."""
+    longer, shorter = (
+        _share(metrics.accuracy_chosen_longer),
+        _share(metrics.accuracy_chosen_shorter),
+    )
+    return f"{_num(longer)} / {_num(shorter)}"
+
+
+def render_report(
+    history: LoopHistory,
+    pairs: dict[int, dict[str, int]],
+    store_root: Path,
+    judge: JudgeAudits | None = None,
+) -> str:
     title = f"rlaif loop {history.loop or '(none)'} — {store_root}"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figures = "".join(f"<figure>{svg}</figure>" for _, svg in plots(history, pairs))
@@ -572,6 +747,8 @@ def render_report(history: LoopHistory, pairs: dict[int, dict[str, int]], store_
 <p>{_e(line or "No incumbent yet.")}</p>
 <h2>Across iterations</h2>
 <div class="plots">{figures}</div>
+<h2>Judge</h2>
+{_judge_html(judge or JudgeAudits([], None))}
 <h2>Iterations and gate decisions</h2>
 {iterations}
 <h2>Models and lineage</h2>
@@ -586,7 +763,8 @@ def write_report(store: Store, out: Path, loop: str | None = None) -> Path:
     out = Path(out)
     if out.is_dir():
         out = out / f"report-{history.loop or 'store'}.html"
-    page = render_report(history, pairs_by_principle(store, history), store.root)
+    pairs = pairs_by_principle(store, history)
+    page = render_report(history, pairs, store.root, judge_audits(store, history.loop))
     _write_atomic(out, page)
     return out
 

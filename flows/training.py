@@ -25,7 +25,7 @@ from alignment.training.reward import train_reward_model
 from alignment.training.sft import train_sft
 from alignment.yaml_spec import load_yaml
 from flows.config import TINY, StageConfigs, config_from_data
-from flows.models import tiny_model_path
+from flows.models import embedded_model_path
 from flows.training_rows import DataFilter, preference_rows, sft_rows
 from storage import Store
 
@@ -62,7 +62,8 @@ class TrainConfig(StageConfigs):
 
     store: str = Field("rlaif-data", description="Store root the data comes from.")
     base_model: str = Field(
-        TINY, description="'tiny', a model folder, or a model_id from the models table."
+        TINY,
+        description="'tiny', 'smollm2', a model folder, or a model_id from the models table.",
     )
     iteration: int = Field(0, ge=0, description="Iteration the trained model belongs to.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -80,8 +81,8 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 def resolve_base(store: Store, base_model: str) -> tuple[str, str, str | None]:
     """(folder to load, name for lineage, parent model_id) of a starting model."""
-    if base_model == TINY:
-        path = tiny_model_path()
+    path = embedded_model_path(base_model)  # 'tiny' or 'smollm2'
+    if path is not None:
         return str(path), path.name, None
     if store.db_path.exists():
         found = store.query("SELECT path, model_id FROM models WHERE model_id = ?", [base_model])

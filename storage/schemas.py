@@ -99,7 +99,7 @@ TABLES: dict[str, TableSpec] = {
         "judgment_id", text("prompt_id"), RUN_ID, text("response_a_id"),
         text("response_b_id"),  # null for pointwise scoring
         text("principle_id"), text("constitution_id"), text("judge_model"),
-        choice("mode", "pairwise", "pointwise", "checks", "cot", "contrast", "ensemble"),
+        choice("mode", "pairwise", "pointwise", "checks", "cot", "contrast", "likelihood", "ensemble"),
         real("p_a_first"), real("p_a_second"), real("p_a"), flag("position_consistent"),
         real("option_mass"), text("status"), text("rationale"),
         # contrast modes: each response's principle-conditioned log-likelihood ratio
@@ -136,7 +136,9 @@ TABLES: dict[str, TableSpec] = {
     "iterations": _spec(
         "iteration_id", RUN_ID, text("loop"), integer("iteration"), text("method"),
         text("incumbent_model_id"), text("candidate_model_id"), text("data_run_id"),
-        text("eval_run_id"), integer("pairs"),
+        text("eval_run_id"),
+        text("start_eval_run_id"),  # the candidate against the loop's starting policy
+        integer("pairs"),
         choice("decision", "promoted", "rejected", "skipped"), flag("promoted"),
         json_text("gates"),  # [{gate, metric, value, threshold, passed, message}]
         strings("reasons"), timestamp("started_at"), timestamp("finished_at"),

@@ -14,7 +14,7 @@ import pytest
 
 from alignment.backends import VLLMBackend, release_engines
 from flows.config import GenerationConfig, ModelConfig, PipelineConfig, PromptsConfig
-from flows.models import make_backend, tiny_model_path
+from flows.models import make_backend, smollm2_model_path, tiny_model_path
 from flows.pipeline import collect_preferences
 from storage import Store
 
@@ -49,6 +49,27 @@ def vllm_backend(tiny_model: Path, policy_config: ModelConfig) -> VLLMBackend:
     assert isinstance(backend, VLLMBackend)
     yield backend
     release_engines()  # shut the engine down while pytest's streams are still open
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct's folder (`make smollm2` builds it; else built here, ~20 s)."""
+    return smollm2_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_config() -> ModelConfig:
+    """Engine settings for tests that need real English; dtype auto means float32 here."""
+    return ModelConfig(model="smollm2", kv_cache_gib=0.5, max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def smollm2_backend(smollm2_model: Path, smollm2_config: ModelConfig) -> VLLMBackend:
+    """A second shared engine beside the tiny one (about 20 s to start on 2 cores)."""
+    backend = make_backend(smollm2_config, seed=0)
+    assert isinstance(backend, VLLMBackend)
+    yield backend
+    release_engines()
 
 
 def _free_port() -> int:

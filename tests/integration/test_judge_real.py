@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
+from alignment.backends import OpenAIBackend
 from alignment.constitution import from_dict
-from alignment.judge import Candidate, JudgeConfig, build_pairs, judge_prompts
+from alignment.judge import (
+    Candidate,
+    Comparison,
+    JudgeConfig,
+    build_pairs,
+    judge_comparisons,
+    judge_prompts,
+    sigmoid,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +63,7 @@ def test_cot_mode_generates_rationales_and_clamps(vllm_backend):
 
 
 def test_best_vs_worst_scores_pointwise_then_compares_once(vllm_backend):
-    config = JudgeConfig(pair_strategy="best_vs_worst", min_confidence=0.5)
+    config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst", min_confidence=0.5)
     judgments = judge_prompts(vllm_backend, CONSTITUTION, candidates(2), config)
     pointwise = [j for j in judgments if j.response_b_id is None]
     pairwise = [j for j in judgments if j.response_b_id is not None]
@@ -60,3 +71,73 @@ def test_best_vs_worst_scores_pointwise_then_compares_once(vllm_backend):
     assert len(pairwise) <= 2  # at most one comparison per prompt
     for j in pointwise:
         assert j.mode == "pointwise" and 0 <= j.p_a <= 1
+
+
+CHAT = [
+    {"role": "user", "content": "How do I boil an egg?"},
+    {"role": "assistant", "content": "Boil it for nine minutes."},
+]
+
+
+def test_sequence_score_is_the_responses_loglik_from_a_transformers_forward(
+    vllm_backend, tiny_model
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    (score,) = vllm_backend.score_sequences([CHAT])
+    located = vllm_backend.response_tokens(CHAT)
+    ids = located.token_ids
+    assert vllm_backend.tokenizer.decode(ids[located.start : located.end]) == CHAT[-1]["content"]
+    assert vllm_backend.tokenizer.decode(ids[located.end :]) == "<|end|>"  # the end of turn
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [logprobs[i - 1, ids[i]].item() for i in range(located.start, located.end)]
+    assert score.num_tokens == len(expected) > 0
+    # vLLM may compute in bfloat16 where transformers uses float32: close, not equal. A
+    # response located one token off would miss by nats.
+    assert score.logprob == pytest.approx(sum(expected), abs=0.05 * len(expected))
+    assert score.end_logprob == pytest.approx(logprobs[located.end - 1, ids[-1]].item(), abs=0.05)
+
+
+def test_contrast_mode_runs_end_to_end_with_finite_deltas(vllm_backend):
+    config = JudgeConfig(mode="contrast", min_confidence=0.5)
+    judgments = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), config)
+    assert len(judgments) == 6
+    deltas: dict[str, set[float]] = {}
+    for j in judgments:
+        assert j.mode == "contrast" and j.status == "ok"
+        assert math.isfinite(j.delta_a) and math.isfinite(j.delta_b)
+        assert j.p_a == pytest.approx(sigmoid((j.delta_a - j.delta_b) / config.contrast_tau))
+        assert j.p_a_first == j.p_a_second == j.p_a and j.position_consistent
+        deltas.setdefault(j.response_a_id, set()).add(j.delta_a)
+        deltas.setdefault(j.response_b_id, set()).add(j.delta_b)
+    assert all(len(d) == 1 for d in deltas.values())  # one Δ per response, whatever its pair
+    outcome = build_pairs(judgments, candidates(1), config)
+    assert len(outcome.pairs) + sum(outcome.dropped.values()) == 6
+
+
+def test_ensemble_mode_runs_end_to_end(vllm_backend):
+    principle = CONSTITUTION.principles[0]
+    comparisons = [Comparison("How do I boil an egg?", a, b, principle) for a, b in
+                   [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])]]  # fmt: skip
+    labels = judge_comparisons(vllm_backend, comparisons, JudgeConfig(mode="ensemble"))
+    for label in labels:
+        assert label.status in {"ok", "unparseable"}
+        assert math.isfinite(label.delta_a) and math.isfinite(label.delta_b)
+        if label.status == "ok":
+            assert 0 < label.p_a < 1 and label.option_mass > 0
+
+
+def test_served_sequence_scores_match_the_offline_engine(openai_server, vllm_backend):
+    chats = [CHAT, [{"role": "system", "content": "Be brief."}, *CHAT]]
+    served = OpenAIBackend(openai_server, "tiny").score_sequences(chats)
+    offline = vllm_backend.score_sequences(chats)
+    for s, o in zip(served, offline, strict=True):
+        assert s is not None and o is not None
+        assert s.num_tokens == o.num_tokens
+        # Two engines, two batch shapes, maybe bfloat16: close, not equal. A response
+        # located one token off would miss by nats.
+        assert s.logprob == pytest.approx(o.logprob, abs=0.05 * o.num_tokens)
+        assert s.end_logprob == pytest.approx(o.end_logprob, abs=0.1)

@@ -97,6 +97,9 @@ def test_a_finished_loop_rerun_with_no_new_iterations_writes_nothing(loop_store)
 def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tmp_path):
     """Loop `wrecked` trains with a learning rate of 1.0: its candidate is garbage.
 
+    The collapse gates, which ask no judge, must refuse it on any CPU: the figures differ
+    between machines, so only the verdicts and the sign of the KL are asserted.
+
     Its batches differ from loop `t`'s, so its data run has another id, but its samples of
     the seed prompts, their judgments and pairs are loop `t`'s first iteration's, stored
     already: it must find and train on them all the same. (Its self-instruct prompts are
@@ -118,6 +121,13 @@ def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tm
     assert row["pairs"] == seed_pairs > 0
     assert row["decision"] == "rejected" and not row["promoted"]
     assert row["reasons"] and all("failed" in reason for reason in row["reasons"])
+    failed = {g["gate"] for g in json.loads(row["gates"]) if not g["passed"]}
+    collapse = {"max_degenerate_increase", "max_length_shrink", "max_kl", "max_violation_increase"}
+    assert failed & collapse, row["reasons"]
+    kl = store.query(
+        "SELECT value FROM evals WHERE run_id = ? AND metric = 'kl'", [row["eval_run_id"]]
+    )
+    assert len(kl) == 1 and kl[0]["value"] >= 0
     config = load_loop_config(str(config_path))
     assert current_incumbent(config).name == row["incumbent_model_id"]
     assert current_incumbent(config).name.startswith("tiny-")

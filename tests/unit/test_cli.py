@@ -7,10 +7,12 @@ Nothing here starts a flow: `flows.pipeline` is replaced by a module that fails 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, get_args
 
 import click
 import pytest
@@ -21,6 +23,7 @@ from storage import Store
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "constitutions").glob("*.yaml"))
+CONSTITUTION = REPO / "constitutions" / "demo.yaml"
 RUN = "run-1"
 
 BAD_CONSTITUTION = """\
@@ -312,6 +315,122 @@ def test_train_with_no_matching_rows_is_refused(store: str) -> None:
     assert Store(store).count("models") == 0
 
 
+# --- judge eval ------------------------------------------------------------------------
+
+GOLD = [
+    {"prompt": "Hi?", "chosen": "good answer", "rejected": "bad one here now", "subset": "chat"},
+    {"prompt": "Why?", "chosen": "plain answer with more words", "rejected": "good answer",
+     "principle_id": "honest"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def scripted_judge(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A judge that says 0.77 for whichever option starts with "good"; no model is built."""
+    import flows.judge_eval
+    from tests.scripted_backend import ScriptedBackend, last_user_message
+
+    def score(chat: Any, options: Any) -> dict[str, float | None]:
+        p_first = 0.77 if "(A) good" in last_user_message(chat) else 0.23
+        return {options[0]: math.log(p_first), options[1]: math.log(1 - p_first)}
+
+    made: list[object] = []
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)  # the command sets it
+
+    def make_backend(config: Any, seed: int) -> ScriptedBackend:
+        made.append(ScriptedBackend("scripted", score_fn=score))
+        return made[-1]  # type: ignore[return-value]
+
+    monkeypatch.setattr(flows.judge_eval, "make_backend", make_backend)
+    monkeypatch.setattr(flows.judge_eval, "model_location", lambda config: ("/x", "judge-x"))
+    return made
+
+
+def write_gold(rows: list[Any]) -> str:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    Path("gold.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    return "gold.jsonl"
+
+
+def test_judge_eval_json(scripted_judge: list[object]) -> None:
+    args = ["judge", "eval", write_gold(GOLD), "--config", str(REPO / "configs" / "demo.yaml")]
+    result = rlaif(*args, "--store", "store", "--format", "json")
+    assert (result.exit_code, result.stderr) == (0, "")
+    out = json.loads(result.stdout)
+    assert list(out) == [
+        "n", "accuracy", "position_consistency", "first_position_rate", "ece",
+        "accuracy_chosen_longer", "accuracy_chosen_shorter", "by_principle", "by_subset",
+        "not_ok", "judge_model", "mode",
+    ]  # fmt: skip
+    assert out == {
+        "n": 2, "accuracy": 0.5, "position_consistency": 1.0, "first_position_rate": 0.5,
+        "ece": pytest.approx(0.27), "accuracy_chosen_longer": 0.0, "accuracy_chosen_shorter": 1.0,
+        "by_principle": {"generic": {"accuracy": 1.0, "n": 1}, "honest": {"accuracy": 0.0, "n": 1}},
+        "by_subset": {"chat": {"accuracy": 1.0, "n": 1}}, "not_ok": 0, "judge_model": "judge-x",
+        "mode": "logprob",
+    }  # fmt: skip
+    rows = Store("store").query("SELECT metric FROM judge_evals")
+    assert {"accuracy", "ece", "by_principle/honest/accuracy"} <= {r["metric"] for r in rows}
+    again = rlaif(*args, "--store", "store", "--format", "json")
+    assert (again.exit_code, again.stdout, len(scripted_judge)) == (0, result.stdout, 1)
+
+
+def test_judge_eval_table(scripted_judge: list[object]) -> None:
+    result = rlaif("judge", "eval", write_gold(GOLD[:1]), "--store", "store", "--limit", "1")
+    assert (result.exit_code, result.stderr) == (0, "")
+    first_line = "judge judge-x (logprob) on gold.jsonl: 1 pairs, 0 not ok; run "
+    assert result.stdout.startswith(first_line)
+    for text in ("accuracy", "position_consistency", "1.000", "first_position_rate", "chat"):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("data", "stderr"),
+    [
+        ("absent.jsonl", "error: absent.jsonl: no such file or folder; expected 'builtin', a "
+         ".jsonl file, a .parquet file, or a folder written by datasets' save_to_disk "
+         "(Dataset or DatasetDict)\n"),
+        ([GOLD[0], {"prompt": "p", "chosen": "c"}],
+         "error: gold.jsonl:2: missing column 'rejected' (columns: chosen, prompt)\n"),
+        ([GOLD[0], "{oops"], "error: gold.jsonl:2: invalid JSON: Expecting property name "
+         "enclosed in double quotes (column 2)\n"),
+        ([{**GOLD[0], "principle_id": "nope"}], "error: gold.jsonl:1: unknown principle_id "
+         "'nope' (constitution 'default' has: "),
+    ],
+)  # fmt: skip
+def test_judge_eval_refuses_bad_data_before_anything(
+    data: Any, stderr: str, scripted_judge: list[object]
+) -> None:
+    source = data if isinstance(data, str) else write_gold(data)
+    result = rlaif("judge", "eval", source, "--store", "store")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.startswith(stderr) and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+    assert not Path("store").exists() and not scripted_judge
+
+
+def test_judge_eval_refuses_a_mode_the_judge_settings_forbid(
+    scripted_judge: list[object],
+) -> None:
+    Path("c.yaml").write_text(f"constitution: {CONSTITUTION}\njudge:\n  min_confidence: 0.7\n")
+    result = rlaif("judge", "eval", write_gold(GOLD), "--config", "c.yaml", "--mode", "cot")
+    assert_refused(
+        result,
+        "error: --mode cot: min_confidence=0.7 exceeds cot_clamp[1]=0.6: in cot mode every "
+        "pair would be dropped\n",
+    )
+    assert not scripted_judge
+
+
+def test_judge_eval_offers_every_judge_mode() -> None:
+    from alignment.judge import JudgeConfig
+
+    modes = get_args(JudgeConfig.model_fields["mode"].annotation)
+    result = rlaif("judge", "eval", "builtin", "--mode", "coin-flip")
+    assert result.exit_code == 2
+    assert f"'coin-flip' is not one of {', '.join(repr(m) for m in modes)}" in result.stderr
+
+
 # --- help ------------------------------------------------------------------------------
 
 
@@ -330,8 +449,9 @@ COMMANDS = list(all_commands(main))
 def test_walk_finds_every_command() -> None:
     assert {" ".join(path) for path, _ in COMMANDS} == {
         "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
-        "models build-tiny", "export", "train", "eval", "self-improve", "serve", "deploy",
-        "status", "report",
+        "models build-tiny", "models build-smollm2", "export", "train", "eval", "self-improve",
+        "serve", "deploy",
+        "status", "report", "judge", "judge eval",
     }  # fmt: skip
 
 

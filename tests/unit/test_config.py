@@ -143,7 +143,7 @@ def test_section_must_be_a_mapping(tmp_path: Path) -> None:
 
 def test_choice(tmp_path: Path) -> None:
     path, error = refusal(tmp_path, "judge:\n  mode: vibes\n")
-    assert error == f"{path}:2: judge.mode: Input should be 'logprob' or 'cot' (got 'vibes')"
+    assert error == f"{path}:2: judge.mode: Input should be 'logprob', 'cot', 'contrast', 'likelihood' or 'ensemble' (got 'vibes')"
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ def test_shipped_set():
     assert all(p.text.startswith("Choose the response that") for p in default.principles)
     assert len({p.weight for p in default.principles}) > 1
     demo = load_constitution(REPO / "constitutions" / "demo.yaml")
-    assert len(demo.principles) == 4
+    assert len(demo.principles) == 5
     assert any(p.checks for p in demo.principles)
     assert any(not p.checks for p in demo.principles)
 

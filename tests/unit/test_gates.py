@@ -1,4 +1,5 @@
-"""Promotion gates: each bound, on both sides of its threshold, with the numbers it reports."""
+"""Promotion gates: each bound, on both sides of its threshold, with the numbers it reports;
+a gate whose metric is missing fails."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from pydantic import ValidationError
 from alignment.evaluation import Metric
 from alignment.gates import GateConfig, GateResult, check_gates, failed_reasons
 
-ALL_OFF = {
+ALL_OFF = {  # every gate, in check order (min_judge_accuracy is a condition, not a gate)
     "min_win_rate": None,
+    "min_lc_win_rate": None,
     "max_violation_increase": None,
+    "max_degenerate_increase": None,
+    "max_no_stop_increase": None,
     "max_length_growth": None,
+    "max_length_shrink": None,
     "max_kl": None,
     "min_position_consistency": None,
 }
@@ -38,17 +43,34 @@ def single(gates: GateConfig, found: dict[str, Metric]) -> GateResult:
 def test_defaults() -> None:
     gates = GateConfig()
     assert gates.min_win_rate == 0.5
+    assert gates.min_lc_win_rate is None
+    assert gates.min_judge_accuracy is None
     assert gates.max_violation_increase == 0.0
+    assert gates.max_degenerate_increase == 0.05
+    assert gates.max_no_stop_increase == 0.25
     assert gates.max_length_growth == 1.5
+    assert gates.max_length_shrink == 0.5
     assert gates.max_kl is None
     assert gates.min_position_consistency == 0.5
     names = [r.gate for r in check_gates(gates, {})]
     assert names == [
         "min_win_rate",
         "max_violation_increase",
+        "max_degenerate_increase",
+        "max_no_stop_increase",
         "max_length_growth",
+        "max_length_shrink",
         "min_position_consistency",
     ]
+
+
+# (not the violation gate: without violation metrics the constitution has no checks; below)
+@pytest.mark.parametrize("gate", [g for g in ALL_OFF if g != "max_violation_increase"])
+def test_every_gate_fails_when_its_metric_is_missing(gate: str) -> None:
+    result = single(only(**{gate: 0.5}), {})
+    assert not result.passed
+    assert result.value is None
+    assert "not measured" in result.message
 
 
 def test_all_off_checks_nothing() -> None:
@@ -96,6 +118,53 @@ def test_missing_win_rate_fails() -> None:
     assert not result.passed
     assert result.value is None
     assert result.message.startswith("min_win_rate failed")
+
+
+# --- length-controlled win rate and judge trust ---------------------------------------------
+
+
+def lc(ci_low: float, value: float = 0.6, n: int = 40) -> Metric:
+    return Metric("lc_win_rate", value, n, ci_low, 0.8)
+
+
+@pytest.mark.parametrize(("low", "passed"), [(0.51, True), (0.5, False), (0.3, False)])
+def test_lc_win_rate_interval_low_end_strictly_above(low: float, passed: bool) -> None:
+    result = single(only(min_lc_win_rate=0.5), metrics(lc(low)))
+    assert result.passed is passed
+    assert result.value == low
+    assert result.metric == "lc_win_rate (ci_low)"
+
+
+def test_lc_win_rate_message() -> None:
+    result = single(only(min_lc_win_rate=0.5), metrics(lc(0.45, value=0.55, n=64)))
+    assert result.message == (
+        "min_lc_win_rate failed: length-controlled win rate 0.550, interval low 0.450 (n=64)"
+    )
+
+
+def accuracy(value: float) -> Metric:
+    return Metric("judge/accuracy", value, 100)
+
+
+@pytest.mark.parametrize(
+    ("gate", "found"), [("min_win_rate", win(0.6)), ("min_lc_win_rate", lc(0.6))]
+)
+def test_an_untrusted_judge_fails_the_win_rate_gates(gate: str, found: Metric) -> None:
+    passing = {gate: 0.5}
+    assert single(only(**passing), metrics(found)).passed  # no bound on the judge: passes
+    trusted = only(**passing, min_judge_accuracy=0.7)
+    assert single(trusted, metrics(found, accuracy(0.7))).passed
+    low = single(trusted, metrics(found, accuracy(0.55)))
+    assert not low.passed and low.value == 0.6
+    assert low.message == f"{gate} failed: judge not trusted: gold accuracy 0.550 < 0.7"
+    unmeasured = single(trusted, metrics(found))
+    assert not unmeasured.passed
+    assert unmeasured.message == f"{gate} failed: judge not trusted: judge accuracy not measured"
+
+
+def test_judge_accuracy_leaves_the_other_gates_alone() -> None:
+    gates = only(max_kl=30.0, min_judge_accuracy=0.9)
+    assert single(gates, metrics(Metric("kl", 1.0, 8), accuracy(0.1))).passed
 
 
 # --- check violations -----------------------------------------------------------------------
@@ -147,6 +216,44 @@ def test_no_checks_passes(found: dict[str, Metric]) -> None:
     assert result.message == "max_violation_increase passed: no checks"
 
 
+# --- degenerate and cut-off output ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gate", "metric", "label"),
+    [
+        (
+            "max_degenerate_increase",
+            "degenerate_rate",
+            "degenerate (empty, short or repetitive) rate",
+        ),
+        ("max_no_stop_increase", "degenerate/no_stop", "cut-off rate"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("rate", "baseline", "passed"),
+    [(0.125, 0.125, True), (0.0, 0.5, True), (0.25, 0.125, True), (0.375, 0.125, False)],
+)
+def test_output_rate_increase(
+    gate: str, metric: str, label: str, rate: float, baseline: float, passed: bool
+) -> None:
+    found = metrics(Metric(metric, rate, 16), Metric(f"baseline/{metric}", baseline, 16))
+    result = single(only(**{gate: 0.125}), found)
+    assert result.passed is passed
+    assert result.value == pytest.approx(rate - baseline)
+    assert result.metric == f"{metric} - baseline/{metric}"
+    verdict = "passed" if passed else "failed"
+    assert result.message == f"{gate} {verdict}: {label} {rate:.3f} vs incumbent {baseline:.3f}"
+
+
+@pytest.mark.parametrize("gate", ["max_degenerate_increase", "max_no_stop_increase"])
+def test_output_rate_without_the_baseline_fails(gate: str) -> None:
+    found = metrics(Metric("degenerate_rate", 0.0, 8), Metric("degenerate/no_stop", 0.0, 8))
+    result = single(only(**{gate: 0.05}), found)
+    assert not result.passed
+    assert result.message.endswith("rate not measured")
+
+
 # --- length growth --------------------------------------------------------------------------
 
 
@@ -174,6 +281,25 @@ def test_length_not_measured_fails() -> None:
     assert not result.passed  # no evidence is no promotion, as for every other gate
     assert result.value is None
     assert result.message == "max_length_growth failed: length not measured"
+
+
+@pytest.mark.parametrize(
+    ("length", "passed"), [(40.0, True), (20.0, True), (19.5, False), (2.1, False)]
+)
+def test_length_ratio_at_least_the_shrink(length: float, passed: bool) -> None:
+    result = single(only(max_length_shrink=0.5), lengths(length, 40.0))
+    assert result.passed is passed
+    assert result.value == pytest.approx(length / 40.0)
+    assert result.message == (
+        f"max_length_shrink {'passed' if passed else 'failed'}: "
+        f"mean length {length:.1f} vs 40.0 tokens"
+    )
+
+
+def test_length_shrink_not_measured_fails() -> None:
+    result = single(only(max_length_shrink=0.5), metrics(Metric("baseline/length", 30.0, 3)))
+    assert not result.passed
+    assert result.message == "max_length_shrink failed: length not measured"
 
 
 # --- KL -------------------------------------------------------------------------------------
@@ -231,8 +357,11 @@ def test_failed_reasons_lists_only_failures_in_order() -> None:
         win(0.3),  # fails
         Metric("violation_rate", 0.0, 10),
         Metric("baseline/violation_rate", 0.1, 10),  # passes
+        *outputs_stop(),  # passes, and then the degenerate rate is raised:
+        Metric("degenerate_rate", 0.3, 10),
+        Metric("baseline/degenerate_rate", 0.1, 10),  # +0.2 > 0.05: fails
         Metric("length", 100.0, 10),
-        Metric("baseline/length", 50.0, 10),  # ratio 2.0 > 1.5: fails
+        Metric("baseline/length", 50.0, 10),  # ratio 2.0 > 1.5: fails; ≥ 0.5: passes
         Metric("kl", 5.0, 10),  # passes
         Metric("judge_position_consistency", 0.9, 10),  # passes
     )
@@ -240,19 +369,38 @@ def test_failed_reasons_lists_only_failures_in_order() -> None:
     assert [(r.gate, r.passed) for r in results] == [
         ("min_win_rate", False),
         ("max_violation_increase", True),
+        ("max_degenerate_increase", False),
+        ("max_no_stop_increase", True),
         ("max_length_growth", False),
+        ("max_length_shrink", True),
         ("max_kl", True),
         ("min_position_consistency", True),
     ]
     assert failed_reasons(results) == [
         "min_win_rate failed: win rate 0.700, interval low 0.300 (n=40)",
+        "max_degenerate_increase failed: degenerate (empty, short or repetitive) rate 0.300 "
+        "vs incumbent 0.100",
         "max_length_growth failed: mean length 100.0 vs 50.0 tokens",
+    ]
+
+
+def outputs_stop() -> list[Metric]:
+    """Neither side's answers are degenerate or cut off."""
+    return [
+        Metric(name, 0.0, 10)
+        for name in (
+            "degenerate_rate",
+            "baseline/degenerate_rate",
+            "degenerate/no_stop",
+            "baseline/degenerate/no_stop",
+        )
     ]
 
 
 def test_all_passing_has_no_reasons() -> None:
     found = metrics(
         win(0.6),
+        *outputs_stop(),
         Metric("length", 50.0, 10),
         Metric("baseline/length", 50.0, 10),
         Metric("judge_position_consistency", 1.0, 10),
@@ -291,6 +439,11 @@ def test_unknown_key_is_refused() -> None:
         {"max_length_growth": 0.0},
         {"max_length_growth": -1.0},
         {"max_kl": 0.0},
+        {"min_lc_win_rate": 1.5},
+        {"min_judge_accuracy": -0.1},
+        {"max_degenerate_increase": -0.01},
+        {"max_no_stop_increase": -0.01},
+        {"max_length_shrink": 0.0},
         {"min_position_consistency": 1.01},
         {"min_position_consistency": -0.5},
     ],

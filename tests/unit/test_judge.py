@@ -8,20 +8,34 @@ from itertools import combinations
 import pytest
 from pydantic import ValidationError
 
+from alignment.backends import ResponseTokens, SequenceScore, split_response
 from alignment.constitution import from_dict
 from alignment.judge import (
     DROP_REASONS,
     Candidate,
+    Comparison,
     JudgeConfig,
     Judgment,
     build_pairs,
     decide_by_checks,
+    judge_comparisons,
     judge_prompts,
     rationale_status,
+    read_contrast,
+    read_ensemble,
     read_soft_label,
+    sequence_total,
+    sigmoid,
 )
-from alignment.templates import COT_LEAD_IN, LEAD_IN
-from tests.scripted_backend import ScriptedBackend, last_user_message
+from alignment.templates import (
+    COT_LEAD_IN,
+    FEW_SHOT,
+    LEAD_IN,
+    NEUTRAL_SYSTEM,
+    contrast_systems,
+    principle_instruction,
+)
+from tests.scripted_backend import ScriptedBackend, last_user_message, system_prompt
 
 log = math.log
 
@@ -41,6 +55,7 @@ def principle(pid: str, **extra) -> dict:
 
 
 PLAIN = constitution(principle("helpful"), principle("honest"))
+LOGPROB = JudgeConfig(mode="logprob")  # the A/B question, asked in both orders
 SHORT = constitution(principle("brief", checks=[{"max_words": 3}]))
 
 
@@ -69,7 +84,7 @@ def scripted_orders(first: dict, second: dict) -> ScriptedBackend:
 
 def judge_one(backend: ScriptedBackend, config: JudgeConfig | None = None) -> Judgment:
     group = candidates("p", "first", "second")
-    (judgment,) = judge_prompts(backend, PLAIN, by_prompt(group), config or JudgeConfig())
+    (judgment,) = judge_prompts(backend, PLAIN, by_prompt(group), config or LOGPROB)
     return judgment
 
 
@@ -182,7 +197,7 @@ def test_checks_decide_pairwise_and_pointwise():
 def test_checked_principles_are_decided_without_the_model():
     backend = ScriptedBackend()
     group = candidates("p", "short one", "this one is far too long")
-    (judgment,) = judge_prompts(backend, SHORT, by_prompt(group), JudgeConfig())
+    (judgment,) = judge_prompts(backend, SHORT, by_prompt(group), LOGPROB)
     assert backend.calls == []
     assert judgment.mode == "checks"
     assert judgment.status == "ok"
@@ -194,7 +209,7 @@ def test_checked_principles_are_decided_without_the_model():
 def test_checked_principles_are_decided_without_the_model_in_best_vs_worst():
     backend = ScriptedBackend()
     group = candidates("p", "short one", "this one is far too long", "tiny")
-    config = JudgeConfig(pair_strategy="best_vs_worst")
+    config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
     judgments = judge_prompts(backend, SHORT, by_prompt(group), config)
     assert backend.calls == []
     pointwise = [j for j in judgments if j.response_b_id is None]
@@ -236,7 +251,7 @@ def test_missing_logprobs_never_become_a_pair():
     judgment = judge_one(backend)
     assert judgment.status == "missing_logprobs"
     assert judgment.p_a is None
-    outcome = build_pairs([judgment], by_prompt(candidates("p", "first", "second")), JudgeConfig())
+    outcome = build_pairs([judgment], by_prompt(candidates("p", "first", "second")), LOGPROB)
     assert outcome.pairs == []
     assert outcome.dropped["missing_logprobs"] == 1
 
@@ -289,7 +304,7 @@ def test_cot_refusal_and_empty_rationale_never_become_pairs(rationale, status):
 
 def test_unparseable_low_mass_never_becomes_a_pair():
     backend = scripted_orders({"A": log(0.01), "B": log(0.01)}, {"A": log(0.5), "B": log(0.4)})
-    config = JudgeConfig(min_option_mass=0.1)
+    config = JudgeConfig(mode="logprob", min_option_mass=0.1)
     judgment = judge_one(backend, config)
     assert judgment.status == "unparseable"
     assert judgment.option_mass == pytest.approx(0.02)
@@ -307,9 +322,9 @@ def many_principles():
 def test_one_principle_per_comparison_stable_across_runs_and_orders():
     five = many_principles()
     group = candidates("p", "a", "bb", "ccc", "dddd", "eeeee")
-    first = judge_prompts(ScriptedBackend(), five, by_prompt(group), JudgeConfig())
-    again = judge_prompts(ScriptedBackend(), five, by_prompt(group), JudgeConfig())
-    reversed_ = judge_prompts(ScriptedBackend(), five, by_prompt(group[::-1]), JudgeConfig())
+    first = judge_prompts(ScriptedBackend(), five, by_prompt(group), LOGPROB)
+    again = judge_prompts(ScriptedBackend(), five, by_prompt(group), LOGPROB)
+    reversed_ = judge_prompts(ScriptedBackend(), five, by_prompt(group[::-1]), LOGPROB)
 
     def principles(judgments):
         return {frozenset([j.response_a_id, j.response_b_id]): j.principle_id for j in judgments}
@@ -329,7 +344,7 @@ def test_principle_text_is_in_the_question():
 def test_all_pairs_batches_one_score_call_per_order():
     backend = ScriptedBackend()
     groups = [candidates(f"p{k}", "a", "bb", "ccc", "dddd") for k in range(3)]
-    judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), JudgeConfig())
+    judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), LOGPROB)
     assert len(judgments) == 3 * 6
     calls = backend.calls_to("score_options")
     assert len(backend.calls) == len(calls) == 2
@@ -341,7 +356,7 @@ def test_all_pairs_batches_one_score_call_per_order():
 def test_best_vs_worst_uses_n_pointwise_plus_one_comparison_per_prompt():
     backend = ScriptedBackend()
     groups = [candidates(f"p{k}", "bb", "a", "dddddddd", "ccc") for k in range(3)]
-    config = JudgeConfig(pair_strategy="best_vs_worst")
+    config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
     judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), config)
 
     calls = backend.calls_to("score_options")
@@ -362,7 +377,7 @@ def test_best_vs_worst_uses_n_pointwise_plus_one_comparison_per_prompt():
 
 def test_best_vs_worst_asks_pointwise_in_both_label_orders():
     backend = ScriptedBackend()
-    config = JudgeConfig(pair_strategy="best_vs_worst")
+    config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
     judge_prompts(backend, PLAIN, by_prompt(candidates("p", "a", "bbbb")), config)
     first, second = (c.chats[0] for c in backend.calls_to("score_options")[:2])
     assert "(A) yes\n(B) no" in last_user_message(first)
@@ -372,7 +387,7 @@ def test_best_vs_worst_asks_pointwise_in_both_label_orders():
 def test_best_vs_worst_skips_single_candidates_and_equal_scores():
     backend = ScriptedBackend()
     groups = [candidates("one", "only"), candidates("same", "abc", "xyz")]
-    config = JudgeConfig(pair_strategy="best_vs_worst")
+    config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
     judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), config)
     assert [j.mode for j in judgments] == ["pointwise"] * 3
     assert len(backend.calls) == 2
@@ -380,19 +395,16 @@ def test_best_vs_worst_skips_single_candidates_and_equal_scores():
 
 def test_empty_batch_calls_nothing():
     backend = ScriptedBackend()
-    assert judge_prompts(backend, PLAIN, {}, JudgeConfig()) == []
-    assert judge_prompts(backend, PLAIN, by_prompt(candidates("p", "a")), JudgeConfig()) == []
+    assert judge_prompts(backend, PLAIN, {}, LOGPROB) == []
+    assert judge_prompts(backend, PLAIN, by_prompt(candidates("p", "a")), LOGPROB) == []
     assert backend.calls == []
 
 
 def test_judgment_ids_are_stable_and_distinguish_what_matters():
     group = by_prompt(candidates("p", "first", "second"))
-    ids = {
-        judge_prompts(ScriptedBackend(), PLAIN, group, JudgeConfig())[0].judgment_id
-        for _ in range(2)
-    }
+    ids = {judge_prompts(ScriptedBackend(), PLAIN, group, LOGPROB)[0].judgment_id for _ in range(2)}
     assert len(ids) == 1
-    other_model = judge_prompts(ScriptedBackend("other"), PLAIN, group, JudgeConfig())[0]
+    other_model = judge_prompts(ScriptedBackend("other"), PLAIN, group, LOGPROB)[0]
     assert other_model.judgment_id not in ids
     cot = judge_prompts(cot_backend("fine"), PLAIN, group, JudgeConfig(mode="cot"))[0]
     assert cot.judgment_id not in ids
@@ -416,6 +428,8 @@ def test_judgment_row_has_the_store_columns():
         "option_mass",
         "status",
         "rationale",
+        "delta_a",
+        "delta_b",
     ]
 
 
@@ -447,7 +461,7 @@ PAIR_GROUP = by_prompt(candidates("p", "alpha", "beta"))
 
 
 def test_build_pairs_picks_the_winner_with_its_confidence():
-    outcome = build_pairs([judgment(0.8), judgment(0.25)], PAIR_GROUP, JudgeConfig())
+    outcome = build_pairs([judgment(0.8), judgment(0.25)], PAIR_GROUP, LOGPROB)
     a_wins, b_wins = outcome.pairs
     assert (a_wins.chosen, a_wins.rejected, a_wins.p_chosen) == ("alpha", "beta", 0.8)
     assert (a_wins.chosen_response_id, a_wins.rejected_response_id) == ("p-r0", "p-r1")
@@ -487,15 +501,15 @@ def test_build_pairs_drops_ties_low_confidence_and_inconsistent_with_counts():
 
 def test_checks_ties_are_dropped_and_checks_wins_are_pairs():
     judgments = [judgment(0.5, mode="checks"), judgment(0.0, mode="checks")]
-    outcome = build_pairs(judgments, PAIR_GROUP, JudgeConfig())
+    outcome = build_pairs(judgments, PAIR_GROUP, LOGPROB)
     assert outcome.dropped["tie"] == 1
     assert [(p.chosen, p.p_chosen) for p in outcome.pairs] == [("beta", 1.0)]
 
 
 def test_pair_ids_are_stable_and_rows_use_lists():
-    first = build_pairs([judgment(0.8)], PAIR_GROUP, JudgeConfig()).pairs[0]
-    again = build_pairs([judgment(0.9)], PAIR_GROUP, JudgeConfig()).pairs[0]
-    flipped = build_pairs([judgment(0.1)], PAIR_GROUP, JudgeConfig()).pairs[0]
+    first = build_pairs([judgment(0.8)], PAIR_GROUP, LOGPROB).pairs[0]
+    again = build_pairs([judgment(0.9)], PAIR_GROUP, LOGPROB).pairs[0]
+    flipped = build_pairs([judgment(0.1)], PAIR_GROUP, LOGPROB).pairs[0]
     assert first.pair_id == again.pair_id != flipped.pair_id
     row = first.to_row()
     assert row["principle_ids"] == ["helpful"] and row["judgment_ids"] == ["j-0.8-True-ok"]
@@ -503,10 +517,333 @@ def test_pair_ids_are_stable_and_rows_use_lists():
 
 def test_end_to_end_scripted_judge_prefers_longer_responses():
     group = candidates("p", "short", "a much longer and more detailed answer")
-    judgments = judge_prompts(ScriptedBackend(), PLAIN, by_prompt(group), JudgeConfig())
-    (pair,) = build_pairs(judgments, by_prompt(group), JudgeConfig()).pairs
+    judgments = judge_prompts(ScriptedBackend(), PLAIN, by_prompt(group), LOGPROB)
+    (pair,) = build_pairs(judgments, by_prompt(group), LOGPROB).pairs
     assert pair.chosen_response_id == "p-r1"
     assert pair.p_chosen > 0.55
+
+
+# --- Contrast: arithmetic -----------------------------------------------------------
+
+
+def test_contrast_label_is_sigmoid_of_the_delta_difference_over_tau():
+    label = read_contrast(-2.0, -5.0, tau=3.0)
+    assert label.status == "ok"
+    assert label.p_a == pytest.approx(1 / (1 + math.exp(-1.0)))
+    # No option order: both "orders" are the one answer, consistent by construction.
+    assert label.p_a_first == label.p_a_second == label.p_a
+    assert label.position_consistent is True
+    assert (label.delta_a, label.delta_b, label.option_mass) == (-2.0, -5.0, None)
+    assert read_contrast(1.0, 1.0, tau=3.0).p_a == 0.5
+    assert read_contrast(-5.0, -2.0, tau=0.5).p_a == pytest.approx(sigmoid(-6.0))
+
+
+def test_contrast_pointwise_is_sigmoid_of_delta():
+    label = read_contrast(1.5, None, tau=3.0, pointwise=True)
+    assert label.p_a == pytest.approx(sigmoid(0.5))
+    assert (label.delta_a, label.delta_b) == (1.5, None)
+
+
+@pytest.mark.parametrize("delta_a, delta_b", [(None, 1.0), (1.0, None), (None, None)])
+def test_contrast_without_a_score_is_missing_logprobs(delta_a, delta_b):
+    label = read_contrast(delta_a, delta_b, tau=1.0)
+    assert label.status == "missing_logprobs"
+    assert (label.p_a, label.p_a_first, label.p_a_second, label.position_consistent) == (
+        None, None, None, None,
+    )  # fmt: skip
+
+
+def test_sigmoid_is_stable_far_out():
+    assert sigmoid(1000.0) == 1.0 and sigmoid(-1000.0) == 0.0
+    assert sigmoid(0.0) == 0.5
+
+
+def test_sequence_total_counts_the_end_of_turn_token():
+    score = SequenceScore(logprob=-6.0, num_tokens=3, end_logprob=-2.0)
+    assert sequence_total(score) == -8.0
+    assert sequence_total(score, per_token=True) == -2.0  # 4 tokens, end included
+    no_end = SequenceScore(logprob=-6.0, num_tokens=3)
+    assert (sequence_total(no_end), sequence_total(no_end, per_token=True)) == (-6.0, -2.0)
+    empty = SequenceScore(logprob=0.0, num_tokens=0)
+    assert sequence_total(empty, per_token=True) == 0.0
+
+
+def test_ensemble_averages_log_odds_so_a_constant_position_bias_cancels():
+    always_a = {"A": log(0.9), "B": log(0.1)}  # order 1 says A, order 2 says A: no opinion
+    contrast = read_contrast(3.0, 0.0, tau=3.0)  # z_c = 1
+    label = read_ensemble(contrast, always_a, always_a, tau=3.0, ab_scale=4.0)
+    assert label.p_a == pytest.approx(sigmoid(0.5))  # (z_c + 0) / 2
+    l1 = 4.0 * math.log(9)  # scaled logit(0.9)
+    assert label.p_a_first == pytest.approx(sigmoid((1 + l1) / 2))
+    assert label.p_a_second == pytest.approx(sigmoid((1 - l1) / 2))
+    assert label.position_consistent is False
+    assert (label.delta_a, label.delta_b, label.option_mass) == (3.0, 0.0, pytest.approx(1.0))
+
+    agree = read_ensemble(
+        contrast, {"A": log(0.6), "B": log(0.4)}, {"A": log(0.4), "B": log(0.6)},
+        tau=3.0, ab_scale=2.0,
+    )  # fmt: skip
+    z_ab = 2.0 * math.log(1.5)
+    assert agree.p_a == pytest.approx(sigmoid((1 + z_ab) / 2))
+    assert agree.position_consistent is True
+
+
+def test_ensemble_keeps_the_statuses_of_its_parts():
+    fine = {"A": log(0.5), "B": log(0.5)}
+    missing = read_contrast(None, 1.0, tau=1.0)
+    assert read_ensemble(missing, fine, fine, tau=1.0, ab_scale=1.0) is missing
+    contrast = read_contrast(1.0, 0.0, tau=1.0)
+    label = read_ensemble(contrast, {"A": None, "B": 0.0}, fine, tau=1.0, ab_scale=1.0)
+    assert label.status == "missing_logprobs" and label.p_a is None
+    assert (label.delta_a, label.delta_b) == (1.0, 0.0)
+
+
+# --- Contrast: the chats and the batching -------------------------------------------
+
+
+def test_principle_becomes_an_instruction_to_the_writer():
+    assert principle_instruction("Choose the response that is kind.") == (
+        "Write a response that is kind."
+    )
+    assert principle_instruction("Please choose the assistant response which is brief.") == (
+        "Write a response that is brief."
+    )
+    assert principle_instruction("Never lie.") == "Follow this principle: Never lie."
+    follow, neutral = contrast_systems("Choose the response that is kind.", "neutral")
+    assert (follow, neutral) == (f"{NEUTRAL_SYSTEM} Write a response that is kind.", NEUTRAL_SYSTEM)
+    _, opposite = contrast_systems("Choose the response that is kind.", "opposite")
+    assert opposite == f"{NEUTRAL_SYSTEM} Do the opposite of this: write a response that is kind."
+
+
+CONTRAST = JudgeConfig(mode="contrast", contrast_tau=2.0)
+HELPFUL = PLAIN.principle("helpful")
+
+
+def comparisons(*pairs: tuple[str, str]) -> list[Comparison]:
+    return [Comparison("question?", a, b, HELPFUL) for a, b in pairs]
+
+
+def test_contrast_scores_each_response_with_and_without_the_principle():
+    backend = ScriptedBackend()
+    (label,) = judge_comparisons(backend, comparisons(("one two three four", "one")), CONTRAST)
+    # Scripted: a word costs 1 nat, 0.5 under the principle, so Δ = 0.5 per word.
+    assert (label.delta_a, label.delta_b) == (2.0, 0.5)
+    assert label.p_a == pytest.approx(sigmoid((2.0 - 0.5) / 2.0))
+    (call,) = backend.calls
+    assert call.method == "score_sequences" and len(call.chats) == 4
+    follow = f"{NEUTRAL_SYSTEM} {principle_instruction(HELPFUL.text)}"
+    for chat in call.chats:
+        assert [m["role"] for m in chat] == ["system", "user", "assistant"]
+        assert chat[1]["content"] == "question?"
+    assert {system_prompt(c) for c in call.chats} == {follow, NEUTRAL_SYSTEM}
+    assert {c[-1]["content"] for c in call.chats} == {"one two three four", "one"}
+
+
+def test_contrast_opposite_contrasts_with_the_opposite_instruction():
+    backend = ScriptedBackend()
+    config = JudgeConfig(mode="contrast", contrast_negative="opposite", contrast_tau=1.0)
+    (label,) = judge_comparisons(backend, comparisons(("a b", "c")), config)
+    assert (label.delta_a, label.delta_b) == (2.0, 1.0)  # 1.5 - 0.5 nats per word
+    assert any("opposite" in system_prompt(c) for c in backend.calls[0].chats)
+
+
+def test_contrast_scores_each_response_once_per_batch():
+    backend = ScriptedBackend()
+    texts = ["a", "b b", "c c c", "d d d d"]
+    groups = [candidates(f"p{k}", *texts) for k in range(2)]
+    one_principle = constitution(principle("helpful"))
+    judgments = judge_prompts(backend, one_principle, by_prompt(*groups), CONTRAST)
+    assert len(judgments) == 2 * 6
+    (call,) = backend.calls
+    assert len(call.chats) == 2 * 4 * 2  # per prompt and response: follow and neutral
+    for j in judgments:
+        assert j.mode == "contrast" and j.status == "ok"
+        assert j.p_a_first == j.p_a_second == j.p_a and j.position_consistent is True
+        assert j.delta_a is not None and j.delta_b is not None
+        assert j.p_a == pytest.approx(sigmoid((j.delta_a - j.delta_b) / 2.0))
+    row = judgments[0].to_row()
+    assert (row["delta_a"], row["delta_b"]) == (judgments[0].delta_a, judgments[0].delta_b)
+
+
+def test_contrast_neutral_chats_are_shared_between_principles():
+    backend = ScriptedBackend()
+    two = [Comparison("q?", "a b", "c", p) for p in PLAIN.principles]
+    judge_comparisons(backend, two, CONTRAST)
+    (call,) = backend.calls
+    assert len(call.chats) == 2 * 2 + 2  # follow per principle and response, neutral per response
+
+
+def test_contrast_best_vs_worst_ranks_by_delta_and_reuses_the_scores():
+    backend = ScriptedBackend()
+    one_principle = constitution(principle("helpful"))
+    group = candidates("p", "bb bb", "a", "dd dd dd dd", "cc cc cc")
+    config = JudgeConfig(mode="contrast", pair_strategy="best_vs_worst")
+    judgments = judge_prompts(backend, one_principle, by_prompt(group), config)
+    pointwise = [j for j in judgments if j.response_b_id is None]
+    (pairwise,) = [j for j in judgments if j.response_b_id is not None]
+    assert [j.delta_a for j in pointwise] == [1.0, 0.5, 2.0, 1.5]
+    assert all(j.delta_b is None and j.mode == "contrast" for j in pointwise)
+    assert pointwise[0].p_a == pytest.approx(sigmoid(1.0 / 3.0))
+    assert (pairwise.response_a_id, pairwise.response_b_id) == ("p-r1", "p-r2")
+    assert (pairwise.delta_a, pairwise.delta_b) == (0.5, 2.0) and pairwise.p_a < 0.5
+    assert len(backend.calls) == 1  # the comparison's principle was scored already
+
+
+def test_contrast_checked_principles_are_still_decided_by_checks():
+    backend = ScriptedBackend()
+    group = candidates("p", "short one", "this one is far too long")
+    (judgment,) = judge_prompts(backend, SHORT, by_prompt(group), CONTRAST)
+    assert backend.calls == []
+    assert judgment.mode == "checks" and judgment.p_a == 1.0
+    assert (judgment.delta_a, judgment.delta_b) == (None, None)
+
+
+def test_contrast_missing_scores_are_missing_logprobs_and_never_pairs():
+    def sequence(chat):
+        return None if chat[-1]["content"] == "second" else SequenceScore(-1.0, 1)
+
+    backend = ScriptedBackend(sequence_fn=sequence)
+    judgment = judge_one(backend, CONTRAST)
+    assert judgment.status == "missing_logprobs"
+    assert judgment.p_a is None and judgment.position_consistent is None
+    outcome = build_pairs([judgment], by_prompt(candidates("p", "first", "second")), CONTRAST)
+    assert outcome.pairs == [] and outcome.dropped["missing_logprobs"] == 1
+
+
+def test_likelihood_baseline_reads_mean_loglik_without_the_principle():
+    backend = ScriptedBackend(
+        sequence_fn=lambda chat: SequenceScore(-len(chat[-1]["content"]), 2, end_logprob=-1.0)
+    )
+    config = JudgeConfig(mode="likelihood", contrast_tau=1.0)
+    (label,) = judge_comparisons(backend, comparisons(("abcde", "abc")), config)
+    assert (label.delta_a, label.delta_b) == (-2.0, pytest.approx(-4 / 3))
+    assert label.p_a == pytest.approx(sigmoid(-2.0 + 4 / 3))
+    (call,) = backend.calls
+    assert {system_prompt(c) for c in call.chats} == {NEUTRAL_SYSTEM}
+    assert all(HELPFUL.text not in str(c) for c in call.chats)
+    assert judge_one(ScriptedBackend(), config).mode == "likelihood"
+
+
+def test_ensemble_asks_both_orders_and_scores_sequences():
+    backend = ScriptedBackend()
+    config = JudgeConfig(mode="ensemble", few_shot=True)
+    judgment = judge_one(backend, config)
+    assert [c.method for c in backend.calls] == [
+        "score_options",
+        "score_options",
+        "score_sequences",
+    ]
+    assert judgment.mode == "ensemble" and judgment.status == "ok"
+    assert judgment.delta_a is not None and judgment.option_mass == pytest.approx(0.9)
+
+
+def test_the_default_mode_is_contrast():
+    judgment = judge_one(ScriptedBackend(), JudgeConfig())
+    assert judgment.mode == "contrast" and judgment.position_consistent is True
+    assert judgment.delta_a is not None
+
+
+# --- judge_comparisons ---------------------------------------------------------------
+
+
+def test_judge_comparisons_uses_the_given_principle_and_batches_per_order():
+    backend = ScriptedBackend()
+    pairs = [Comparison("q?", "long answer", "short", p) for p in (*PLAIN.principles, HELPFUL)]
+    labels = judge_comparisons(backend, pairs, LOGPROB)
+    assert [c.method for c in backend.calls] == ["score_options", "score_options"]
+    assert [len(c.chats) for c in backend.calls] == [3, 3]
+    for chat, p in zip(backend.calls[0].chats, pairs, strict=True):
+        assert p.principle.text in last_user_message(chat)
+    assert all(label.status == "ok" and label.p_a > 0.5 for label in labels)
+    assert judge_comparisons(backend, [], LOGPROB) == []
+
+
+def test_judge_comparisons_decides_checked_principles_by_checks():
+    backend = ScriptedBackend()
+    brief = SHORT.principles[0]
+    pairs = [Comparison("q?", "ok", "this one is too long", brief), *comparisons(("a b", "c"))]
+    checked, asked = judge_comparisons(backend, pairs, CONTRAST)
+    assert checked.p_a == 1.0 and checked.delta_a is None
+    assert asked.delta_a == 1.0
+    assert len(backend.calls[0].chats) == 4  # only the unchecked comparison is scored
+
+
+def test_few_shot_puts_solved_examples_before_the_question():
+    backend = ScriptedBackend()
+    judge_comparisons(
+        backend, comparisons(("first", "second")), JudgeConfig(mode="logprob", few_shot=True)
+    )
+    first, second = (call.chats[0] for call in backend.calls_to("score_options"))
+    for chat in (first, second):
+        assert len(chat) == 2 * len(FEW_SHOT) + 2
+        assert [chat[1]["content"], chat[3]["content"]] == [f"{LEAD_IN}A)", f"{LEAD_IN}B)"]
+        assert chat[-1] == {"role": "assistant", "content": LEAD_IN}
+    assert "(A) first\n(B) second" in last_user_message(first)
+    assert "(A) second\n(B) first" in last_user_message(second)
+
+
+def test_judgment_ids_distinguish_the_label_settings():
+    group = by_prompt(candidates("p", "first", "second"))
+
+    def judgment_id(config):
+        return judge_prompts(ScriptedBackend(), PLAIN, group, config)[0].judgment_id
+
+    ids = [
+        judgment_id(LOGPROB),
+        judgment_id(JudgeConfig(mode="logprob", few_shot=True)),
+        judgment_id(CONTRAST),
+        judgment_id(JudgeConfig(mode="contrast", contrast_tau=1.0)),
+        judgment_id(JudgeConfig(mode="contrast", contrast_negative="opposite")),
+        judgment_id(JudgeConfig(mode="likelihood")),
+        judgment_id(JudgeConfig(mode="ensemble")),
+    ]
+    assert len(set(ids)) == len(ids)
+    assert judgment_id(LOGPROB) == judgment_id(JudgeConfig(mode="logprob", contrast_tau=9.0))
+
+
+# --- Sequence scores: where the response's tokens are --------------------------------
+
+
+def encode_chars(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def test_split_response_locates_the_response_and_the_end_token():
+    located = split_response("<u>q</u><a>", "<u>q</u><a>hi", "<u>q</u><a>hi</a>\n", encode_chars)
+    assert (located.start, located.end) == (11, 13)
+    assert located.token_ids == encode_chars("<u>q</u><a>hi<")  # cut after the end token
+
+
+def test_split_response_tokenizes_the_pieces_apart_when_a_token_straddles_them():
+    def merging(text: str) -> list[int]:  # "ab" is one token, as BPE merges would do
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                ids.append(0)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+    located = split_response("xa", "xab", "xab!", merging)
+    assert located.token_ids == [ord("x"), ord("a"), ord("b"), ord("!")]
+    assert (located.start, located.end) == (2, 3)
+
+
+def test_split_response_refuses_a_template_that_moves_the_response():
+    with pytest.raises(ValueError, match="cannot tell which tokens"):
+        split_response("<a>", "<b>hi", "<b>hi</b>", encode_chars)
+
+
+def test_response_tokens_sum_the_responses_logprobs():
+    located = ResponseTokens([1, 2, 3, 4, 5], start=2, end=4)
+    score = located.score([None, -9.0, -1.0, -2.0, -0.5])
+    assert score == SequenceScore(logprob=-3.0, num_tokens=2, end_logprob=-0.5)
+    assert located.score([None, -9.0, -1.0, None, -0.5]) is None
+    assert located.score([None, -9.0, -1.0]) is None
+    no_end = ResponseTokens([1, 2, 3], start=1, end=3)
+    assert no_end.score([None, -1.0, -1.0]) == SequenceScore(-2.0, 2, None)
 
 
 # --- Config -------------------------------------------------------------------------
@@ -523,4 +860,8 @@ def test_config_rejects_bad_values_with_the_values():
         JudgeConfig(mode="vibes")
     with pytest.raises(ValidationError):
         JudgeConfig(temperature=0.3)  # unknown keys are errors
+    with pytest.raises(ValidationError):
+        JudgeConfig(contrast_tau=0.0)
+    with pytest.raises(ValidationError):
+        JudgeConfig(contrast_negative="reverse")
     JudgeConfig(mode="logprob", min_confidence=0.7)  # fine outside cot

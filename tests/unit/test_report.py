@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from flows.report import incumbent_series, loop_history, print_status, write_report
+from flows.report import (
+    incumbent_series,
+    judge_audits,
+    loop_history,
+    print_status,
+    write_report,
+)
 from storage import Store, StoreNotFound
 
 START = datetime(2025, 1, 2, tzinfo=timezone.utc)
@@ -90,6 +96,40 @@ def pair_row(i: int, n: int, principles: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def audit_rows(iteration: int | None, accuracy: float, run: str, minutes: int) -> list[dict]:
+    """One gold audit's `judge_evals` rows, as flows.judge_eval writes them."""
+    figures = {
+        "accuracy": (accuracy, 40), "position_consistency": (0.8, 40), "not_ok": (1.0, 40),
+        "first_position_rate": (0.6, 78), "ece": (0.12, 39),
+        "accuracy_chosen_longer": (0.9, 20), "accuracy_chosen_shorter": (0.3, 18),
+        "by_principle/honest/accuracy": (accuracy, 40),
+        "calibration/bin2/confidence": (0.61, 25), "calibration/bin2/accuracy": (0.52, 25),
+        "calibration/bin8/confidence": (0.93, 14), "calibration/bin8/accuracy": (0.71, 14),
+    }  # fmt: skip
+    return [
+        {
+            "judge_eval_id": f"{run}-{metric}",
+            "judge_model": "judge-m",
+            "mode": "logprob",
+            "metric": metric,
+            "value": value,
+            "n": n,
+            "iteration": iteration,
+            "loop": "loop-a" if iteration is not None else None,
+            "created_at": START + timedelta(minutes=minutes),
+        }  # fmt: skip
+        for metric, (value, n) in figures.items()
+    ]
+
+
+def session_event(min_judge_accuracy: float | None) -> dict[str, Any]:
+    gates = {"min_win_rate": 0.5, "min_judge_accuracy": min_judge_accuracy}
+    return {
+        "event_id": "loop-loop-a-0001:completed", "run_id": "loop-loop-a-0001",
+        "status": "completed", "updated_at": START, "config": {"loop": {"gates": gates}},
+    }  # fmt: skip
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     store = Store(tmp_path / "data")
@@ -102,6 +142,11 @@ def store(tmp_path: Path) -> Store:
     models = [model_row(M1, None, 1), model_row(M2, M1, 2), model_row(M3, M1, 3)]
     for model in models:
         store.write("models", [model], f"train-{model['model_id']}")
+    audits = [(1, 0.7, "audit-1", 60), (2, 0.65, "audit-2", 120), (3, 0.8, "audit-3", 180),
+              (3, 0.55, "audit-3b", 200), (None, 0.99, "cli", 300)]  # fmt: skip
+    for iteration, accuracy, run, minutes in audits:
+        store.write("judge_evals", audit_rows(iteration, accuracy, run, minutes), run)
+    store.write("runs", [session_event(0.6)], "loop-loop-a-0001")
     return store
 
 
@@ -153,11 +198,46 @@ def test_status_of_a_missing_store_raises(tmp_path: Path) -> None:
         print_status(Store(tmp_path / "nothing"), console=Console(file=io.StringIO()))
 
 
+def test_judge_audits_keep_the_latest_of_each_iteration_and_the_gate(store: Store) -> None:
+    judge = judge_audits(store, "loop-a")
+    assert [(a.iteration, a.run_id) for a in judge.audits] == [
+        (1, "audit-1"), (2, "audit-2"), (3, "audit-3b"),
+    ]  # fmt: skip
+    latest = judge.latest()
+    assert latest is not None and latest.metrics.accuracy == 0.55
+    assert [b.count for b in latest.metrics.calibration if b.count] == [25, 14]
+    assert judge.min_accuracy == 0.6 and judge.distrusted()
+    assert judge_audits(store, "no-such-loop").audits == []
+
+
+def test_report_says_plainly_when_the_judge_is_not_trusted(store: Store, tmp_path: Path) -> None:
+    page = write_report(store, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert (
+        '<p class="fail">Judge not trusted: gold accuracy 0.550 (iteration 3 audit) is below '
+        "min_judge_accuracy 0.600; its win rates promote nothing.</p>"
+    ) in page
+    assert "Judge on the gold audit set" in page and "Judge reliability, iteration 3 audit" in page
+    assert "0.900 / 0.300" in page  # accuracy when chosen is longer / shorter
+    assert "<code>audit-3b</code>" in page and "<code>audit-2</code>" in page
+    assert "<code>audit-3</code>" not in page and "<code>cli</code>" not in page
+
+
+def test_report_of_a_trusted_judge_and_of_no_gate(store: Store, tmp_path: Path) -> None:
+    store.write("runs", [{**session_event(0.5), "event_id": "later", "updated_at": START
+                          + timedelta(days=1)}], "loop-loop-a-0001")  # fmt: skip
+    page = write_report(store, tmp_path / "a.html").read_text(encoding="utf-8")
+    assert "Judge trusted: gold accuracy 0.550 (iteration 3 audit) is at least" in page
+    store.write("runs", [{**session_event(None), "event_id": "latest", "updated_at": START
+                          + timedelta(days=2)}], "loop-loop-a-0001")  # fmt: skip
+    page = write_report(store, tmp_path / "b.html").read_text(encoding="utf-8")
+    assert "no min_judge_accuracy gate is set" in page
+
+
 def test_report_is_one_self_contained_html_file(store: Store, tmp_path: Path) -> None:
     path = write_report(store, tmp_path / "out" / "report.html")
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<svg") >= 6
+    assert page.count("<svg") >= 8
     assert not re.search(r"<script|<link|<img", page)
     assert "http" not in re.sub(r'xmlns(:\w+)?="[^"]*"', "", page)  # only SVG namespaces
     assert "loop-a" in page and str(store.root) in page
@@ -173,4 +253,6 @@ def test_report_into_a_folder_of_an_empty_loop(tmp_path: Path) -> None:
     folder = tmp_path / "reports"
     folder.mkdir()
     path = write_report(store, folder)
-    assert path.parent == folder and "No iterations." in path.read_text(encoding="utf-8")
+    page = path.read_text(encoding="utf-8")
+    assert path.parent == folder and "No iterations." in page
+    assert "No judge audits in this loop" in page

@@ -59,7 +59,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "response_b_id": None, "principle_id": "kind", "constitution_id": "c1",
         "judge_model": "tiny-judge", "mode": "pointwise", "p_a_first": 0.6, "p_a_second": 0.7,
         "p_a": 0.65, "position_consistent": True, "option_mass": None, "status": "ok",
-        "rationale": None,
+        "rationale": None, "delta_a": None, "delta_b": None,
     },
     "preference_pairs": {
         "pair_id": "pp1", "prompt_id": "p1", "prompt": "Hi?", "chosen": "Hello!",
@@ -78,10 +78,16 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "eval_id": "v1", "model_id": "m1", "baseline_model_id": "m0", "metric": "win_rate",
         "value": 0.6, "n": 100, "ci_low": 0.5, "ci_high": 0.7, "run_id": RUN,
     },
+    "judge_evals": {
+        "judge_eval_id": "je1", "run_id": RUN, "judge_model": "tiny", "judge_config_id": "jc1",
+        "mode": "contrast", "dataset": "builtin", "dataset_id": "d1", "metric": "accuracy",
+        "value": 0.7, "n": 48, "judge_config": '{"mode": "contrast"}', "iteration": 1,
+        "loop": "demo", "created_at": NOW,
+    },
     "iterations": {
         "iteration_id": "i1", "run_id": RUN, "loop": "demo", "iteration": 1, "method": "dpo",
         "incumbent_model_id": "tiny", "candidate_model_id": "m1", "data_run_id": RUN,
-        "eval_run_id": "e1", "pairs": 8, "decision": "promoted", "promoted": True,
+        "eval_run_id": "e1", "start_eval_run_id": "e0", "pairs": 8, "decision": "promoted", "promoted": True,
         "gates": '[{"gate": "kl", "passed": true}]', "reasons": [], "started_at": NOW,
         "finished_at": NOW, "flow_run_id": None,
     },

@@ -1,0 +1,507 @@
+"""Judge quality, measured on labelled preference data (`rlaif judge eval`).
+
+A preference set is TRL's preference format: one row per pair with ``prompt``,
+``chosen`` and ``rejected``, either as strings (standard) or as lists of
+``{role, content}`` messages (conversational: the prompt is its last user
+message, a response its last assistant message). Optional columns:
+``principle`` (the text to judge by), ``principle_id`` and ``subset``.
+
+Every pair is judged with the chosen response as A, in both orders, so the
+gold label says which side of each soft label is right. What the numbers mean
+is written once, in ``judge_metrics``; they are only worth what the gold set
+is worth, and a judge's accuracy on it says nothing about prompts unlike it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from alignment.constitution import Constitution, Principle
+from alignment.judge import Comparison, SoftLabel
+
+BUILTIN = "builtin"
+BUILTIN_PATH = Path(__file__).parent / "data" / "judge_gold.jsonl"
+ACCEPTED_FORMS = (
+    f"'{BUILTIN}', a .jsonl file, a .parquet file, "
+    "or a folder written by datasets' save_to_disk (Dataset or DatasetDict)"
+)
+# The question asked of a pair whose row names no principle: the CAI papers' generic one.
+GENERIC_PRINCIPLE = Principle(
+    id="generic",
+    text="Choose the response that is more helpful, honest and harmless.",
+    critique="",
+    revision="",
+)
+CALIBRATION_BINS = 10  # equal-width bins of confidence over [0.5, 1]
+
+
+class PreferenceSetError(ValueError):
+    """A preference set that cannot be used; the message starts with FILE:LINE or FILE."""
+
+
+@dataclass(frozen=True)
+class GoldPair:
+    """One labelled pair: ``chosen`` is the better response to ``prompt`` under ``principle``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    principle: Principle
+    subset: str | None = None
+    where: str = ""  # "FILE:LINE" or "FILE: row N", for messages about this pair
+
+
+# --- Reading ---------------------------------------------------------------------------
+
+
+class _Row(NamedTuple):
+    where: str
+    record: Mapping[str, Any]
+
+
+def source_path(source: str | Path) -> Path:
+    """The file or folder a source names; ``builtin`` is the shipped gold set."""
+    return BUILTIN_PATH if str(source) == BUILTIN else Path(source)
+
+
+def load_preference_set(
+    source: str | Path, limit: int | None = None, *, constitution: Constitution | None = None
+) -> list[GoldPair]:
+    """The first ``limit`` pairs (all when None) of ``source``, in source order.
+
+    ``source`` is ``builtin``, a ``.jsonl`` file (blank lines skipped), a ``.parquet``
+    file, or a ``datasets.save_to_disk`` folder; a DatasetDict gives its ``test`` split
+    when it has one, else ``train`` (a gold set is held-out data). Each pair's principle
+    is the row's ``principle`` text (its id the row's ``principle_id``, else
+    ``custom-<hash>``); else ``principle_id`` looked up in ``constitution``; else
+    GENERIC_PRINCIPLE. Texts are stripped. Raises PreferenceSetError on the first bad
+    row, and when no pair is left.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    path = source_path(source)
+    pairs: list[GoldPair] = []
+    for row in _read_rows(path):
+        pairs.append(_to_pair(row, constitution))
+        if len(pairs) == limit:
+            break
+    if not pairs:
+        raise PreferenceSetError(f"{path}: no preference pairs")
+    return pairs
+
+
+def preference_set_id(source: str | Path) -> str:
+    """sha256 of the set's bytes (a folder: of its files' names and bytes), so an edited
+    gold set is a different data set in the store."""
+    path = source_path(source)
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def to_comparisons(pairs: Sequence[GoldPair]) -> list[Comparison]:
+    """Each pair as a comparison with the chosen response as A.
+
+    Checks are stripped from the principles: a principle with checks is decided by the
+    checks, without the model, and it is the model that is measured here.
+    """
+    return [
+        Comparison(p.prompt, p.chosen, p.rejected, replace(p.principle, checks=())) for p in pairs
+    ]
+
+
+def _read_rows(path: Path) -> Iterator[_Row]:
+    if not path.exists():
+        raise PreferenceSetError(f"{path}: no such file or folder; expected {ACCEPTED_FORMS}")
+    if path.is_dir():
+        return _read_dataset_folder(path)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise PreferenceSetError(
+        f"{path}: unsupported file type '{path.suffix}'; expected {ACCEPTED_FORMS}"
+    )
+
+
+def _read_jsonl(path: Path) -> Iterator[_Row]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PreferenceSetError(
+                    f"{where}: invalid JSON: {err.msg} (column {err.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise PreferenceSetError(
+                    f"{where}: expected a JSON object, got {type(record).__name__}"
+                )
+            yield _Row(where, record)
+
+
+def _read_parquet(path: Path) -> Iterator[_Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise PreferenceSetError(f"{path}: not a readable Parquet file: {err}") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield _Row(f"{path}: row {number}", record)
+
+
+def _read_dataset_folder(path: Path) -> Iterator[_Row]:
+    import datasets  # heavy; only for this source
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise PreferenceSetError(
+            f"{path}: folder is not a saved datasets Dataset; expected {ACCEPTED_FORMS}"
+        ) from None
+    label = str(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        split = next((s for s in ("test", "train") if s in loaded), None)
+        if split is None:
+            raise PreferenceSetError(
+                f"{path}: DatasetDict has no 'test' or 'train' split (splits: {list(loaded)})"
+            )
+        loaded, label = loaded[split], f"{path}[{split}]"
+    return (_Row(f"{label}: row {n}", record) for n, record in enumerate(loaded, start=1))
+
+
+# --- One row ---------------------------------------------------------------------------
+
+
+def _to_pair(row: _Row, constitution: Constitution | None) -> GoldPair:
+    chosen, rejected = _text(row, "chosen", "assistant"), _text(row, "rejected", "assistant")
+    if chosen == rejected:
+        raise PreferenceSetError(f"{row.where}: 'chosen' and 'rejected' are the same text")
+    return GoldPair(
+        prompt=_text(row, "prompt", "user"),
+        chosen=chosen,
+        rejected=rejected,
+        principle=_principle(row, constitution),
+        subset=_optional(row, "subset"),
+        where=row.where,
+    )
+
+
+def _text(row: _Row, column: str, role: str) -> str:
+    """A string column, or the last ``role`` message of a conversational one; never empty."""
+    if column not in row.record:
+        columns = ", ".join(sorted(row.record)) or "none"
+        raise PreferenceSetError(f"{row.where}: missing column '{column}' (columns: {columns})")
+    value = row.record[column]
+    if isinstance(value, list):
+        if not all(isinstance(m, Mapping) for m in value):
+            raise PreferenceSetError(
+                f"{row.where}: '{column}' must be a list of {{role, content}} messages"
+            )
+        contents = [m.get("content") for m in value if m.get("role") == role]
+        if not contents:
+            raise PreferenceSetError(f"{row.where}: '{column}' has no {role} message")
+        value = contents[-1]
+    if not isinstance(value, str):
+        raise PreferenceSetError(
+            f"{row.where}: '{column}' must be a string or a list of {{role, content}} "
+            f"messages, got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise PreferenceSetError(f"{row.where}: '{column}' is empty")
+    return value.strip()
+
+
+def _optional(row: _Row, column: str) -> str | None:
+    value = row.record.get(column)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PreferenceSetError(
+            f"{row.where}: '{column}' must be a string, got {type(value).__name__}"
+        )
+    return value.strip() or None
+
+
+def _principle(row: _Row, constitution: Constitution | None) -> Principle:
+    text, principle_id = _optional(row, "principle"), _optional(row, "principle_id")
+    if text is not None:
+        custom = "custom-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+        return Principle(id=principle_id or custom, text=text, critique="", revision="")
+    if principle_id is None:
+        return GENERIC_PRINCIPLE
+    if constitution is None:
+        raise PreferenceSetError(
+            f"{row.where}: principle_id '{principle_id}' needs a constitution to look it up "
+            "(or a 'principle' column with its text)"
+        )
+    try:
+        return constitution.principle(principle_id)
+    except KeyError:
+        known = ", ".join(p.id for p in constitution.principles)
+        raise PreferenceSetError(
+            f"{row.where}: unknown principle_id '{principle_id}' "
+            f"(constitution '{constitution.name}' has: {known})"
+        ) from None
+
+
+# --- Metrics (pure) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Share:
+    """A rate and the number of answers it is over."""
+
+    value: float
+    n: int
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    lower: float
+    upper: float
+    count: int
+    confidence: float | None  # mean max(p_a, 1 - p_a) in the bin; None when empty
+    accuracy: float | None  # share of the bin's pairs whose p_a picks chosen
+
+
+@dataclass(frozen=True)
+class JudgeMetrics:
+    """See judge_metrics for the definitions."""
+
+    n: int
+    accuracy: float
+    position_consistency: float
+    first_position_rate: Share | None  # None when no pair got an ok label
+    ece: Share | None
+    calibration: tuple[CalibrationBin, ...]
+    accuracy_chosen_longer: Share | None  # None when no pair is of that kind
+    accuracy_chosen_shorter: Share | None
+    by_principle: dict[str, Share]
+    by_subset: dict[str, Share]
+    not_ok: int
+
+    def flat(self) -> dict[str, tuple[float, int]]:
+        """{metric: (value, n)}: the rows of ``judge_evals``. Empty bins and metrics that
+        were not measured are left out; from_flat reads this back exactly."""
+        figures: dict[str, tuple[float, int]] = {
+            "accuracy": (self.accuracy, self.n),
+            "position_consistency": (self.position_consistency, self.n),
+            "not_ok": (float(self.not_ok), self.n),
+        }
+        for name in _OPTIONAL_SHARES:
+            share = getattr(self, name)
+            if share is not None:
+                figures[name] = (share.value, share.n)
+        for group in ("by_principle", "by_subset"):
+            for key, share in getattr(self, group).items():
+                figures[f"{group}/{key}/accuracy"] = (share.value, share.n)
+        for k, b in enumerate(self.calibration):
+            if b.count and b.confidence is not None and b.accuracy is not None:
+                figures[f"calibration/bin{k}/confidence"] = (b.confidence, b.count)
+                figures[f"calibration/bin{k}/accuracy"] = (b.accuracy, b.count)
+        return figures
+
+    @classmethod
+    def from_flat(cls, figures: Mapping[str, tuple[float, int]]) -> JudgeMetrics:
+        """The metrics back from their ``judge_evals`` rows (a rerun reads, not recomputes)."""
+        accuracy, n = figures["accuracy"]
+        groups: dict[str, dict[str, Share]] = {"by_principle": {}, "by_subset": {}}
+        for name, (value, count) in figures.items():
+            group, _, rest = name.partition("/")
+            if group in groups and rest.endswith("/accuracy"):
+                groups[group][rest.removesuffix("/accuracy")] = Share(value, count)
+        optional = {
+            name: Share(*figures[name]) if name in figures else None for name in _OPTIONAL_SHARES
+        }
+        return cls(
+            n=n,
+            accuracy=accuracy,
+            position_consistency=figures["position_consistency"][0],
+            calibration=tuple(_bin_from_flat(figures, k) for k in range(CALIBRATION_BINS)),
+            by_principle=groups["by_principle"],
+            by_subset=groups["by_subset"],
+            not_ok=round(figures["not_ok"][0]),
+            **optional,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers as plain JSON (what `rlaif judge eval --format json` prints)."""
+
+        def value(share: Share | None) -> float | None:
+            return None if share is None else share.value
+
+        def grouped(shares: dict[str, Share]) -> dict[str, dict[str, float | int]]:
+            return {k: {"accuracy": s.value, "n": s.n} for k, s in sorted(shares.items())}
+
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "position_consistency": self.position_consistency,
+            "first_position_rate": value(self.first_position_rate),
+            "ece": value(self.ece),
+            "accuracy_chosen_longer": value(self.accuracy_chosen_longer),
+            "accuracy_chosen_shorter": value(self.accuracy_chosen_shorter),
+            "by_principle": grouped(self.by_principle),
+            "by_subset": grouped(self.by_subset),
+            "not_ok": self.not_ok,
+        }
+
+
+_OPTIONAL_SHARES = (
+    "first_position_rate",
+    "ece",
+    "accuracy_chosen_longer",
+    "accuracy_chosen_shorter",
+)
+
+
+def _bin_edges(k: int) -> tuple[float, float]:
+    width = 0.5 / CALIBRATION_BINS
+    return 0.5 + k * width, 0.5 + (k + 1) * width
+
+
+def _bin_from_flat(figures: Mapping[str, tuple[float, int]], k: int) -> CalibrationBin:
+    confidence = figures.get(f"calibration/bin{k}/confidence")
+    accuracy = figures.get(f"calibration/bin{k}/accuracy")
+    if confidence is None or accuracy is None:
+        return CalibrationBin(*_bin_edges(k), 0, None, None)
+    return CalibrationBin(*_bin_edges(k), confidence[1], confidence[0], accuracy[0])
+
+
+def _pick(p: float) -> float:
+    """1 if a probability that A is better prefers A, 0 if it prefers B, 1/2 if even."""
+    return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+
+
+def _answers(label: SoftLabel) -> tuple[float, float, float] | None:
+    """P(A better) in order 1, in order 2, and combined, of an ok label; None when the
+    label is not a preference."""
+    p1, p2, p_a = label.p_a_first, label.p_a_second, label.p_a
+    if label.status != "ok" or p1 is None or p2 is None or p_a is None:
+        return None
+    return p1, p2, p_a
+
+
+def judge_metrics(pairs: Sequence[GoldPair], labels: Sequence[SoftLabel]) -> JudgeMetrics:
+    """How well the judge's labels agree with the gold labels; each pair was judged with
+    its chosen response as A, so P(A better) > 0.5 is a correct answer.
+
+    Per pair, order 1 (chosen shown first) is correct when p_a_first > 0.5 and order 2
+    (chosen shown second) when p_a_second > 0.5; exactly 0.5 counts half. A label whose
+    status is not ok counts half in both orders and is never a preference.
+
+    - ``accuracy``: mean correctness over both orders of every pair.
+    - ``position_consistency``: share of pairs whose two orders pick the same response
+      (an even answer picks none).
+    - ``first_position_rate``: share of single-order answers (ok labels only) that pick
+      whichever response was shown first; 0.5 is unbiased. A judge that always answers
+      (A) scores 1.0, with accuracy 0.5 and position consistency 0.
+    - ``ece``: expected calibration error of the combined p_a over the ok labels: the
+      confidence max(p_a, 1 - p_a) is binned into CALIBRATION_BINS equal-width bins of
+      [0.5, 1], and ECE = sum over bins of (count / n) * |accuracy - mean confidence|,
+      a bin's accuracy being the share of its pairs with p_a > 0.5 (0.5 counts half).
+      ``calibration`` keeps the bins for a reliability diagram.
+    - ``accuracy_chosen_longer`` / ``accuracy_chosen_shorter``: accuracy over the pairs
+      whose chosen response has more / fewer words than the rejected one (equal lengths
+      in neither): a judge that prefers length scores high on one and low on the other.
+    - ``by_principle``, ``by_subset``: accuracy and pair count per principle id and per
+      subset (pairs without a subset are in no subset).
+    - ``not_ok``: how many labels were refusals, unparseable or missing log-probs.
+    """
+    if len(pairs) != len(labels):
+        raise ValueError(f"{len(pairs)} pairs but {len(labels)} labels")
+    if not pairs:
+        raise ValueError("no pairs to measure the judge on")
+    correct: list[float] = []
+    consistent: list[float] = []
+    first_picks: list[float] = []
+    confidences: list[tuple[float, float]] = []  # (confidence, correct) per ok label
+    for label in labels:
+        answers = _answers(label)
+        if answers is None:
+            correct.append(0.5)
+            consistent.append(0.0)
+            continue
+        p1, p2, p_a = answers
+        correct.append((_pick(p1) + _pick(p2)) / 2)
+        consistent.append(float(_pick(p1) == _pick(p2) and _pick(p1) != 0.5))
+        # Order 1 shows A first; order 2 shows B first, and picking B means p_a_second < 0.5.
+        first_picks += [_pick(p1), 1.0 - _pick(p2)]
+        confidences.append((max(p_a, 1.0 - p_a), _pick(p_a)))
+    calibration = _calibration(confidences)
+    longer = [_words(p.chosen) - _words(p.rejected) for p in pairs]  # > 0: chosen is longer
+    return JudgeMetrics(
+        n=len(pairs),
+        accuracy=_mean(correct),
+        position_consistency=_mean(consistent),
+        first_position_rate=_share(first_picks),
+        ece=_ece(calibration, len(confidences)),
+        calibration=calibration,
+        accuracy_chosen_longer=_share([c for c, d in zip(correct, longer, strict=True) if d > 0]),
+        accuracy_chosen_shorter=_share([c for c, d in zip(correct, longer, strict=True) if d < 0]),
+        by_principle=_by(correct, [p.principle.id for p in pairs]),
+        by_subset=_by(correct, [p.subset for p in pairs]),
+        not_ok=sum(_answers(label) is None for label in labels),
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _share(values: Sequence[float]) -> Share | None:
+    return Share(_mean(values), len(values)) if values else None
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _by(correct: Sequence[float], keys: Sequence[str | None]) -> dict[str, Share]:
+    groups: dict[str, list[float]] = {}
+    for key, c in zip(keys, correct, strict=True):
+        if key is not None:
+            groups.setdefault(key, []).append(c)
+    return {key: Share(_mean(values), len(values)) for key, values in sorted(groups.items())}
+
+
+def _calibration(confidences: Sequence[tuple[float, float]]) -> tuple[CalibrationBin, ...]:
+    binned: list[list[tuple[float, float]]] = [[] for _ in range(CALIBRATION_BINS)]
+    for confidence, correct in confidences:
+        k = min(int((confidence - 0.5) * 2 * CALIBRATION_BINS), CALIBRATION_BINS - 1)
+        binned[k].append((confidence, correct))
+    return tuple(
+        CalibrationBin(
+            *_bin_edges(k),
+            len(members),
+            _mean([c for c, _ in members]) if members else None,
+            _mean([a for _, a in members]) if members else None,
+        )
+        for k, members in enumerate(binned)
+    )
+
+
+def _ece(bins: Sequence[CalibrationBin], n: int) -> Share | None:
+    if n == 0:
+        return None
+    gaps = [
+        b.count / n * abs(b.accuracy - b.confidence)
+        for b in bins
+        if b.count and b.accuracy is not None and b.confidence is not None
+    ]
+    return Share(sum(gaps), n)

