@@ -319,6 +319,8 @@ class VLLMBackend:
     def score_sequences(self, chats: Sequence[Chat]) -> list[SequenceScore | None]:
         from vllm import SamplingParams
 
+        if not chats:
+            return []
         self._ensure_loaded()
         located = [self.response_tokens(chat) for chat in chats]
         # A chat the engine cannot hold is None (missing), not an error for the whole batch.

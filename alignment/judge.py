@@ -124,10 +124,11 @@ class JudgeConfig(BaseModel):
     )
     few_shot: bool = Field(
         False,
-        description="Show two solved example questions (one answered (A), one (B)) "
-        "before each A/B question (logprob, cot and ensemble modes). On SmolLM2-135M "
-        "they lift the both-orders accuracy from about 0.5 to about 0.7, though each "
-        "single order still favours one position.",
+        description="logprob mode: show two solved example questions (one answered (A), "
+        "one (B)) before each A/B question. On SmolLM2-135M they lift the both-orders "
+        "accuracy from about 0.5 to about 0.7, though each single order still favours "
+        "one position. ensemble mode always shows them (without, it is worse than "
+        "contrast alone).",
     )
     contrast_tau: float = Field(
         3.0,
@@ -558,7 +559,7 @@ def _question_chats(ask: _Ask, cot: bool, config: JudgeConfig) -> tuple[Chat, Ch
     b = ask.b
     if cot:
         return pairwise_cot_chat(text, prompt, a, b), pairwise_cot_chat(text, prompt, b, a)
-    shots = config.few_shot
+    shots = config.few_shot or config.mode == "ensemble"
     return (
         pairwise_judge_chat(text, prompt, a, b, shots=shots),
         pairwise_judge_chat(text, prompt, b, a, shots=shots),
@@ -639,7 +640,7 @@ def _label_settings(config: JudgeConfig) -> str | dict[str, Any]:
     """The settings that decide a judgment's numbers, for its id; the bare mode when it
     is the only one, so ids made before the other settings existed stay the same."""
     settings: dict[str, Any] = {"mode": config.mode}
-    if config.mode in ("logprob", "cot", "ensemble") and config.few_shot:
+    if config.mode == "logprob" and config.few_shot:
         settings["few_shot"] = True
     if config.mode in ("contrast", "likelihood", "ensemble"):
         settings["contrast_tau"] = config.contrast_tau

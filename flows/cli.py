@@ -312,7 +312,7 @@ def _print_demo_result(config: Any) -> None:
     print_status(store, config.loop.name, console)
     console.print()
     for line in proof_lines(read_proof(store, config.loop.name)):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
     report = write_report(store, store.root / "report.html", config.loop.name)
     console.print(f"\nReport with plots: {report}")
     console.print("[bold]Try next[/bold]")

@@ -62,13 +62,14 @@ class Proof:
         return series
 
     def incumbent_versus_start(self, metric: str) -> list[tuple[int, Figure | None]]:
-        """A versus-start metric (e.g. lc_win_rate) of the incumbent after each iteration."""
+        """A versus-start metric (e.g. lc_win_rate) of the incumbent, as (the iteration that
+        promoted it, its figure), after each iteration."""
         series: list[tuple[int, Figure | None]] = []
-        current: Figure | None = None
+        current: tuple[int, Figure | None] = (0, None)
         for step in self.steps:
             if step.decision == "promoted":
-                current = step.versus_start.get(metric)
-            series.append((step.iteration, current))
+                current = (step.iteration, step.versus_start.get(metric))
+            series.append(current)
         return series
 
 
@@ -193,7 +194,7 @@ def goal_lines(proof: Proof) -> list[str]:
         above = figure.ci_low is not None and figure.ci_low > LC_BOUND
         no_collapse = ratio >= MIN_LENGTH_RATIO
         lines.append(
-            f"  LC win rate of the incumbent (iteration {k}) vs the starting policy "
+            f"  LC win rate of the incumbent (promoted in iteration {k}) vs the starting policy "
             f"{_fmt(figure)}: {'met' if above else 'NOT met'} (goal: interval above {LC_BOUND})"
         )
         lines.append(

@@ -99,7 +99,9 @@ TABLES: dict[str, TableSpec] = {
         "judgment_id", text("prompt_id"), RUN_ID, text("response_a_id"),
         text("response_b_id"),  # null for pointwise scoring
         text("principle_id"), text("constitution_id"), text("judge_model"),
-        choice("mode", "pairwise", "pointwise", "checks", "cot", "contrast", "likelihood", "ensemble"),
+        choice(
+            "mode", "pairwise", "pointwise", "checks", "cot", "contrast", "likelihood", "ensemble"
+        ),
         real("p_a_first"), real("p_a_second"), real("p_a"), flag("position_consistent"),
         real("option_mass"), text("status"), text("rationale"),
         # contrast modes: each response's principle-conditioned log-likelihood ratio

@@ -147,7 +147,8 @@ def small_config(store: Path, policy_config) -> PipelineConfig:
         policy=policy_config,
         generation=GenerationConfig(n=3, max_tokens=24),
         critique={"max_tokens": 16},
-        judge={"min_confidence": 0.5},
+        # The A/B protocol (both orders) is what test_flow checks; contrast has its own tests.
+        judge={"min_confidence": 0.5, "mode": "logprob"},
     )
 
 

@@ -41,6 +41,7 @@ def write_loop_config(
         f"  iterations: {loop.pop('iterations', 1)}",
         f"  cron: {loop.pop('cron', 'null')}",
         f"  train: {train}",
+        "  judge_audit_limit: 16",
         "  gates: {min_win_rate: null, min_position_consistency: null, "
         "max_violation_increase: 0.0, max_length_growth: 1.2, max_kl: 30.0}",
     ]

@@ -43,7 +43,23 @@ def test_each_iteration_is_recorded_and_the_promoted_candidate_samples_next(loop
         assert row["pairs"] > 0 and row["eval_run_id"]
         assert (row["decision"] == "rejected") == bool(row["reasons"])
         gates = {g["gate"] for g in json.loads(row["gates"])}
-        assert gates == {"max_violation_increase", "max_length_growth", "max_kl"}
+        assert gates == {
+            "max_violation_increase", "max_length_growth", "max_length_shrink", "max_kl",
+            "max_degenerate_increase", "max_no_stop_increase",
+        }  # fmt: skip
+        kl = store.query(
+            "SELECT value FROM evals WHERE run_id = ? AND metric = 'kl'", [row["eval_run_id"]]
+        )
+        assert kl and kl[0]["value"] >= 0.0
+    # The judge was audited on the gold set at the start of every iteration.
+    audits = store.query(
+        "SELECT DISTINCT iteration FROM judge_evals WHERE loop = 't' AND metric = 'accuracy' "
+        "ORDER BY iteration"
+    )
+    assert [a["iteration"] for a in audits] == [1, 2]
+    # The second iteration's candidate, if promoted, was measured against the start too.
+    if second["promoted"]:
+        assert second["start_eval_run_id"] and second["start_eval_run_id"] != second["eval_run_id"]
     promoted = {r["model_id"] for r in store.query("SELECT model_id FROM models WHERE promoted")}
     assert promoted == {r["candidate_model_id"] for r in rows if r["promoted"]}
     # Each run is one session; both completed.

@@ -353,7 +353,8 @@ def write_gold(rows: list[Any]) -> str:
 
 
 def test_judge_eval_json(scripted_judge: list[object]) -> None:
-    args = ["judge", "eval", write_gold(GOLD), "--config", str(REPO / "configs" / "demo.yaml")]
+    demo = str(REPO / "configs" / "demo.yaml")
+    args = ["judge", "eval", write_gold(GOLD), "--config", demo, "--mode", "logprob"]
     result = rlaif(*args, "--store", "store", "--format", "json")
     assert (result.exit_code, result.stderr) == (0, "")
     out = json.loads(result.stdout)
@@ -376,7 +377,8 @@ def test_judge_eval_json(scripted_judge: list[object]) -> None:
 
 
 def test_judge_eval_table(scripted_judge: list[object]) -> None:
-    result = rlaif("judge", "eval", write_gold(GOLD[:1]), "--store", "store", "--limit", "1")
+    gold = write_gold(GOLD[:1])
+    result = rlaif("judge", "eval", gold, "--store", "store", "--limit", "1", "--mode", "logprob")
     assert (result.exit_code, result.stderr) == (0, "")
     first_line = "judge judge-x (logprob) on gold.jsonl: 1 pairs, 0 not ok; run "
     assert result.stdout.startswith(first_line)

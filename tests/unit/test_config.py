@@ -67,12 +67,13 @@ def test_train_config_errors_have_lines(tmp_path: Path) -> None:
 def test_demo_config_values() -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
     assert config.constitution == "constitutions/demo.yaml"
-    assert config.batch_size == 16
-    assert config.prompts.limit == 40
-    assert config.policy.model == "tiny"
+    assert config.batch_size == 32
+    assert config.prompts.limit == 30
+    assert config.policy.model == "smollm2"
     assert config.judge_model is None
-    assert config.generation.max_tokens == 48
-    assert config.judge.min_confidence == 0.51
+    assert config.generation.max_tokens == 64
+    assert config.judge.mode == "contrast"
+    assert config.loop.gates.min_judge_accuracy == 0.6
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
@@ -84,14 +85,14 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 def test_overrides_apply(tmp_path: Path) -> None:
     config = load_config(REPO / "configs" / "demo.yaml", {"store": str(tmp_path / "s")})
     assert config.store == str(tmp_path / "s")
-    assert config.batch_size == 16  # the rest still comes from the file
+    assert config.batch_size == 32  # the rest still comes from the file
 
 
 def test_override_is_validated(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as caught:
         load_config(REPO / "configs" / "demo.yaml", {"batch_size": 0})
     assert str(caught.value) == (
-        f"{REPO / 'configs' / 'demo.yaml'}:7: batch_size: Input should be greater than 0 (got 0)"
+        f"{REPO / 'configs' / 'demo.yaml'}:9: batch_size: Input should be greater than 0 (got 0)"
     )
 
 
@@ -143,7 +144,10 @@ def test_section_must_be_a_mapping(tmp_path: Path) -> None:
 
 def test_choice(tmp_path: Path) -> None:
     path, error = refusal(tmp_path, "judge:\n  mode: vibes\n")
-    assert error == f"{path}:2: judge.mode: Input should be 'logprob', 'cot', 'contrast', 'likelihood' or 'ensemble' (got 'vibes')"
+    assert error == (
+        f"{path}:2: judge.mode: Input should be 'logprob', 'cot', 'contrast', 'likelihood' "
+        "or 'ensemble' (got 'vibes')"
+    )
 
 
 @pytest.mark.parametrize(

@@ -724,15 +724,15 @@ def test_likelihood_baseline_reads_mean_loglik_without_the_principle():
     assert judge_one(ScriptedBackend(), config).mode == "likelihood"
 
 
-def test_ensemble_asks_both_orders_and_scores_sequences():
+def test_ensemble_asks_both_orders_with_examples_and_scores_sequences():
     backend = ScriptedBackend()
-    config = JudgeConfig(mode="ensemble", few_shot=True)
-    judgment = judge_one(backend, config)
+    judgment = judge_one(backend, JudgeConfig(mode="ensemble"))
     assert [c.method for c in backend.calls] == [
         "score_options",
         "score_options",
         "score_sequences",
     ]
+    assert len(backend.calls[0].chats[0]) == 2 * len(FEW_SHOT) + 2  # always few-shot
     assert judgment.mode == "ensemble" and judgment.status == "ok"
     assert judgment.delta_a is not None and judgment.option_mass == pytest.approx(0.9)
 

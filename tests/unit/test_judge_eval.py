@@ -370,7 +370,10 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> list[ScriptedBackend]:
 
 
 def config(tmp_path: Path) -> PipelineConfig:
-    return PipelineConfig(store=str(tmp_path / "store"), constitution=str(CONSTITUTION))
+    # The scripted judge answers A/B questions, so the A/B mode (not the default contrast).
+    return PipelineConfig(
+        store=str(tmp_path / "store"), constitution=str(CONSTITUTION), judge={"mode": "logprob"}
+    )
 
 
 def gold_file(tmp_path: Path) -> str:

@@ -87,7 +87,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "iterations": {
         "iteration_id": "i1", "run_id": RUN, "loop": "demo", "iteration": 1, "method": "dpo",
         "incumbent_model_id": "tiny", "candidate_model_id": "m1", "data_run_id": RUN,
-        "eval_run_id": "e1", "start_eval_run_id": "e0", "pairs": 8, "decision": "promoted", "promoted": True,
+        "eval_run_id": "e1", "start_eval_run_id": "e0", "pairs": 8, "decision": "promoted",
+        "promoted": True,
         "gates": '[{"gate": "kl", "passed": true}]', "reasons": [], "started_at": NOW,
         "finished_at": NOW, "flow_run_id": None,
     },
