@@ -266,6 +266,11 @@ def _run_loop(
         wait_s=wait_s,
         return_state=True,
     )
+    # Shut the engine's process down now: left to the interpreter's exit, its threads
+    # can abort the process ("terminate called without an active exception").
+    from alignment.backends import release_engines
+
+    release_engines()
     if state.is_cancelled():
         _fail(f"error: {state.message}")
     if not state.is_completed():
