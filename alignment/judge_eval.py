@@ -15,21 +15,19 @@ is worth, and a judge's accuracy on it says nothing about prompts unlike it.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from alignment.constitution import Constitution, Principle
 from alignment.judge import Comparison, SoftLabel
+from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
+from alignment.records import Record, dataset_rows, read_records
 
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).parent / "data" / "judge_gold.jsonl"
-ACCEPTED_FORMS = (
-    f"'{BUILTIN}', a .jsonl file, a .parquet file, "
-    "or a folder written by datasets' save_to_disk (Dataset or DatasetDict)"
-)
+ACCEPTED_FORMS = f"'{BUILTIN}', {RECORD_FORMS}"
 # The question asked of a pair whose row names no principle: the CAI papers' generic one.
 GENERIC_PRINCIPLE = Principle(
     id="generic",
@@ -59,9 +57,7 @@ class GoldPair:
 # --- Reading ---------------------------------------------------------------------------
 
 
-class _Row(NamedTuple):
-    where: str
-    record: Mapping[str, Any]
+_Row = Record
 
 
 def source_path(source: str | Path) -> Path:
@@ -120,68 +116,17 @@ def to_comparisons(pairs: Sequence[GoldPair]) -> list[Comparison]:
 
 
 def _read_rows(path: Path) -> Iterator[_Row]:
-    if not path.exists():
-        raise PreferenceSetError(f"{path}: no such file or folder; expected {ACCEPTED_FORMS}")
-    if path.is_dir():
-        return _read_dataset_folder(path)
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".parquet":
-        return _read_parquet(path)
-    raise PreferenceSetError(
-        f"{path}: unsupported file type '{path.suffix}'; expected {ACCEPTED_FORMS}"
-    )
+    return read_records(path, PreferenceSetError, ACCEPTED_FORMS, _dataset_dict_rows)
 
 
-def _read_jsonl(path: Path) -> Iterator[_Row]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PreferenceSetError(
-                    f"{where}: invalid JSON: {err.msg} (column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise PreferenceSetError(
-                    f"{where}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield _Row(where, record)
-
-
-def _read_parquet(path: Path) -> Iterator[_Row]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise PreferenceSetError(f"{path}: not a readable Parquet file: {err}") from None
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield _Row(f"{path}: row {number}", record)
-
-
-def _read_dataset_folder(path: Path) -> Iterator[_Row]:
-    import datasets  # heavy; only for this source
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
+def _dataset_dict_rows(loaded: Any, path: Path) -> Iterator[_Row]:
+    """A DatasetDict's "test" split when it has one, else its "train" split."""
+    split = next((s for s in ("test", "train") if s in loaded), None)
+    if split is None:
         raise PreferenceSetError(
-            f"{path}: folder is not a saved datasets Dataset; expected {ACCEPTED_FORMS}"
-        ) from None
-    label = str(path)
-    if isinstance(loaded, datasets.DatasetDict):
-        split = next((s for s in ("test", "train") if s in loaded), None)
-        if split is None:
-            raise PreferenceSetError(
-                f"{path}: DatasetDict has no 'test' or 'train' split (splits: {list(loaded)})"
-            )
-        loaded, label = loaded[split], f"{path}[{split}]"
-    return (_Row(f"{label}: row {n}", record) for n, record in enumerate(loaded, start=1))
+            f"{path}: DatasetDict has no 'test' or 'train' split (splits: {list(loaded)})"
+        )
+    return dataset_rows(loaded[split], f"{path}[{split}]")
 
 
 # --- One row ---------------------------------------------------------------------------

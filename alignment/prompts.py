@@ -21,22 +21,21 @@ eval iff ``int(sha256(text)[:8], 16) / 2**32 < eval_fraction``.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
+
+from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
+from alignment.records import Record, dataset_rows, read_records
 
 Split = Literal["train", "eval"]
 
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).parent / "data" / "seed_prompts.jsonl"
 FALLBACK_TEXT_FIELD = "prompt"
-ACCEPTED_FORMS = (
-    f"'{BUILTIN}', a .jsonl file, a .parquet file, "
-    "or a folder written by datasets' save_to_disk (Dataset or DatasetDict)"
-)
+ACCEPTED_FORMS = f"'{BUILTIN}', {RECORD_FORMS}"
 _SPLIT_ALIASES: dict[str, Split] = {
     "train": "train",
     "eval": "eval",
@@ -62,10 +61,7 @@ class PromptSourceError(ValueError):
     """A prompt source that cannot be read; the message starts with ``path`` (and line)."""
 
 
-class _Row(NamedTuple):
-    where: str  # "path:line" for JSONL, "path: row N" for tables
-    record: dict[str, Any]
-    split: Split | None = None  # imposed by the container (a DatasetDict split)
+_Row = Record
 
 
 def load_prompts(
@@ -125,62 +121,7 @@ def prompt_stats(prompts: Iterable[SeedPrompt]) -> dict[str, Any]:
 
 
 def _read_rows(path: Path) -> Iterator[_Row]:
-    if not path.exists():
-        raise PromptSourceError(f"{path}: no such file or folder; expected {ACCEPTED_FORMS}")
-    if path.is_dir():
-        return _read_dataset_folder(path)
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".parquet":
-        return _read_parquet(path)
-    raise PromptSourceError(
-        f"{path}: unsupported file type '{path.suffix}'; expected {ACCEPTED_FORMS}"
-    )
-
-
-def _read_jsonl(path: Path) -> Iterator[_Row]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptSourceError(
-                    f"{where}: invalid JSON: {err.msg} (column {err.colno})"
-                ) from err
-            if not isinstance(record, dict):
-                raise PromptSourceError(
-                    f"{where}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield _Row(where, record)
-
-
-def _read_parquet(path: Path) -> Iterator[_Row]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise PromptSourceError(f"{path}: not a readable Parquet file: {err}") from err
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield _Row(f"{path}: row {number}", record)
-
-
-def _read_dataset_folder(path: Path) -> Iterator[_Row]:
-    import datasets  # heavy; only for this source
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise PromptSourceError(
-            f"{path}: folder is not a saved datasets Dataset; expected {ACCEPTED_FORMS}"
-        ) from err
-    if isinstance(loaded, datasets.Dataset):
-        return _dataset_rows(loaded, str(path), None)
-    return _dataset_dict_rows(loaded, path)
+    return read_records(path, PromptSourceError, ACCEPTED_FORMS, _dataset_dict_rows)
 
 
 def _dataset_dict_rows(loaded: Any, path: Path) -> Iterator[_Row]:
@@ -191,12 +132,7 @@ def _dataset_dict_rows(loaded: Any, path: Path) -> Iterator[_Row]:
         )
     ordered = sorted(loaded, key=lambda name: _SPLIT_ALIASES[name] != "train")
     for name in ordered:
-        yield from _dataset_rows(loaded[name], f"{path}[{name}]", _SPLIT_ALIASES[name])
-
-
-def _dataset_rows(dataset: Any, label: str, split: Split | None) -> Iterator[_Row]:
-    for number, record in enumerate(dataset, start=1):
-        yield _Row(f"{label}: row {number}", record, split)
+        yield from dataset_rows(loaded[name], f"{path}[{name}]", _SPLIT_ALIASES[name])
 
 
 # --- one row -----------------------------------------------------------------------------

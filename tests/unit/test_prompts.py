@@ -280,3 +280,11 @@ def test_limit_larger_than_source_and_zero(tmp_path: Path) -> None:
 def test_builtin_limit_keeps_both_splits() -> None:
     prompts = load_prompts(limit=20)
     assert Counter(p.split for p in prompts) == {"train": 16, "eval": 4}
+
+
+def test_a_file_that_is_not_utf8_is_refused_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(PromptSourceError) as caught:
+        load_prompts(str(path))
+    assert str(caught.value) == f"{path}:2: not UTF-8 text (byte 14)"
