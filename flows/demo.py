@@ -15,7 +15,11 @@ from storage import Store
 # The demo's goals (issue: "The proof on a CPU").
 VIOLATION_FACTOR = 0.5  # the check-violation rate at least halves by the last iteration
 LC_BOUND = 0.5  # the LC win rate's interval against the starting policy ends above this
-MIN_LENGTH_RATIO = 0.5  # "no length collapse": at least half the starting policy's length
+# "No collapse": the final policy's degenerate answers (empty, under eval.min_words, or
+# repetitive; alignment/evaluation.py) at most this much more frequent than the start's.
+# Mean length alone is no test here: the constitution's `concise` check asks for shorter
+# answers, and most of the starting policy's answers are cut off by max_tokens.
+MAX_DEGENERATE_INCREASE = 0.1
 
 
 @dataclass(frozen=True)
@@ -187,19 +191,22 @@ def goal_lines(proof: Proof) -> list[str]:
 
     lc = [(k, f) for k, f in proof.incumbent_versus_start("lc_win_rate") if f is not None]
     lengths = proof.incumbent_after("length")
+    degenerate = proof.incumbent_after("degenerate_rate")
     if lc:
         k, figure = lc[-1]
-        start_len, final_len = lengths[0][1].value, lengths[-1][1].value
-        ratio = final_len / start_len if start_len else float("inf")
         above = figure.ci_low is not None and figure.ci_low > LC_BOUND
-        no_collapse = ratio >= MIN_LENGTH_RATIO
         lines.append(
             f"  LC win rate of the incumbent (promoted in iteration {k}) vs the starting policy "
             f"{_fmt(figure)}: {'met' if above else 'NOT met'} (goal: interval above {LC_BOUND})"
         )
+        start_len, final_len = lengths[0][1].value, lengths[-1][1].value
+        start_bad, final_bad = degenerate[0][1].value, degenerate[-1][1].value
+        collapsed = final_bad > start_bad + MAX_DEGENERATE_INCREASE
         lines.append(
-            f"  length {final_len:.1f} vs {start_len:.1f} tokens ({ratio:.2f}x): "
-            f"{'no collapse' if no_collapse else 'COLLAPSED'} (bound {MIN_LENGTH_RATIO}x)"
+            f"  length {final_len:.1f} vs {start_len:.1f} tokens "
+            f"({final_len / start_len if start_len else float('inf'):.2f}x), degenerate answers "
+            f"{final_bad:.3f} vs {start_bad:.3f}: {'COLLAPSED' if collapsed else 'no collapse'}"
+            f" (bound: at most {MAX_DEGENERATE_INCREASE:g} more degenerate answers than the start)"
         )
     else:
         lines.append("  LC win rate vs the starting policy: NOT met (no candidate was promoted)")

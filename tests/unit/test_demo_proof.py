@@ -1,0 +1,45 @@
+"""The demo's goals are checked against the stored figures: met or NOT met, never softer."""
+
+from __future__ import annotations
+
+from flows.demo import Figure, Proof, Step, goal_lines
+
+
+def step(k: int, decision: str, **figures: float) -> Step:
+    versus_start = {name.replace("__", "/"): Figure(v, 32) for name, v in figures.items()}
+    if "lc_win_rate" in figures:
+        lc = figures["lc_win_rate"]
+        versus_start["lc_win_rate"] = Figure(lc, 32, lc - 0.1, lc + 0.1)
+    return Step(k, decision, f"m{k}", [], versus_start)
+
+
+START = {"baseline__violation_rate": 0.8, "baseline__length": 60.0,
+         "baseline__degenerate_rate": 0.0}  # fmt: skip
+
+
+def test_goals_met_when_the_figures_say_so() -> None:
+    proof = Proof({}, [
+        step(1, "promoted", **START, violation_rate=0.5, length=50, degenerate_rate=0.0,
+             lc_win_rate=0.7),
+        step(2, "promoted", **START, violation_rate=0.3, length=40, degenerate_rate=0.03,
+             lc_win_rate=0.68),
+        step(3, "rejected"),
+    ])  # fmt: skip
+    text = "\n".join(goal_lines(proof))
+    assert "0: 0.800, 1: 0.500, 2: 0.300, 3: 0.300): met" in text
+    assert "(promoted in iteration 2) vs the starting policy 0.680 [0.580, 0.780]: met" in text
+    assert "no collapse" in text
+
+
+def test_a_collapsed_policy_and_a_rejected_loop_are_not_met() -> None:
+    collapsed = Proof({}, [
+        step(1, "promoted", **START, violation_rate=0.0, length=2, degenerate_rate=0.9,
+             lc_win_rate=0.55),
+    ])  # fmt: skip
+    text = "\n".join(goal_lines(collapsed))
+    assert "COLLAPSED" in text
+    assert "[0.450, 0.650]: NOT met" in text  # the interval's low end is under 0.5
+    nothing = Proof({}, [step(1, "rejected", **START)])
+    text = "\n".join(goal_lines(nothing))
+    assert "1: 0.800): NOT met" in text
+    assert "LC win rate vs the starting policy: NOT met (no candidate was promoted)" in text
