@@ -306,7 +306,7 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     started = datetime.now(UTC)
     incumbent = current_incumbent(config)
     get_run_logger().info("iteration %d: incumbent %s", k, incumbent.name)
-    judge_quality = audit_judge_once(config, k)
+    judge_quality = judge_audit_metrics(config, k)
     data_config = iteration_config(config, k, incumbent)
     data_run = collect_preferences(data_config)
     pairs = run_pair_ids(data_config, config.loop.max_pairs)
@@ -331,11 +331,12 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     )  # fmt: skip
 
 
-def audit_judge_once(config: PipelineConfig, k: int) -> list[Metric]:
+def judge_audit_metrics(config: PipelineConfig, k: int) -> list[Metric]:
     """The judge's accuracy on the loop's fixed gold audit set, as `judge/...` metrics.
 
-    Stored in `judge_evals` under the loop and iteration; a judge that drifts (or a
-    changed judge config) shows up as a change in these figures.
+    Stored in `judge_evals` under the loop and iteration. An unchanged judge is
+    measured once and its figures are recorded again; a judge that drifts (or a
+    changed judge config) is measured anew and shows up as a change in these figures.
     """
     loop = config.loop
     if loop.judge_audit is None:
