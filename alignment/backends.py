@@ -23,9 +23,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from alignment.ids import content_id
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 Chat = Sequence[Message]
@@ -39,6 +41,17 @@ class SamplingConfig:
     max_tokens: int = 64
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_json(self) -> str:
+        """Canonical JSON of the settings (the store's ``responses.sampling``)."""
+        settings = asdict(self)
+        settings["stop"] = list(self.stop)
+        return json.dumps(settings, sort_keys=True)
+
+    def sample_ids(self, prompt_id: str, model: str) -> list[str]:
+        """The id of each of the n samples of one prompt from one model: the prompt, the
+        model and every sampling setting (the seed included) determine the samples."""
+        return [content_id("response", prompt_id, model, self.as_json(), i) for i in range(self.n)]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import difflib
 import hashlib
 import json
 import math
-import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -103,11 +102,21 @@ class Constitution:
         raise KeyError(f"no principle '{principle_id}' in constitution '{self.name}' ({known})")
 
     def sample_principle(self, key: str, seed: int) -> Principle:
-        """One principle drawn by weight, deterministic in (seed, key), across processes."""
-        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-        rng = random.Random(int.from_bytes(digest[:8], "big"))
-        weights = [p.weight for p in self.principles]
-        return rng.choices(self.principles, weights=weights)[0]
+        """One principle drawn by weight, deterministic in (seed, key), across processes.
+
+        An exponential race: each principle draws its own uniform u from (seed, key, its
+        id) and the smallest -ln(u) / weight wins, which is P(weight / total). Because
+        each principle's draw depends only on its own id, editing one principle's weight
+        (or adding or removing one) moves only the draws that principle wins or loses,
+        so incremental re-labelling recomputes only those comparisons.
+        """
+
+        def arrival(p: Principle) -> float:
+            digest = hashlib.sha256(f"{seed}:{key}:{p.id}".encode()).digest()
+            u = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64  # in (0, 1)
+            return -math.log(u) / p.weight if p.weight > 0 else math.inf
+
+        return min(self.principles, key=arrival)
 
 
 def _canonical_principle(p: Principle) -> dict[str, Any]:

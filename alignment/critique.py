@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.backends import Backend, Completion, SamplingConfig
-from alignment.constitution import Constitution
+from alignment.constitution import Constitution, Principle
 from alignment.ids import content_id
 from alignment.judge import Candidate
 from alignment.templates import critique_chat, revision_chat
@@ -54,6 +54,34 @@ def _first_texts(completions: list[list[Completion]]) -> list[str]:
     return [samples[0].text.strip() for samples in completions]
 
 
+def _principles(
+    constitution: Constitution, candidate: Candidate, config: CritiqueConfig
+) -> list[Principle]:
+    """The principle each round of one candidate's critique uses (sampled by weight)."""
+    return [
+        constitution.sample_principle(f"critique:{candidate.response_id}:{r}", config.seed)
+        for r in range(config.rounds)
+    ]
+
+
+def _fingerprint(principle: Principle) -> list[str]:
+    """What of a principle a critique depends on: its id and its two requests."""
+    return [principle.id, principle.critique, principle.revision]
+
+
+def critique_ids(
+    constitution: Constitution, candidate: Candidate, config: CritiqueConfig, model: str
+) -> list[str]:
+    """The id of each round's record: the response, the principles of this round and the
+    rounds before it (round r revises round r - 1's revision), the model and settings."""
+    settings = config.model_dump(exclude={"enabled"})
+    fingerprints = [_fingerprint(p) for p in _principles(constitution, candidate, config)]
+    return [
+        content_id("critique", candidate.response_id, fingerprints[: r + 1], r, model, settings)
+        for r in range(config.rounds)
+    ]
+
+
 def critique_and_revise(
     backend: Backend,
     constitution: Constitution,
@@ -67,12 +95,11 @@ def critique_and_revise(
         n=1, temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed
     )
     texts = [c.text for c in candidates]
+    plans = [_principles(constitution, c, config) for c in candidates]
+    ids = [critique_ids(constitution, c, config, backend.model_name) for c in candidates]
     records: list[CritiqueRecord] = []
     for r in range(config.rounds):
-        principles = [
-            constitution.sample_principle(f"critique:{c.response_id}:{r}", config.seed)
-            for c in candidates
-        ]
+        principles = [plan[r] for plan in plans]
         critique_chats = [
             critique_chat(c.prompt, text, p.critique)
             for c, text, p in zip(candidates, texts, principles, strict=True)
@@ -83,20 +110,12 @@ def critique_and_revise(
             for c, text, p, critique in zip(candidates, texts, principles, critiques, strict=True)
         ]
         revisions = _first_texts(backend.generate(revision_chats, sampling))
-        for c, p, text, critique, revision in zip(
-            candidates, principles, texts, critiques, revisions, strict=True
+        for i, (c, p, text, critique, revision) in enumerate(
+            zip(candidates, principles, texts, critiques, revisions, strict=True)
         ):
             records.append(
                 CritiqueRecord(
-                    critique_id=content_id(
-                        "critique",
-                        c.response_id,
-                        p.id,
-                        constitution.constitution_id,
-                        r,
-                        backend.model_name,
-                        config.model_dump(),
-                    ),
+                    critique_id=ids[i][r],
                     response_id=c.response_id,
                     principle_id=p.id,
                     constitution_id=constitution.constitution_id,

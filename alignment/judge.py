@@ -617,7 +617,7 @@ def judge_comparisons(
 
 
 @dataclass(frozen=True)
-class _Question:
+class Question:
     """One comparison (b set) or one pointwise score (b None) under one principle."""
 
     a: Candidate
@@ -625,60 +625,91 @@ class _Question:
     principle: Principle
 
 
-def _comparison(constitution: Constitution, a: Candidate, b: Candidate, seed: int) -> _Question:
+def _comparison(constitution: Constitution, a: Candidate, b: Candidate, seed: int) -> Question:
     # Sorted ids: the same comparison gets the same principle whatever the candidates' order.
     key = ":".join(["judge", a.prompt_id, *sorted([a.response_id, b.response_id])])
-    return _Question(a, b, constitution.sample_principle(key, seed))
+    return Question(a, b, constitution.sample_principle(key, seed))
 
 
-def _pointwise(constitution: Constitution, a: Candidate, seed: int) -> _Question:
+def _pointwise(constitution: Constitution, a: Candidate, seed: int) -> Question:
     key = f"pointwise:{a.prompt_id}:{a.response_id}"
-    return _Question(a, None, constitution.sample_principle(key, seed))
+    return Question(a, None, constitution.sample_principle(key, seed))
 
 
-def _label_settings(config: JudgeConfig) -> str | dict[str, Any]:
-    """The settings that decide a judgment's numbers, for its id; the bare mode when it
-    is the only one, so ids made before the other settings existed stay the same."""
-    settings: dict[str, Any] = {"mode": config.mode}
-    if config.mode == "logprob" and config.few_shot:
-        settings["few_shot"] = True
-    if config.mode in ("contrast", "likelihood", "ensemble"):
+def question_mode(question: Question, config: JudgeConfig) -> Mode:
+    """How the question is answered (the store's ``judgments.mode``), known before asking."""
+    if question.principle.checks:
+        return "checks"
+    if config.mode == "likelihood":
+        return "likelihood"
+    if config.mode == "contrast" or (config.mode == "ensemble" and question.b is None):
+        return "contrast"
+    if question.b is None:
+        return "pointwise"
+    return {"cot": "cot", "ensemble": "ensemble"}.get(config.mode, "pairwise")  # type: ignore[return-value]
+
+
+def principle_fingerprint(principle: Principle) -> str:
+    """What of a principle a judgment depends on: its id, its text and its checks (not
+    its weight, which only decides which questions it gets, nor its critique requests)."""
+    checks = [{c.kind: c.value} for c in principle.checks]
+    return content_id("judged-principle", principle.id, principle.text, checks)
+
+
+def label_settings(mode: Mode, config: JudgeConfig) -> dict[str, Any]:
+    """The judge settings that decide the numbers of a judgment made in ``mode``."""
+    settings: dict[str, Any] = {"mode": mode}
+    if mode in ("pairwise", "cot", "pointwise", "ensemble"):
+        settings["min_option_mass"] = config.min_option_mass
+    if mode == "pairwise":
+        settings["few_shot"] = config.few_shot
+    if mode == "cot":
+        settings |= {
+            "cot_clamp": list(config.cot_clamp),
+            "cot_max_tokens": config.cot_max_tokens,
+            "cot_temperature": config.cot_temperature,
+            "seed": config.seed,
+        }
+    if mode in ("contrast", "likelihood", "ensemble"):
         settings["contrast_tau"] = config.contrast_tau
-    if config.mode in ("contrast", "ensemble"):
+    if mode in ("contrast", "ensemble"):
         settings["contrast_negative"] = config.contrast_negative
-    if config.mode == "ensemble":
+    if mode == "ensemble":
         settings["ensemble_ab_scale"] = config.ensemble_ab_scale
-    return config.mode if len(settings) == 1 else settings
+    return settings
+
+
+def judgment_id(question: Question, judge_model: str, config: JudgeConfig) -> str:
+    """Hashes every input that determines the judgment: the prompt and responses, the
+    principle's own fingerprint (not the whole constitution's), and the judge model and
+    settings of its mode. A check-decided judgment needs no model, so it names none."""
+    mode = question_mode(question, config)
+    b_id = question.b.response_id if question.b is not None else None
+    return content_id(
+        "judgment",
+        question.a.prompt_id,
+        question.a.response_id,
+        b_id,
+        principle_fingerprint(question.principle),
+        None if mode == "checks" else judge_model,
+        label_settings(mode, config),
+    )
 
 
 def _judgment(
-    question: _Question,
+    question: Question,
     answer: _Answer,
-    constitution: Constitution,
+    constitution_id: str,
     judge_model: str,
     config: JudgeConfig,
 ) -> Judgment:
-    a_id = question.a.response_id
-    b_id = question.b.response_id if question.b is not None else None
-    prompt_id, principle_id = question.a.prompt_id, question.principle.id
-    constitution_id = constitution.constitution_id
     label = answer.label
     return Judgment(
-        judgment_id=content_id(
-            "judgment",
-            prompt_id,
-            a_id,
-            b_id,
-            principle_id,
-            constitution_id,
-            judge_model,
-            answer.mode,
-            _label_settings(config),
-        ),
-        prompt_id=prompt_id,
-        response_a_id=a_id,
-        response_b_id=b_id,
-        principle_id=principle_id,
+        judgment_id=judgment_id(question, judge_model, config),
+        prompt_id=question.a.prompt_id,
+        response_a_id=question.a.response_id,
+        response_b_id=question.b.response_id if question.b is not None else None,
+        principle_id=question.principle.id,
         constitution_id=constitution_id,
         judge_model=judge_model,
         mode=answer.mode,
@@ -694,22 +725,68 @@ def _judgment(
     )
 
 
-def _judge(
+def judge_questions(
     backend: Backend,
-    constitution: Constitution,
-    questions: list[_Question],
+    questions: Sequence[Question],
     config: JudgeConfig,
-    likelihoods: _Likelihoods,
+    constitution_id: str,
+    likelihoods: _Likelihoods | None = None,
 ) -> list[Judgment]:
-    """Judge questions of one kind, in order (the same machinery as judge_comparisons)."""
-    asks = [
-        _Ask(q.a.prompt, q.a.text, q.b.text if q.b is not None else None, q.principle)
-        for q in questions
-    ]
-    answers = _answer(backend, asks, config, likelihoods)
+    """Answer questions (comparisons first, then pointwise scores), in the given order.
+
+    ``constitution_id`` is lineage only: it is not part of a judgment's id.
+    """
+    likelihoods = likelihoods or _Likelihoods(backend)
+    answers: dict[int, _Answer] = {}
+    for pointwise in (False, True):  # one kind per batch
+        idx = [i for i, q in enumerate(questions) if (q.b is None) == pointwise]
+        asks = [
+            _Ask(q.a.prompt, q.a.text, q.b.text if q.b is not None else None, q.principle)
+            for q in (questions[i] for i in idx)
+        ]
+        answers |= dict(zip(idx, _answer(backend, asks, config, likelihoods), strict=True))
     return [
-        _judgment(q, answer, constitution, backend.model_name, config)
-        for q, answer in zip(questions, answers, strict=True)
+        _judgment(q, answers[i], constitution_id, backend.model_name, config)
+        for i, q in enumerate(questions)
+    ]
+
+
+def first_questions(
+    constitution: Constitution,
+    candidates_by_prompt: Mapping[str, Sequence[Candidate]],
+    config: JudgeConfig,
+) -> list[Question]:
+    """What is asked first: every pair (all_pairs), or each candidate pointwise
+    (best_vs_worst). One principle is sampled per question by weight."""
+    seed = config.seed
+    if config.pair_strategy == "all_pairs":
+        return [
+            _comparison(constitution, a, b, seed)
+            for candidates in candidates_by_prompt.values()
+            for a, b in combinations(candidates, 2)
+        ]
+    return [
+        _pointwise(constitution, c, seed)
+        for candidates in candidates_by_prompt.values()
+        for c in candidates
+    ]
+
+
+def second_questions(
+    constitution: Constitution,
+    candidates_by_prompt: Mapping[str, Sequence[Candidate]],
+    first: Sequence[Judgment],
+    config: JudgeConfig,
+) -> list[Question]:
+    """best_vs_worst: each prompt's best- against worst-scored candidate, from the
+    pointwise judgments ``first``; all_pairs asks nothing more."""
+    if config.pair_strategy == "all_pairs":
+        return []
+    scores = {j.response_a_id: j.p_a for j in first if j.status == "ok" and j.p_a is not None}
+    return [
+        q
+        for candidates in candidates_by_prompt.values()
+        if (q := _best_vs_worst(constitution, scores, candidates, config.seed)) is not None
     ]
 
 
@@ -718,7 +795,7 @@ def _best_vs_worst(
     scores: Mapping[str, float],
     candidates: Sequence[Candidate],
     seed: int,
-) -> _Question | None:
+) -> Question | None:
     """The comparison of the best- and worst-scored candidates, in their given order."""
     scored = [c for c in candidates if c.response_id in scores]
     if len(scored) < 2:
@@ -737,32 +814,17 @@ def judge_prompts(
     candidates_by_prompt: Mapping[str, Sequence[Candidate]],
     config: JudgeConfig,
 ) -> list[Judgment]:
-    """Judge each prompt's candidates; pointwise judgments (best_vs_worst) come first.
+    """Judge each prompt's candidates in one go (first questions, then second ones).
 
-    One principle is sampled per comparison (and per pointwise score) by weight.
+    The pipeline asks the same questions in two rounds, each skipping stored judgments.
     """
-    seed, likelihoods = config.seed, _Likelihoods(backend)
-    if config.pair_strategy == "all_pairs":
-        comparisons = [
-            _comparison(constitution, a, b, seed)
-            for candidates in candidates_by_prompt.values()
-            for a, b in combinations(candidates, 2)
-        ]
-        return _judge(backend, constitution, comparisons, config, likelihoods)
-
-    singles = [
-        _pointwise(constitution, c, seed)
-        for candidates in candidates_by_prompt.values()
-        for c in candidates
-    ]
-    pointwise = _judge(backend, constitution, singles, config, likelihoods)
-    scores = {j.response_a_id: j.p_a for j in pointwise if j.status == "ok" and j.p_a is not None}
-    comparisons = [
-        q
-        for candidates in candidates_by_prompt.values()
-        if (q := _best_vs_worst(constitution, scores, candidates, seed)) is not None
-    ]
-    return pointwise + _judge(backend, constitution, comparisons, config, likelihoods)
+    likelihoods, cid = _Likelihoods(backend), constitution.constitution_id
+    first = judge_questions(
+        backend, first_questions(constitution, candidates_by_prompt, config), config, cid,
+        likelihoods,
+    )  # fmt: skip
+    second = second_questions(constitution, candidates_by_prompt, first, config)
+    return first + judge_questions(backend, second, config, cid, likelihoods)
 
 
 # --- Pairs ------------------------------------------------------------------------
@@ -781,17 +843,27 @@ def drop_reason(judgment: Judgment, config: JudgeConfig) -> str | None:
     return None
 
 
-def _pair(judgment: Judgment, chosen: Candidate, rejected: Candidate) -> PreferencePair:
+def pair_settings(config: JudgeConfig) -> dict[str, Any]:
+    """The thresholds that decide whether a judgment becomes a pair."""
+    return {
+        "min_confidence": config.min_confidence,
+        "require_position_consistent": config.require_position_consistent,
+    }
+
+
+def _pair(
+    judgment: Judgment, chosen: Candidate, rejected: Candidate, config: JudgeConfig
+) -> PreferencePair:
     p_a = judgment.p_a
     assert p_a is not None
     return PreferencePair(
+        # The judgment id covers the question and the judge; the thresholds decide the set.
         pair_id=content_id(
             "pair",
-            judgment.prompt_id,
+            judgment.judgment_id,
             chosen.response_id,
             rejected.response_id,
-            judgment.constitution_id,
-            judgment.judge_model,
+            pair_settings(config),
         ),
         prompt_id=judgment.prompt_id,
         prompt=chosen.prompt,
@@ -827,5 +899,5 @@ def build_pairs(
             continue
         a, b = by_id[j.response_a_id], by_id[j.response_b_id]
         chosen, rejected = (a, b) if j.p_a is not None and j.p_a > 0.5 else (b, a)
-        outcome.pairs.append(_pair(j, chosen, rejected))
+        outcome.pairs.append(_pair(j, chosen, rejected, config))
     return outcome

@@ -120,8 +120,8 @@ def _yaml_files(path: str) -> int:
 # --- run -------------------------------------------------------------------------------
 
 
-def _run_pipeline(config_path: str | Path, overrides: dict[str, str]) -> tuple[Any, str]:
-    """Validate the config and its constitution, then run the flow; (config, run id)."""
+def _run_pipeline(config_path: str | Path, overrides: dict[str, str]) -> tuple[Any, Any]:
+    """Validate the config and its constitution, then run the flow; (config, result)."""
     from alignment.constitution import load_constitution
     from alignment.prompts import load_prompts
     from flows.config import load_config
@@ -144,8 +144,9 @@ def run(config_path: str, store: str | None) -> None:
 
     Example: rlaif run --config configs/demo.yaml
     """
-    _, run_id = _run_pipeline(config_path, {"store": store} if store else {})
-    click.echo(f"run {run_id} completed")
+    _, result = _run_pipeline(config_path, {"store": store} if store else {})
+    click.echo(f"run {result.run_id} completed")
+    click.echo("\n".join(result.lines()))
 
 
 @main.command()
@@ -192,7 +193,7 @@ def _print_summary(store: Any, run_id: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from flows.summary import NEXT_QUERIES, run_summary
+    from flows.summary import next_queries, run_summary
 
     s = run_summary(store, run_id)
     console = Console(soft_wrap=True)
@@ -219,7 +220,7 @@ def _print_summary(store: Any, run_id: str) -> None:
         for field in ("prompt", "chosen", "rejected"):
             console.print(f"  {field + ':':9} {_shorten(pair[field])}", markup=False)
     console.print("\n[bold]Try next[/bold]")
-    for question, query in NEXT_QUERIES:
+    for question, query in next_queries(run_id):
         console.print(f"# {question}")
         console.print(f'rlaif sql --store {store.root} "{query}"', markup=False, soft_wrap=True)
 

@@ -3,15 +3,13 @@
 Both models answer the same held-out prompts. A model's eval response to a prompt
 has a content id (prompt, model, sampling settings), so a model evaluated again,
 e.g. a candidate against the incumbent and then against the starting model, reads
-its stored answers instead of sampling them again. Judgments and metrics are
-stored under the eval's own run id, so a win rate can be traced to the exact
-comparisons behind it.
+its stored answers instead of sampling them again. Sampling and judging are the
+pipeline's own stages; the eval run's rows (``run_rows``) and its ``evals`` rows
+trace a win rate to the exact comparisons behind it.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,97 +30,54 @@ from alignment.evaluation import (
     win_rate,
 )
 from alignment.ids import content_id
-from alignment.judge import Candidate, judge_prompts
+from alignment.judge import Candidate
 from alignment.prompts import load_prompts
 from alignment.training.reward import score
 from flows.config import PipelineConfig
-from flows.models import make_backend
+from flows.models import model_location
+from flows.pipeline import judge_model, judge_stage, prompt_rows, sample_stage, store_prompt_rows
 from flows.training import resolve_base
 from storage import Store
 
 
-def _sample(config: PipelineConfig, path: str, name: str, prompts: Sequence[str]) -> list:
-    """One response per prompt from the model at ``path``.
+def _eval_sampling(config: PipelineConfig) -> SamplingConfig:
+    """One answer per prompt at the eval's temperature (max_prompts is not part of it)."""
+    return SamplingConfig(
+        n=1, temperature=config.eval.temperature, max_tokens=config.eval.max_tokens,
+        seed=config.seed,
+    )  # fmt: skip
+
+
+def _answers(
+    config: PipelineConfig,
+    store: Store,
+    run_id: str,
+    model: tuple[str, str],
+    prompts: dict[str, str],
+) -> tuple[list[str], list[Completion]]:
+    """(response ids, responses) of ``model`` (path, name) to every prompt, by the
+    pipeline's sampling stage: stored answers are read back, only the missing sampled.
 
     A checkpoint of the policy's architecture runs on the policy's engine with its own
     weights swapped in, so evaluating a candidate starts no new engine.
     """
     if config.policy.backend != "vllm":
         raise ValueError("evaluation samples the candidate with the vllm backend")
-    backend = make_backend(config.policy.model_copy(update={"model": path, "name": name}), 0)
-    sampling = SamplingConfig(
-        n=1,
-        temperature=config.eval.temperature,
-        max_tokens=config.eval.max_tokens,
-        seed=config.seed,
-    )
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    return [c[0] for c in backend.generate(chats, sampling)]
-
-
-def _sampling_json(config: PipelineConfig) -> str:
-    """What determines an eval sample besides prompt and model (not e.g. max_prompts)."""
-    return json.dumps(
-        {
-            "temperature": config.eval.temperature,
-            "max_tokens": config.eval.max_tokens,
-            "seed": config.seed,
-        },
-        sort_keys=True,
-    )
-
-
-def _responses(
-    config: PipelineConfig,
-    store: Store,
-    run_id: str,
-    model: tuple[str, str],
-    prompt_ids: list[str],
-    texts: list[str],
-) -> tuple[list[str], list[Completion]]:
-    """(response ids, responses) of ``model`` (path, name) to every prompt: stored ones are
-    read back, only the missing are sampled and written under ``run_id``."""
     path, name = model
-    sampling_json = _sampling_json(config)
-    ids = [content_id("response", pid, name, sampling_json, 0) for pid in prompt_ids]
-    stored = store.existing_keys("responses", ids)
-    missing = [i for i, rid in enumerate(ids) if rid not in stored]
-    found: dict[str, Completion] = {}
-    if missing:
-        fresh = _sample(config, path, name, [texts[i] for i in missing])
-        found |= {
-            ids[i]: Completion(c.text.strip(), c.finish_reason, c.num_tokens)
-            for i, c in zip(missing, fresh, strict=True)
-        }
-        store.write(
-            "responses",
-            [
-                {
-                    "response_id": ids[i],
-                    "prompt_id": prompt_ids[i],
-                    "run_id": run_id,
-                    "model": name,
-                    "text": found[ids[i]].text,
-                    "sample_index": 0,
-                    "finish_reason": found[ids[i]].finish_reason,
-                    "num_tokens": found[ids[i]].num_tokens,
-                    "sampling": sampling_json,
-                }
-                for i in missing
-            ],
-            run_id,
-        )
-    if stored:
-        rows = store.query(
+    policy = config.policy.model_copy(update={"model": path, "name": name})
+    wanted, _ = sample_stage(store, run_id, policy, prompts, _eval_sampling(config))
+    ids = [wanted[pid][0] for pid in prompts]
+    rows = {
+        r["response_id"]: r
+        for r in store.query(
             "SELECT response_id, text, finish_reason, num_tokens FROM responses "
             "WHERE response_id IN (SELECT unnest(?))",
-            [sorted(stored)],
+            [ids],
         )
-        found |= {
-            r["response_id"]: Completion(r["text"], r["finish_reason"], r["num_tokens"])
-            for r in rows
-        }
-    return ids, [found[rid] for rid in ids]
+    }
+    return ids, [
+        Completion(rows[i]["text"], rows[i]["finish_reason"], rows[i]["num_tokens"]) for i in ids
+    ]
 
 
 @dataclass(frozen=True)
@@ -147,28 +102,16 @@ def evaluate_candidate(
     ][: config.eval.max_prompts]
     settings = config.identity() | {"eval": config.eval.model_dump(mode="json")}
     run_id = content_id("eval", cand_name, base_name, settings, constitution.constitution_id)
-    prompt_ids = [content_id("prompt", p.text) for p in prompts]
-    store.write(
-        "prompts",
-        [
-            {
-                "prompt_id": pid,
-                "run_id": run_id,
-                "text": p.text,
-                "source": p.source,
-                "split": p.split,
-                "category": p.category,
-            }
-            for pid, p in zip(prompt_ids, prompts, strict=True)
-        ],
-        run_id,
-    )
+    source = load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
+    held_out = [p for p in source if p.split == "eval"][: config.eval.max_prompts]
+    rows = prompt_rows(held_out, run_id)
+    store_prompt_rows(store, run_id, rows)
+    prompts = {row["prompt_id"]: row["text"] for row in rows}
+    prompt_ids, texts = list(prompts), list(prompts.values())
+    cand_ids, cand = _answers(config, store, run_id, (cand_path, cand_name), prompts)
+    base_ids, base = _answers(config, store, run_id, (base_path, base_name), prompts)
 
-    texts = [p.text for p in prompts]
-    cand_ids, cand = _responses(config, store, run_id, (cand_path, cand_name), prompt_ids, texts)
-    base_ids, base = _responses(config, store, run_id, (base_path, base_name), prompt_ids, texts)
-
-    # Judge: the candidate is always side A; both orders are asked inside judge_prompts.
+    # Judge: the candidate is always side A; both orders are asked by the judge itself.
     pairs = {
         pid: [
             Candidate(cand_ids[i], pid, texts[i], cand[i].text),
@@ -176,10 +119,10 @@ def evaluate_candidate(
         ]
         for i, pid in enumerate(prompt_ids)
     }
-    judge = make_backend(config.judge_model or config.policy, config.seed)
     judge_config = config.judge.model_copy(update={"pair_strategy": "all_pairs"})
-    judgments = judge_prompts(judge, constitution, pairs, judge_config)
-    store.write("judgments", [j.to_row() | {"run_id": run_id} for j in judgments], run_id)
+    judgments, _ = judge_stage(
+        store, run_id, judge_model(config), config.seed, constitution, pairs, judge_config
+    )
 
     cand_texts, base_texts = [c.text for c in cand], [c.text for c in base]
     lengths = dict(zip(cand_ids + base_ids, [c.num_tokens for c in cand + base], strict=True))
@@ -216,7 +159,10 @@ def evaluate_candidate(
         ],
         run_id,
     )
-    _record_run(store, run_id, config, constitution.constitution_id, cand_name, judge.model_name)
+    _record_run(
+        store, run_id, config, constitution.constitution_id, cand_name,
+        model_location(judge_model(config))[1],
+    )  # fmt: skip
     for m in metrics:
         logger.info("%s = %.4f (n=%d)", m.metric, m.value, m.n)
     return EvalResult(run_id, metrics)
@@ -229,16 +175,11 @@ def _reward_scores(
     candidate: list[str],
     baseline: list[str],
 ) -> list[Metric]:
-    """Normalised reward-model scores of both sides: the named model, else the latest one."""
-    if reward_model:
-        path = resolve_base(store, reward_model)[0]
-    else:
-        latest = store.query(
-            "SELECT path FROM models WHERE stage = 'reward' ORDER BY created_at DESC LIMIT 1"
-        )
-        if not latest:
-            return []
-        path = latest[0]["path"]
+    """Normalised scores of both sides by the reward model the candidate was trained
+    with; none without one (another loop's reward model says nothing about this one)."""
+    if not reward_model:
+        return []
+    path = resolve_base(store, reward_model)[0]
     return [
         *mean_metric("reward", score(path, list(zip(prompts, candidate, strict=True)))),
         *mean_metric("baseline/reward", score(path, list(zip(prompts, baseline, strict=True)))),

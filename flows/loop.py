@@ -183,8 +183,11 @@ def close_session(config: PipelineConfig, session: Session) -> None:
     _session_event(config, session, "completed")
 
 
-def train_candidate(config: PipelineConfig, k: int, incumbent: Incumbent, pairs: list[str]) -> str:
-    """Train this iteration's candidate from the incumbent on the iteration's pairs."""
+def train_candidate(
+    config: PipelineConfig, k: int, incumbent: Incumbent, pairs: list[str]
+) -> tuple[str, str | None]:
+    """Train this iteration's candidate from the incumbent on the iteration's pairs;
+    (candidate, the reward model it learnt from, if any)."""
     settings = config.loop.train.model_dump()
     data = DataConfig(pairs=pairs, split="train")
     common = {"store": config.store, "iteration": k, "data": data}
@@ -196,7 +199,7 @@ def train_candidate(config: PipelineConfig, k: int, incumbent: Incumbent, pairs:
     train_config = TrainConfig(
         **settings, **common, base_model=incumbent.model, reward_model=reward_model
     )
-    return train_stage(train_config, method)
+    return train_stage(train_config, method), reward_model
 
 
 @task(cache_policy=NO_CACHE)
@@ -308,7 +311,7 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     get_run_logger().info("iteration %d: incumbent %s", k, incumbent.name)
     judge_quality = judge_audit_metrics(config, k)
     data_config = iteration_config(config, k, incumbent)
-    data_run = collect_preferences(data_config)
+    data_run = collect_preferences(data_config).run_id
     pairs = run_pair_ids(data_config, config.loop.max_pairs)
     if not pairs:
         return record_iteration(
@@ -316,15 +319,19 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
         )
     if config.loop.release_engines_for_training:
         release_engines()
-    candidate = train_candidate(config, k, incumbent, pairs)
-    evaluation = evaluate_candidate(eval_config(config, k), candidate, incumbent.model)
+    candidate, reward_model = train_candidate(config, k, incumbent, pairs)
+    evaluation = evaluate_candidate(
+        eval_config(config, k), candidate, incumbent.model, reward_model
+    )
     # A candidate that will be promoted is also measured against the starting policy:
     # how far the loop has come, not only this step.
     start = starting_model(config)
     versus_start = evaluation if incumbent.name == start.name else None
     passes = not failed_reasons(_gate_results(config, evaluation.metrics, judge_quality))
     if versus_start is None and passes:
-        versus_start = evaluate_candidate(eval_config(config, k), candidate, start.model)
+        versus_start = evaluate_candidate(
+            eval_config(config, k), candidate, start.model, reward_model
+        )
     return record_iteration(
         config, session, k, incumbent, data_run, len(pairs), started, candidate, evaluation,
         versus_start, judge_quality,

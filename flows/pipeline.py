@@ -3,17 +3,19 @@
 prompts → n samples per prompt (policy) → critique and revision (policy, SL-CAI)
 → pairwise judging against the constitution (judge) → preference pairs.
 
-Each task works on one batch of prompts, calls one ``alignment`` function and
-makes one ``storage`` write. Ids are content hashes and each task first asks the
-store what is already there, so a rerun (after a crash, or of a finished run)
-redoes only the missing batches and writes nothing twice. Phases run one after
-another over all batches, so the policy engine is done before the judge needs
-memory.
+Every stage has one shape (``run_stage``): the ids it expects → the ones already
+stored → one ``alignment`` call for the missing ones → one write. Each id hashes
+every input that determines its row (the recipes sit next to their methods in
+``alignment/``), so a rerun after a crash redoes only what is missing, and an edited
+principle, check or weight recomputes only the judgments, critiques and pairs that
+used it. The expected ids are recorded in ``run_rows``: "a run's rows" are the rows
+whose ids it expects, whichever run stored them first. Phases run one after another
+over all batches, so the policy engine is done before the judge needs memory.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -23,14 +25,25 @@ from prefect.cache_policies import NO_CACHE
 
 from alignment.backends import SamplingConfig
 from alignment.constitution import Constitution, load_constitution
-from alignment.critique import critique_and_revise
+from alignment.critique import critique_and_revise, critique_ids
 from alignment.ids import content_id
-from alignment.judge import Candidate, Judgment, build_pairs, judge_prompts
-from alignment.prompts import load_prompts
+from alignment.judge import (
+    Candidate,
+    JudgeConfig,
+    Judgment,
+    Question,
+    build_pairs,
+    first_questions,
+    judge_questions,
+    judgment_id,
+    second_questions,
+)
+from alignment.prompts import SeedPrompt, load_prompts
 from alignment.synthesis import filter_synthetic, self_instruct_chats
-from flows.config import PipelineConfig
+from flows.config import ModelConfig, PipelineConfig
 from flows.models import make_backend, model_location
 from storage import Store
+from storage.schemas import table_spec
 
 
 @dataclass(frozen=True)
@@ -60,53 +73,153 @@ def _rows_for(store: Store, table: str, column: str, keys: list[str]) -> list[di
     return store.query(f"SELECT * FROM {table} WHERE {column} IN (SELECT unnest(?))", [keys])
 
 
-def response_ids(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> dict[str, list[str]]:
-    """The ids of this run's samples of each prompt: its policy, sampling and seed."""
-    sampling = _sampling_json(config)
-    return {
-        pid: [content_id("response", pid, run.policy_model, sampling, i)
-              for i in range(config.generation.n)]
-        for pid in prompt_ids
-    }  # fmt: skip
+# --- The shape of every stage ----------------------------------------------------------
 
 
-def _sampling_json(config: PipelineConfig) -> str:
-    return json.dumps(config.generation.model_dump() | {"seed": config.seed}, sort_keys=True)
+@dataclass(frozen=True)
+class StageCount:
+    """What one stage expected, found already stored (reused), and computed."""
+
+    stage: str
+    expected: int = 0
+    reused: int = 0
+    computed: int = 0
+
+    def __add__(self, other: StageCount) -> StageCount:
+        return StageCount(
+            self.stage,
+            self.expected + other.expected,
+            self.reused + other.reused,
+            self.computed + other.computed,
+        )
 
 
-def _candidates(
-    config: PipelineConfig, run: Run, prompt_ids: list[str]
-) -> dict[str, list[Candidate]]:
-    """This run's responses to each prompt (other runs may have sampled the same prompts)."""
-    wanted = [rid for ids in response_ids(config, run, prompt_ids).values() for rid in ids]
-    rows = run.store.query(
-        "SELECT r.response_id, r.prompt_id, p.text AS prompt, r.text FROM responses r "
-        "JOIN prompts p USING (prompt_id) WHERE r.response_id IN (SELECT unnest(?)) "
-        "ORDER BY r.prompt_id, r.sample_index",
-        [wanted],
+def run_stage(
+    store: Store,
+    run_id: str,
+    stage: str,
+    table: str,
+    expected: list[str],
+    compute: Callable[[list[str]], list[dict[str, Any]]],
+) -> StageCount:
+    """Expected ids → the ones already stored → compute only the missing → one write.
+
+    ``compute`` gets the missing ids and returns rows covering them (rows it makes
+    beyond them are already stored and skipped). The expected ids are also recorded as
+    the run's rows (``run_rows``), whichever run stored them first.
+    """
+    expected = list(dict.fromkeys(expected))
+    stored = store.existing_keys(table, expected)
+    missing = [key for key in expected if key not in stored]
+    rows = compute(missing) if missing else []
+    made = {row[table_spec(table).key] for row in rows}
+    if not_made := [key for key in missing if key not in made]:
+        raise RuntimeError(f"{stage}: {len(not_made)} expected {table} rows were not computed")
+    written = store.write(table, rows, run_id).written
+    store.write(
+        "run_rows",
+        [
+            {"member_id": f"{run_id}/{table}/{key}", "table_name": table, "row_id": key}
+            for key in expected
+        ],
+        run_id,
     )
-    by_prompt: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
-    for row in rows:
-        by_prompt[row["prompt_id"]].append(Candidate(**row))
-    return by_prompt
+    if missing:
+        get_run_logger().info(
+            "%s: %d expected, %d reused, %d computed (%d written)",
+            stage, len(expected), len(stored), len(missing), written,
+        )  # fmt: skip
+    return StageCount(stage, len(expected), len(stored), len(missing))
 
 
-def _judgments_of(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> list[dict]:
-    """Stored judgments of this run's responses by this run's judge and constitution."""
-    wanted = [rid for ids in response_ids(config, run, prompt_ids).values() for rid in ids]
-    return run.store.query(
-        "SELECT * EXCLUDE (run_id) FROM judgments WHERE response_a_id IN (SELECT unnest(?)) "
-        "AND constitution_id = ? AND judge_model = ? ORDER BY judgment_id",
-        [wanted, run.constitution_id, run.judge_model],
+def run_row_ids(store: Store, run_id: str, table: str) -> list[str]:
+    """The ids of the rows of ``table`` that a run expects ("a run's rows")."""
+    if not store.db_path.exists():
+        return []
+    rows = store.query(
+        "SELECT row_id FROM run_rows WHERE run_id = ? AND table_name = ? ORDER BY row_id",
+        [run_id, table],
     )
+    return [row["row_id"] for row in rows]
 
 
-def _write_logged(run: Run, table: str, rows: list[dict[str, Any]], what: str) -> int:
-    result = run.store.write(table, rows, run.run_id)
-    get_run_logger().info(
-        "%s: %d new rows (%d already stored) from %s", table, result.written, result.skipped, what
-    )
-    return result.written
+# --- Sampling and judging, shared with the evaluation --------------------------------
+
+
+def sample_stage(
+    store: Store,
+    run_id: str,
+    policy: ModelConfig,
+    prompts: Mapping[str, str],
+    sampling: SamplingConfig,
+) -> tuple[dict[str, list[str]], StageCount]:
+    """n samples of each prompt (id → text) from ``policy``; a prompt with all of its
+    samples stored is not sampled again. Returns each prompt's sample ids."""
+    name = model_location(policy)[1]
+    wanted = {pid: sampling.sample_ids(pid, name) for pid in prompts}
+    owner = {rid: pid for pid, ids in wanted.items() for rid in ids}
+
+    def compute(missing: list[str]) -> list[dict[str, Any]]:
+        todo = list(dict.fromkeys(owner[rid] for rid in missing))
+        backend = make_backend(policy, sampling.seed)
+        chats = [[{"role": "user", "content": prompts[pid]}] for pid in todo]
+        return [
+            {
+                "response_id": wanted[pid][i],
+                "prompt_id": pid,
+                "run_id": run_id,
+                "model": name,
+                "text": c.text.strip(),
+                "sample_index": i,
+                "finish_reason": c.finish_reason,
+                "num_tokens": c.num_tokens,
+                "sampling": sampling.as_json(),
+            }
+            for pid, samples in zip(todo, backend.generate(chats, sampling), strict=True)
+            for i, c in enumerate(samples)
+        ]
+
+    ids = [rid for pid in prompts for rid in wanted[pid]]
+    return wanted, run_stage(store, run_id, "sample", "responses", ids, compute)
+
+
+def judge_stage(
+    store: Store,
+    run_id: str,
+    judge: ModelConfig,
+    seed: int,
+    constitution: Constitution,
+    candidates: Mapping[str, Sequence[Candidate]],
+    config: JudgeConfig,
+) -> tuple[list[Judgment], StageCount]:
+    """Judge each prompt's candidates: the first questions, then the second ones that
+    best_vs_worst asks from the pointwise scores, each round in the shape of a stage.
+    Returns the run's judgments, read back from the store."""
+    name = model_location(judge)[1]
+
+    def judge_round(questions: list[Question]) -> tuple[list[Judgment], StageCount]:
+        by_id = {judgment_id(q, name, config): q for q in questions}
+
+        def compute(missing: list[str]) -> list[dict[str, Any]]:
+            backend = make_backend(judge, seed)
+            asked = [by_id[key] for key in missing]
+            judged = judge_questions(backend, asked, config, constitution.constitution_id)
+            return [j.to_row() | {"run_id": run_id} for j in judged]
+
+        count = run_stage(store, run_id, "judge", "judgments", list(by_id), compute)
+        return stored_judgments(store, list(by_id)), count
+
+    first, count = judge_round(first_questions(constitution, candidates, config))
+    second, more = judge_round(second_questions(constitution, candidates, first, config))
+    return first + second, count + more
+
+
+def stored_judgments(store: Store, judgment_ids: list[str]) -> list[Judgment]:
+    """The stored judgments with these ids, in id order."""
+    fields = Judgment.__dataclass_fields__
+    rows = _rows_for(store, "judgments", "judgment_id", judgment_ids)
+    judged = [Judgment(**{k: v for k, v in row.items() if k in fields}) for row in rows]
+    return sorted(judged, key=lambda j: j.judgment_id)
 
 
 # --- Tasks ------------------------------------------------------------------------------
@@ -115,7 +228,7 @@ def _write_logged(run: Run, table: str, rows: list[dict[str, Any]], what: str) -
 def describe_run(config: PipelineConfig, constitution: Constitution) -> Run:
     """The run a config makes: its id is a hash of the settings that decide its data."""
     policy_name = model_location(config.policy)[1]
-    judge_name = model_location(config.judge_model)[1] if config.judge_model else policy_name
+    judge_name = model_location(judge_model(config))[1]
     settings = config.identity()
     run_id = content_id("run", settings, constitution.constitution_id, policy_name, judge_name)
     store_root = str(Store(config.store).root)
@@ -130,23 +243,37 @@ def describe_run(config: PipelineConfig, constitution: Constitution) -> Run:
     )
 
 
-def run_pair_ids(config: PipelineConfig, limit: int | None = None) -> list[str]:
-    """The train pairs of the run a config makes: judged comparisons of its own samples.
+def judge_model(config: PipelineConfig) -> ModelConfig:
+    """The judge: the configured judge model, else the policy itself."""
+    return config.judge_model or config.policy
 
-    Found by the ids of its samples, not by run_id: a row that another run stored first
-    (the same samples of the same policy, judged the same way) belongs to this run too.
-    With ``limit``, the most confident pairs of each principle in turn, so a principle
-    decided by checks (p = 1) cannot crowd out the model-judged ones.
+
+def sampling_config(config: PipelineConfig) -> SamplingConfig:
+    gen = config.generation
+    return SamplingConfig(
+        n=gen.n,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        max_tokens=gen.max_tokens,
+        seed=config.seed,
+    )
+
+
+def run_pair_ids(config: PipelineConfig, limit: int | None = None) -> list[str]:
+    """The train pairs of the run a config makes: the pairs its ids expect.
+
+    A pair that another run stored first (the same judgment under the same thresholds)
+    belongs to this run too; a pair of the same samples under a lower ``min_confidence``
+    does not. With ``limit``, the most confident pairs of each principle in turn, so a
+    principle decided by checks (p = 1) cannot crowd out the model-judged ones.
     """
     run = describe_run(config, load_constitution(config.constitution))
-    seeds = [row["prompt_id"] for row in _prompt_rows(config, run) if row["split"] == "train"]
-    synthetic = _synthetic_prompt_ids(run)
-    samples = [rid for ids in response_ids(config, run, seeds + synthetic).values() for rid in ids]
     rows = run.store.query(
-        "SELECT pair_id FROM preference_pairs WHERE chosen_response_id IN (SELECT unnest(?)) "
-        "AND judge_model = ? AND constitution_id = ? ORDER BY row_number() OVER "
+        "SELECT pair_id FROM preference_pairs WHERE split = 'train' AND pair_id IN "
+        "(SELECT row_id FROM run_rows WHERE run_id = ? AND table_name = 'preference_pairs') "
+        "ORDER BY row_number() OVER "
         "(PARTITION BY principle_ids[1] ORDER BY p_chosen DESC, pair_id), pair_id",
-        [samples, run.judge_model, run.constitution_id],
+        [run.run_id],
     )
     chosen = [row["pair_id"] for row in rows][:limit]
     return sorted(chosen)
@@ -201,24 +328,12 @@ def write_run_event(run: Run, config: PipelineConfig, status: str) -> None:
     )
 
 
-@task(cache_policy=NO_CACHE)
-def store_prompts(config: PipelineConfig, run: Run) -> list[str]:
-    """Load the prompt set, store it, and return the ids of the training prompts."""
-    rows = _prompt_rows(config, run)
-    run.store.write("prompts", rows, run.run_id)
-    return [row["prompt_id"] for row in rows if row["split"] == "train"]
-
-
-def _prompt_rows(config: PipelineConfig, run: Run) -> list[dict[str, Any]]:
-    prompts = load_prompts(
-        config.prompts.source,
-        limit=config.prompts.limit,
-        eval_fraction=config.prompts.eval_fraction,
-    )
+def prompt_rows(prompts: Iterable[SeedPrompt], run_id: str) -> list[dict[str, Any]]:
+    """Prompts as ``prompts`` rows; a prompt's id is its text's hash."""
     return [
         {
             "prompt_id": content_id("prompt", p.text),
-            "run_id": run.run_id,
+            "run_id": run_id,
             "text": p.text,
             "source": p.source,
             "split": p.split,
@@ -228,151 +343,159 @@ def _prompt_rows(config: PipelineConfig, run: Run) -> list[dict[str, Any]]:
     ]
 
 
-def _synthetic_prompt_ids(run: Run) -> list[str]:
-    """The run's self-instruct prompts: new texts by construction, so stored under this run."""
-    if not run.store.db_path.exists():
-        return []
-    rows = run.store.query(
-        "SELECT prompt_id FROM prompts WHERE run_id = ? AND source = 'synthetic' "
-        "ORDER BY prompt_id",
-        [run.run_id],
+def store_prompt_rows(store: Store, run_id: str, rows: list[dict]) -> StageCount:
+    """Prompts are read, not computed: the stage stores the ones not yet stored."""
+    by_id = {row["prompt_id"]: row for row in rows}
+    return run_stage(
+        store, run_id, "prompts", "prompts", list(by_id), lambda ids: [by_id[i] for i in ids]
     )
-    return [row["prompt_id"] for row in rows]
 
 
 @task(cache_policy=NO_CACHE)
-def synthesize_prompts(config: PipelineConfig, run: Run) -> list[str]:
-    """Self-instruct: the policy writes new train prompts from seed examples (once per run)."""
+def store_prompts(config: PipelineConfig, run: Run) -> tuple[list[str], StageCount]:
+    """Load the prompt set, store it, and return the ids of the training prompts."""
+    prompts = load_prompts(
+        config.prompts.source,
+        limit=config.prompts.limit,
+        eval_fraction=config.prompts.eval_fraction,
+    )
+    rows = prompt_rows(prompts, run.run_id)
+    count = store_prompt_rows(run.store, run.run_id, rows)
+    return [row["prompt_id"] for row in rows if row["split"] == "train"], count
+
+
+def _synthetic_prompt_ids(run: Run) -> list[str]:
+    """The run's self-instruct prompts, once it has made them."""
+    ids = run_row_ids(run.store, run.run_id, "prompts")
+    rows = _rows_for(run.store, "prompts", "prompt_id", ids)
+    return sorted(row["prompt_id"] for row in rows if row["source"] == "synthetic")
+
+
+@task(cache_policy=NO_CACHE)
+def synthesize_prompts(config: PipelineConfig, run: Run) -> tuple[list[str], StageCount]:
+    """Self-instruct: the policy writes new train prompts from seed examples (once per run).
+
+    The one stage whose ids are not known before computing: a prompt's id is its text.
+    So the stage is done once the run has recorded its synthetic prompts.
+    """
     stored = _synthetic_prompt_ids(run)
     if stored:  # written in one shard, so a stored set is a whole set
-        return stored
+        return stored, StageCount("self-instruct", len(stored), len(stored), 0)
     source = load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
     seeds = [p.text for p in source if p.split == "train"]
     chats = self_instruct_chats(
         seeds, config.prompts.synthetic, config.prompts.synthetic_shots, config.seed
     )
-    sampling = SamplingConfig(
-        n=1,
-        temperature=config.generation.temperature,
-        top_p=config.generation.top_p,
-        max_tokens=config.generation.max_tokens,
-        seed=config.seed,
-    )
+    sampling = replace(sampling_config(config), n=1)
     backend = make_backend(config.policy, config.seed)
     generated = [c[0].text for c in backend.generate(chats, sampling)]
-    # Compared with every prompt, eval ones included: none may leak into training.
-    known = [row["text"] for row in run.store.query("SELECT text FROM prompts")]
+    # Compared with every seed and eval prompt: none may leak into training. Synthetic
+    # prompts of other runs are not excluded: the same policy writes the same prompts.
+    known = (
+        [
+            row["text"]
+            for row in run.store.query("SELECT text FROM prompts WHERE source <> 'synthetic'")
+        ]
+        if run.store.db_path.exists()
+        else []
+    )
     result = filter_synthetic(generated, [*(p.text for p in source), *known])
-    rows = [
-        {
-            "prompt_id": content_id("prompt", text),
-            "run_id": run.run_id,
-            "text": text,
-            "source": "synthetic",
-            "split": "train",
-            "category": "synthetic",
-        }
-        for text in result.kept
-    ]
+    rows = prompt_rows(
+        [
+            SeedPrompt(text=text, source="synthetic", split="train", category="synthetic")
+            for text in result.kept
+        ],
+        run.run_id,
+    )
     dropped = ", ".join(f"{k}={v}" for k, v in result.dropped.items()) or "none"
-    _write_logged(run, "prompts", rows, f"{len(chats)} self-instruct chats, dropped: {dropped}")
-    return [row["prompt_id"] for row in rows]
+    get_run_logger().info("self-instruct: %d chats, dropped: %s", len(chats), dropped)
+    count = store_prompt_rows(run.store, run.run_id, rows)
+    return [row["prompt_id"] for row in rows], replace(count, stage="self-instruct")
 
 
 @task(cache_policy=NO_CACHE)
-def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
+def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> StageCount:
     """n samples per prompt from the policy; prompts that have all of theirs are skipped."""
-    gen = config.generation
-    sampling = SamplingConfig(
-        n=gen.n,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        max_tokens=gen.max_tokens,
-        seed=config.seed,
-    )
-    sampling_json = _sampling_json(config)
-    wanted = response_ids(config, run, prompt_ids)
-    stored = run.store.existing_keys("responses", [r for ids in wanted.values() for r in ids])
-    todo = [pid for pid, ids in wanted.items() if not set(ids) <= stored]
-    if not todo:
-        return 0
     texts = {
-        row["prompt_id"]: row["text"] for row in _rows_for(run.store, "prompts", "prompt_id", todo)
+        row["prompt_id"]: row["text"]
+        for row in _rows_for(run.store, "prompts", "prompt_id", prompt_ids)
     }
-    backend = make_backend(config.policy, config.seed)
-    completions = backend.generate(
-        [[{"role": "user", "content": texts[p]}] for p in todo], sampling
+    prompts = {pid: texts[pid] for pid in prompt_ids}
+    return sample_stage(run.store, run.run_id, config.policy, prompts, sampling_config(config))[1]
+
+
+def _candidates(
+    config: PipelineConfig, run: Run, prompt_ids: list[str]
+) -> dict[str, list[Candidate]]:
+    """This run's responses to each prompt (other runs may have sampled the same prompts)."""
+    sampling = sampling_config(config)
+    wanted = [rid for pid in prompt_ids for rid in sampling.sample_ids(pid, run.policy_model)]
+    rows = run.store.query(
+        "SELECT r.response_id, r.prompt_id, p.text AS prompt, r.text FROM responses r "
+        "JOIN prompts p USING (prompt_id) WHERE r.response_id IN (SELECT unnest(?)) "
+        "ORDER BY r.prompt_id, r.sample_index",
+        [wanted],
     )
-    rows = [
-        {
-            "response_id": wanted[pid][i],
-            "prompt_id": pid,
-            "run_id": run.run_id,
-            "model": run.policy_model,
-            "text": c.text.strip(),
-            "sample_index": i,
-            "finish_reason": c.finish_reason,
-            "num_tokens": c.num_tokens,
-            "sampling": sampling_json,
-        }
-        for pid, samples in zip(todo, completions, strict=True)
-        for i, c in enumerate(samples)
-    ]
-    return _write_logged(run, "responses", rows, f"{len(todo)} prompts")
+    by_prompt: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
+    for row in rows:
+        by_prompt[row["prompt_id"]].append(Candidate(**row))
+    return by_prompt
 
 
 @task(cache_policy=NO_CACHE)
 def critique_responses(
     config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
-) -> int:
+) -> StageCount:
     """SL-CAI critique and revision by the policy, for responses not yet critiqued."""
     candidates = [c for cs in _candidates(config, run, prompt_ids).values() for c in cs]
-    done = {
-        row["response_id"]
-        for row in run.store.query(
-            "SELECT DISTINCT response_id FROM critiques WHERE response_id IN (SELECT unnest(?)) "
-            "AND constitution_id = ? AND model = ?",
-            [[c.response_id for c in candidates], run.constitution_id, run.policy_model],
-        )
+    ids = {
+        c.response_id: critique_ids(constitution, c, config.critique, run.policy_model)
+        for c in candidates
     }
-    todo = [c for c in candidates if c.response_id not in done]
-    if not todo:
-        return 0
-    backend = make_backend(config.policy, config.seed)
-    records = critique_and_revise(backend, constitution, todo, config.critique)
-    rows = [r.to_row() | {"run_id": run.run_id} for r in records]
-    return _write_logged(run, "critiques", rows, f"{len(todo)} responses")
+    owner = {key: c for c in candidates for key in ids[c.response_id]}
+
+    def compute(missing: list[str]) -> list[dict[str, Any]]:
+        todo = list({owner[key].response_id: owner[key] for key in missing}.values())
+        backend = make_backend(config.policy, config.seed)
+        records = critique_and_revise(backend, constitution, todo, config.critique)
+        return [r.to_row() | {"run_id": run.run_id} for r in records]
+
+    expected = [key for c in candidates for key in ids[c.response_id]]
+    return run_stage(run.store, run.run_id, "critique", "critiques", expected, compute)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15])
 def judge_responses(
     config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
-) -> int:
-    """Judge every prompt of the batch whose responses have no judgments by this judge yet.
-
-    A prompt's judgments are written in one shard, so a judged prompt is wholly judged.
-    """
-    judged = {row["prompt_id"] for row in _judgments_of(config, run, prompt_ids)}
-    todo = [pid for pid in prompt_ids if pid not in judged]
-    if not todo:
-        return 0
-    backend = make_backend(config.judge_model or config.policy, config.seed)
-    judgments = judge_prompts(backend, constitution, _candidates(config, run, todo), config.judge)
-    rows = [j.to_row() | {"run_id": run.run_id} for j in judgments]
-    return _write_logged(run, "judgments", rows, f"{len(todo)} prompts")
+) -> StageCount:
+    """Judge the batch's candidates; judgments already stored (by any run) are reused."""
+    candidates = _candidates(config, run, prompt_ids)
+    return judge_stage(
+        run.store, run.run_id, judge_model(config), config.seed, constitution, candidates,
+        config.judge,
+    )[1]  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE)
-def store_pairs(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
+def store_pairs(
+    config: PipelineConfig, run: Run, constitution: Constitution, prompt_ids: list[str]
+) -> StageCount:
     """Turn the batch's judgments into preference pairs (dropping ties and low confidence)."""
-    judgments = [Judgment(**row) for row in _judgments_of(config, run, prompt_ids)]
-    outcome = build_pairs(judgments, _candidates(config, run, prompt_ids), config.judge)
+    candidates = _candidates(config, run, prompt_ids)
+    name = run.judge_model
+    questions = first_questions(constitution, candidates, config.judge)
+    first = stored_judgments(run.store, [judgment_id(q, name, config.judge) for q in questions])
+    second = second_questions(constitution, candidates, first, config.judge)
+    judgments = first + stored_judgments(
+        run.store, [judgment_id(q, name, config.judge) for q in second]
+    )
+    outcome = build_pairs(judgments, candidates, config.judge)
     splits = {
         row["prompt_id"]: row["split"]
         for row in _rows_for(run.store, "prompts", "prompt_id", prompt_ids)
     }
-    pair_rows = [
-        pair.to_row()
+    rows = {
+        pair.pair_id: pair.to_row()
         | {
             "policy_model": run.policy_model,
             "run_id": run.run_id,
@@ -380,9 +503,13 @@ def store_pairs(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> int:
             "split": splits[pair.prompt_id],
         }
         for pair in outcome.pairs
-    ]
+    }
     dropped = ", ".join(f"{k}={v}" for k, v in outcome.dropped.items() if v)
-    return _write_logged(run, "preference_pairs", pair_rows, f"dropped: {dropped or 'none'}")
+    get_run_logger().info("pairs: %d, dropped: %s", len(rows), dropped or "none")
+    return run_stage(
+        run.store, run.run_id, "pairs", "preference_pairs", list(rows),
+        lambda ids: [rows[i] for i in ids],
+    )  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE)
@@ -395,32 +522,48 @@ def finish_run(config: PipelineConfig, run: Run) -> None:
 # --- Flow -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CollectResult:
+    run_id: str
+    stages: tuple[StageCount, ...]  # per stage: expected, reused, computed
+
+    def lines(self) -> list[str]:
+        return [
+            f"{c.stage:<13} {c.expected:>6} expected  {c.reused:>6} reused  "
+            f"{c.computed:>6} computed"
+            for c in self.stages
+        ]
+
+
 @flow(name="collect-preferences", log_prints=True)
-def collect_preferences(config: PipelineConfig) -> str:
-    """Prompts → samples → critiques → judgments → preference pairs; returns the run id."""
+def collect_preferences(config: PipelineConfig) -> CollectResult:
+    """Prompts → samples → critiques → judgments → preference pairs."""
     logger = get_run_logger()
     constitution = load_constitution(config.constitution)  # refused before any work
     run = start_run(config, constitution)
-    prompt_ids = store_prompts(config, run)
+    prompt_ids, prompts_count = store_prompts(config, run)
+    counts = [prompts_count]
     if config.prompts.synthetic:
-        prompt_ids += synthesize_prompts(config, run)
+        synthetic_ids, synthetic_count = synthesize_prompts(config, run)
+        prompt_ids, counts = prompt_ids + synthetic_ids, [*counts, synthetic_count]
     batches = _batches(prompt_ids, config.batch_size)
     logger.info(
         "run %s: %d batches of up to %d prompts", run.run_id, len(batches), config.batch_size
     )
 
-    # Sample
-    for batch in batches:
-        sample_responses(config, run, batch)
-    # Critique and revise
-    if config.critique.enabled:
+    def over_batches(stage: str, step: Callable[[list[str]], StageCount]) -> None:
+        total = StageCount(stage)
         for batch in batches:
-            critique_responses(config, run, constitution, batch)
-    # Judge
-    for batch in batches:
-        judge_responses(config, run, constitution, batch)
-    # Pairs
-    for batch in batches:
-        store_pairs(config, run, batch)
+            total += step(batch)
+        counts.append(total)
+
+    over_batches("sample", lambda b: sample_responses(config, run, b))
+    if config.critique.enabled:
+        over_batches("critique", lambda b: critique_responses(config, run, constitution, b))
+    over_batches("judge", lambda b: judge_responses(config, run, constitution, b))
+    over_batches("pairs", lambda b: store_pairs(config, run, constitution, b))
     finish_run(config, run)
-    return run.run_id
+    result = CollectResult(run.run_id, tuple(counts))
+    for line in result.lines():
+        logger.info(line)
+    return result

@@ -51,11 +51,15 @@ SELECT model_id, stage, path, base_model, parent_model_id, iteration, examples, 
        data_runs, run_id, created_at
 FROM models ORDER BY created_at NULLS FIRST, model_id
 """
-# A pair judged under several principles counts once under each.
+# The data run's train pairs: the rows its ids expect (run_rows), whichever run stored
+# them first. A pair judged under several principles counts once under each.
 _PAIRS_SQL = """
-SELECT run_id, principle, count(*) AS pairs
-FROM (SELECT run_id, unnest(principle_ids) AS principle FROM preference_pairs)
-WHERE run_id IN (SELECT data_run_id FROM iterations WHERE loop = ?)
+SELECT m.run_id, principle, count(*) AS pairs
+FROM run_rows m
+JOIN (SELECT pair_id, unnest(principle_ids) AS principle FROM preference_pairs
+      WHERE split = 'train') p ON p.pair_id = m.row_id
+WHERE m.table_name = 'preference_pairs'
+  AND m.run_id IN (SELECT data_run_id FROM iterations WHERE loop = ?)
 GROUP BY 1, 2 ORDER BY 1, 2
 """
 

@@ -9,18 +9,25 @@ from storage import Store
 
 TABLES_SHOWN = ("prompts", "responses", "critiques", "judgments", "preference_pairs")
 
-NEXT_QUERIES = (
-    (
-        "Which principles produced the pairs, and how sure was the judge?",
-        "SELECT principle_ids[1] AS principle, count(*) AS pairs, round(avg(p_chosen), 3) "
-        "AS mean_p_chosen FROM preference_pairs GROUP BY 1 ORDER BY pairs DESC",
-    ),
-    (
-        "Which judgments flipped when the order was swapped?",
-        "SELECT principle_id, round(p_a_first, 2) AS p_first, round(p_a_second, 2) AS p_second "
-        "FROM judgments WHERE status = 'ok' AND NOT position_consistent LIMIT 10",
-    ),
-)
+
+def next_queries(run_id: str) -> list[tuple[str, str]]:
+    """Questions a user asks next about one run, as SQL over its rows."""
+    pairs = f"(SELECT row_id FROM run_rows WHERE run_id = '{run_id}')"
+    return [
+        (
+            "Which principles produced the run's pairs, and how sure was the judge?",
+            "SELECT principle_ids[1] AS principle, count(*) AS pairs, "
+            "round(avg(p_chosen), 3) AS mean_p_chosen FROM preference_pairs "
+            f"WHERE pair_id IN {pairs} GROUP BY 1 ORDER BY pairs DESC",
+        ),
+        (
+            "Which of its judgments flipped when the order was swapped?",
+            "SELECT principle_id, round(p_a_first, 2) AS p_first, round(p_a_second, 2) "
+            "AS p_second FROM judgments WHERE status = 'ok' AND NOT position_consistent "
+            f"AND judgment_id IN {pairs} LIMIT 10",
+        ),
+    ]
+
 
 # Why a judgment did not become a pair, in SQL, mirroring alignment.judge.drop_reason.
 _OUTCOME = """
@@ -53,32 +60,42 @@ def latest_run_id(store: Store) -> str | None:
     return rows[0]["run_id"] if rows else None
 
 
+def mine(table: str, key: str, alias: str = "") -> str:
+    """SQL condition: the row is one of the run's rows (bind the run id once)."""
+    column = f"{alias}.{key}" if alias else key
+    return f"{column} IN (SELECT row_id FROM run_rows WHERE run_id = ? AND table_name = '{table}')"
+
+
 def run_summary(store: Store, run_id: str) -> RunSummary:
+    """What one run expects of each table, whichever run stored the rows first."""
     run = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])[0]
-    rows = {
-        table: store.query(f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id])[0]["n"]
-        for table in TABLES_SHOWN
+    counted = store.query(
+        "SELECT table_name, count(*) AS n FROM run_rows WHERE run_id = ? GROUP BY 1", [run_id]
+    )
+    rows = dict.fromkeys(TABLES_SHOWN, 0) | {
+        r["table_name"]: r["n"] for r in counted if r["table_name"] in TABLES_SHOWN
     }
+    judged = mine("judgments", "judgment_id", "j")
     consistency = store.query(
-        "SELECT avg(position_consistent::INT) AS rate, count(*) AS n FROM judgments "
-        "WHERE run_id = ? AND status = 'ok' AND mode IN ('pairwise', 'cot') "
+        "SELECT avg(position_consistent::INT) AS rate, count(*) AS n FROM judgments j "
+        f"WHERE {judged} AND status = 'ok' AND mode IN ('pairwise', 'cot', 'ensemble') "
         "AND response_b_id IS NOT NULL",
         [run_id],
     )[0]
     statuses = store.query(
-        "SELECT status, count(*) AS n FROM judgments WHERE run_id = ? GROUP BY 1 ORDER BY 2 DESC",
+        f"SELECT status, count(*) AS n FROM judgments j WHERE {judged} GROUP BY 1 ORDER BY 2 DESC",
         [run_id],
     )
     outcomes = store.query(
-        f"SELECT {_OUTCOME} AS outcome, count(*) AS n FROM judgments j "
-        "JOIN runs r USING (run_id) WHERE j.run_id = ? GROUP BY 1 ORDER BY 2 DESC",
-        [run_id],
+        f"SELECT {_OUTCOME} AS outcome, count(*) AS n FROM judgments j, runs r "
+        f"WHERE r.run_id = ? AND {judged} GROUP BY 1 ORDER BY 2 DESC",
+        [run_id, run_id],
     )
     # The most confident pair of each principle first, so the examples show several.
     examples = store.query(
         "SELECT prompt, chosen, rejected, principle_ids[1] AS principle, p_chosen, "
         "row_number() OVER (PARTITION BY principle_ids[1] ORDER BY p_chosen DESC, pair_id) "
-        "AS rank FROM preference_pairs WHERE run_id = ? "
+        f"AS rank FROM preference_pairs WHERE {mine('preference_pairs', 'pair_id')} "
         "ORDER BY rank, p_chosen DESC, pair_id LIMIT 3",
         [run_id],
     )

@@ -150,15 +150,24 @@ class StageRun:
         return reader(self.store, replace(data, split=split) if split else data)
 
     def reward_model(self) -> str:
-        name = self.config.reward_model
-        if name:
-            return resolve_base(self.store, name)[0]
-        latest = self.store.query(
-            "SELECT path FROM models WHERE stage = 'reward' ORDER BY created_at DESC LIMIT 1"
-        )
-        if not latest:
-            raise ValueError("no reward model registered; run `rlaif train reward` first")
-        return latest[0]["path"]
+        return resolve_reward_model(self.store, self.config)[0]
+
+
+def resolve_reward_model(store: Store, config: TrainConfig) -> tuple[str, str]:
+    """(folder, identity) of the reward model an RL stage learns from: the named one,
+    else the latest registered. The identity (its model_id, or the folder) goes into
+    the trained model's id, so a new reward model makes a new policy."""
+    name = config.reward_model
+    if name:
+        path, label, model_id = resolve_base(store, name)
+        return path, model_id or label
+    latest = store.query(
+        "SELECT path, model_id FROM models WHERE stage = 'reward' ORDER BY created_at DESC "
+        "LIMIT 1"
+    ) if store.db_path.exists() else []  # fmt: skip
+    if not latest:
+        raise ValueError("no reward model registered; run `rlaif train reward` first")
+    return latest[0]["path"], latest[0]["model_id"]
 
 
 # Each stage: the rows it trains on, read from the store, then training on them.
@@ -222,6 +231,7 @@ def _online_rl(algorithm: Literal["rloo", "grpo"]) -> Callable[[StageRun, list],
     return train
 
 
+REWARD_STAGES = ("ppo", "rloo", "grpo")  # the stages that learn from a reward model
 STAGES: dict[str, tuple[Callable[[StageRun], list], Callable[[StageRun, list], Trained]]] = {
     "sft": (_sft_rows, _sft),
     "reward": (_preference_rows, _reward),
@@ -262,13 +272,9 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
     rows = read_rows(run)
     if not rows:
         raise ValueError(no_rows_message(config, stage))
+    reward = resolve_reward_model(store, config)[1] if stage in REWARD_STAGES else None
     model_id = content_id(
-        "model",
-        stage,
-        base_name,
-        sorted(map(_row_id, rows)),
-        config.reward_model,
-        stage_config.model_dump(),
+        "model", stage, base_name, sorted(map(_row_id, rows)), reward, stage_config.model_dump()
     )
     if store.existing_keys("models", [model_id]):
         logger.info("%s model %s is already registered; nothing to train", stage, model_id)

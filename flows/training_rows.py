@@ -34,10 +34,16 @@ class DataFilter:
     pair_ids: tuple[str, ...] = field(default_factory=tuple)
 
     def where(self, columns: dict[str, str]) -> tuple[str, list[Any]]:
-        """SQL conditions and parameters; ``columns`` maps run_id, iteration, split,
-        p_chosen and principles (a list expression) to the query's expressions."""
+        """SQL conditions and parameters; ``columns`` maps row_id (the row's key),
+        iteration, split, p_chosen and principles (a list expression) to the query's
+        expressions."""
         wanted = {
-            "run_id": (f"{columns['run_id']} IN (SELECT unnest(?))", list(self.runs) or None),
+            # A run's rows are the ones it expects, whichever run stored them first.
+            "run_id": (
+                f"{columns['row_id']} IN (SELECT row_id FROM run_rows "
+                "WHERE run_id IN (SELECT unnest(?)))",
+                list(self.runs) or None,
+            ),
             "iteration": (f"{columns['iteration']} = ?", self.iteration),
             "split": (f"{columns['split']} = ?", self.split or None),
             "p_chosen": (f"{columns.get('p_chosen')} >= ?", self.min_p_chosen),
@@ -70,7 +76,7 @@ def preference_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
     """Conversational preference pairs with p_chosen and lineage, in a stable order."""
     where, params = data.where(
         {
-            "run_id": "p.run_id",
+            "row_id": "p.pair_id",
             "iteration": "p.iteration",
             "split": "p.split",
             "p_chosen": "p.p_chosen",
@@ -102,7 +108,7 @@ def sft_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
         raise ValueError("min_p_chosen and pair ids filter preference pairs, not SFT revisions")
     where, params = data.where(
         {
-            "run_id": "c.run_id",
+            "row_id": "c.critique_id",
             "iteration": "run.iteration",
             "split": "pr.split",
             "principles": "[c.principle_id]",

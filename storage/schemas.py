@@ -113,6 +113,11 @@ TABLES: dict[str, TableSpec] = {
         strings("principle_ids"), strings("judgment_ids"), text("constitution_id"),
         text("policy_model"), text("judge_model"), RUN_ID, integer("iteration"), text("split"),
     ),
+    # "A run's rows": every row a run expects, whichever run stored it first (a row made
+    # once is reused by every run that expects it). member_id: "<run_id>/<table>/<row_id>".
+    "run_rows": _spec(
+        "member_id", RUN_ID, text("table_name"), text("row_id"),
+    ),
     "models": _spec(
         "model_id", text("stage"), text("path"), text("base_model"), text("parent_model_id"),
         integer("iteration"), json_text("metrics"), flag("promoted"), RUN_ID,

@@ -156,5 +156,5 @@ def small_config(store: Path, policy_config) -> PipelineConfig:
 def collected(tmp_path_factory, prefect_harness, vllm_backend, policy_config):
     root = tmp_path_factory.mktemp("store")
     config = small_config(root, policy_config)
-    run_id = collect_preferences(config=config)
+    run_id = collect_preferences(config=config).run_id
     return config, Store(root), run_id

@@ -81,7 +81,10 @@ def test_judgments_follow_the_protocol(collected):
 def test_rerun_adds_no_rows(collected):
     config, store, run_id = collected
     before, files = counts(store), shard_files(store.root)
-    assert collect_preferences(config=config) == run_id
+    result = collect_preferences(config=config)
+    assert result.run_id == run_id
+    assert [c.stage for c in result.stages] == ["prompts", "sample", "critique", "judge", "pairs"]
+    assert all(c.computed == 0 and c.reused == c.expected > 0 for c in result.stages)
     assert counts(store) == before
     assert shard_files(store.root) == files
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from itertools import combinations
 
 import pytest
-from pydantic import ValidationError
 
-from alignment.backends import ResponseTokens, SequenceScore, split_response
+from alignment.backends import SequenceScore
 from alignment.constitution import from_dict
 from alignment.judge import (
     DROP_REASONS,
@@ -507,12 +507,17 @@ def test_checks_ties_are_dropped_and_checks_wins_are_pairs():
 
 
 def test_pair_ids_are_stable_and_rows_use_lists():
-    first = build_pairs([judgment(0.8)], PAIR_GROUP, LOGPROB).pairs[0]
-    again = build_pairs([judgment(0.9)], PAIR_GROUP, LOGPROB).pairs[0]
-    flipped = build_pairs([judgment(0.1)], PAIR_GROUP, LOGPROB).pairs[0]
+    first = build_pairs([judgment(0.8, judgment_id="j")], PAIR_GROUP, LOGPROB).pairs[0]
+    again = build_pairs([judgment(0.9, judgment_id="j")], PAIR_GROUP, LOGPROB).pairs[0]
+    flipped = build_pairs([judgment(0.1, judgment_id="j")], PAIR_GROUP, LOGPROB).pairs[0]
+    other = build_pairs([judgment(0.8, judgment_id="k")], PAIR_GROUP, LOGPROB).pairs[0]
+    stricter = JudgeConfig(mode="logprob", min_confidence=0.7)
+    strict = build_pairs([judgment(0.8, judgment_id="j")], PAIR_GROUP, stricter).pairs[0]
     assert first.pair_id == again.pair_id != flipped.pair_id
+    # Another judgment, or other thresholds, make another pair: a raised bound selects anew.
+    assert len({first.pair_id, other.pair_id, strict.pair_id}) == 3
     row = first.to_row()
-    assert row["principle_ids"] == ["helpful"] and row["judgment_ids"] == ["j-0.8-True-ok"]
+    assert row["principle_ids"] == ["helpful"] and row["judgment_ids"] == ["j"]
 
 
 def test_end_to_end_scripted_judge_prefers_longer_responses():
@@ -797,71 +802,34 @@ def test_judgment_ids_distinguish_the_label_settings():
         judgment_id(JudgeConfig(mode="likelihood")),
         judgment_id(JudgeConfig(mode="ensemble")),
     ]
+    ids += [
+        judgment_id(JudgeConfig(mode="logprob", min_option_mass=0.2)),
+        judgment_id(JudgeConfig(mode="cot", cot_clamp=(0.3, 0.7))),
+        judgment_id(JudgeConfig(mode="cot")),
+    ]
     assert len(set(ids)) == len(ids)
+    # Settings of other modes, and the pair thresholds, leave a judgment's id alone.
     assert judgment_id(LOGPROB) == judgment_id(JudgeConfig(mode="logprob", contrast_tau=9.0))
+    assert judgment_id(CONTRAST) == judgment_id(
+        JudgeConfig(mode="contrast", contrast_tau=2.0, min_confidence=0.9, min_option_mass=0.5)
+    )
 
 
-# --- Sequence scores: where the response's tokens are --------------------------------
+def test_judgment_ids_hash_the_principle_not_the_constitution():
+    group = by_prompt(candidates("p", *(f"answer {i}" for i in range(6))))
+    helpful, honest = PLAIN.principles
+    edited = replace(PLAIN, principles=(replace(helpful, text="Be kind."), honest))
 
+    def ids(constitution, backend_name="judge"):
+        backend = ScriptedBackend(model_name=backend_name)
+        judged = judge_prompts(backend, constitution, group, CONTRAST)
+        return {(j.principle_id, j.judgment_id) for j in judged}
 
-def encode_chars(text: str) -> list[int]:
-    return [ord(c) for c in text]
-
-
-def test_split_response_locates_the_response_and_the_end_token():
-    located = split_response("<u>q</u><a>", "<u>q</u><a>hi", "<u>q</u><a>hi</a>\n", encode_chars)
-    assert (located.start, located.end) == (11, 13)
-    assert located.token_ids == encode_chars("<u>q</u><a>hi<")  # cut after the end token
-
-
-def test_split_response_tokenizes_the_pieces_apart_when_a_token_straddles_them():
-    def merging(text: str) -> list[int]:  # "ab" is one token, as BPE merges would do
-        ids, i = [], 0
-        while i < len(text):
-            if text.startswith("ab", i):
-                ids.append(0)
-                i += 2
-            else:
-                ids.append(ord(text[i]))
-                i += 1
-        return ids
-
-    located = split_response("xa", "xab", "xab!", merging)
-    assert located.token_ids == [ord("x"), ord("a"), ord("b"), ord("!")]
-    assert (located.start, located.end) == (2, 3)
-
-
-def test_split_response_refuses_a_template_that_moves_the_response():
-    with pytest.raises(ValueError, match="cannot tell which tokens"):
-        split_response("<a>", "<b>hi", "<b>hi</b>", encode_chars)
-
-
-def test_response_tokens_sum_the_responses_logprobs():
-    located = ResponseTokens([1, 2, 3, 4, 5], start=2, end=4)
-    score = located.score([None, -9.0, -1.0, -2.0, -0.5])
-    assert score == SequenceScore(logprob=-3.0, num_tokens=2, end_logprob=-0.5)
-    assert located.score([None, -9.0, -1.0, None, -0.5]) is None
-    assert located.score([None, -9.0, -1.0]) is None
-    no_end = ResponseTokens([1, 2, 3], start=1, end=3)
-    assert no_end.score([None, -1.0, -1.0]) == SequenceScore(-2.0, 2, None)
-
-
-# --- Config -------------------------------------------------------------------------
-
-
-def test_config_rejects_bad_values_with_the_values():
-    with pytest.raises(ValidationError, match="min_confidence=0.7.*cot_clamp\\[1\\]=0.6"):
-        JudgeConfig(mode="cot", min_confidence=0.7)
-    with pytest.raises(ValidationError, match=r"\(0.6, 0.4\)"):
-        JudgeConfig(cot_clamp=(0.6, 0.4))
-    with pytest.raises(ValidationError):
-        JudgeConfig(min_confidence=0.4)
-    with pytest.raises(ValidationError):
-        JudgeConfig(mode="vibes")
-    with pytest.raises(ValidationError):
-        JudgeConfig(temperature=0.3)  # unknown keys are errors
-    with pytest.raises(ValidationError):
-        JudgeConfig(contrast_tau=0.0)
-    with pytest.raises(ValidationError):
-        JudgeConfig(contrast_negative="reverse")
-    JudgeConfig(mode="logprob", min_confidence=0.7)  # fine outside cot
+    renamed = replace(PLAIN, name="another name", version="9")
+    assert renamed.constitution_id != PLAIN.constitution_id
+    assert ids(renamed) == ids(PLAIN)  # only the principle's own text counts
+    before, after = ids(PLAIN), ids(edited)
+    assert {p for p, _ in before} == {"helpful", "honest"}
+    assert {x for x in before if x[0] == "honest"} == {x for x in after if x[0] == "honest"}
+    assert {x for x in before if x[0] == "helpful"}.isdisjoint(after)
+    assert {j for _, j in ids(PLAIN, "another-judge")}.isdisjoint(j for _, j in before)

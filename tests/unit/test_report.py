@@ -96,6 +96,11 @@ def pair_row(i: int, n: int, principles: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def member(run_id: str, table: str, row_id: str) -> dict[str, str]:
+    """One `run_rows` row, as flows.pipeline.run_stage records a run's expected rows."""
+    return {"member_id": f"{run_id}/{table}/{row_id}", "table_name": table, "row_id": row_id}
+
+
 def audit_rows(iteration: int | None, accuracy: float, run: str, minutes: int) -> list[dict]:
     """One gold audit's `judge_evals` rows, as flows.judge_eval writes them."""
     figures = {
@@ -138,7 +143,13 @@ def store(tmp_path: Path) -> Store:
         if kl is not None:
             store.write("evals", eval_rows(i), f"eval-{i}")
         principles = ["harmless"] if i % 2 else ["harmless", "honest"]
-        store.write("preference_pairs", [pair_row(i, n, principles) for n in range(3)], f"data-{i}")
+        pairs = [pair_row(i, n, principles) for n in range(3)]
+        store.write("preference_pairs", pairs, f"data-{i}")
+        store.write(
+            "run_rows",
+            [member(f"data-{i}", "preference_pairs", p["pair_id"]) for p in pairs],
+            f"data-{i}",
+        )
     models = [model_row(M1, None, 1), model_row(M2, M1, 2), model_row(M3, M1, 3)]
     for model in models:
         store.write("models", [model], f"train-{model['model_id']}")

@@ -84,6 +84,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "value": 0.7, "n": 48, "judge_config": '{"mode": "contrast"}', "iteration": 1,
         "loop": "demo", "created_at": NOW,
     },
+    "run_rows": {
+        "member_id": "run-1/judgments/j1", "run_id": "run-1", "table_name": "judgments",
+        "row_id": "j1",
+    },
     "iterations": {
         "iteration_id": "i1", "run_id": RUN, "loop": "demo", "iteration": 1, "method": "dpo",
         "incumbent_model_id": "tiny", "candidate_model_id": "m1", "data_run_id": RUN,
