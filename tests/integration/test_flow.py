@@ -160,3 +160,74 @@ def test_the_duckdb_cli_opens_the_same_file(collected):
         check=True,
     ).stdout
     assert out == f"n\n{store.count('preference_pairs')}\n"
+
+
+# --- Incremental re-labelling: an edit recomputes only what used the edited part -------
+
+
+def _run_judgments(store: Store, run_id: str) -> dict[str, set[str]]:
+    """The run's judgment ids (its run_rows), by principle."""
+    rows = store.query(
+        "SELECT principle_id, judgment_id FROM judgments WHERE judgment_id IN "
+        "(SELECT row_id FROM run_rows WHERE run_id = ? AND table_name = 'judgments')",
+        [run_id],
+    )
+    found: dict[str, set[str]] = {}
+    for row in rows:
+        found.setdefault(row["principle_id"], set()).add(row["judgment_id"])
+    return found
+
+
+def _rerun_edited(collected, tmp_path: Path, edit) -> tuple[Store, str, object]:
+    """Rerun the collected config on a copy of its store with an edited constitution."""
+    import yaml
+
+    config, store, _ = collected
+    root = tmp_path / "store"
+    shutil.copytree(store.root, root)
+    doc = yaml.safe_load(Path(config.constitution).read_text(encoding="utf-8"))
+    edit({p["id"]: p for p in doc["principles"]})
+    path = tmp_path / "constitution.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    edited = config.model_copy(update={"store": str(root), "constitution": str(path)})
+    return Store(root), edited, collect_preferences(config=edited)
+
+
+def test_editing_one_principle_text_relabels_only_its_judgments(collected, tmp_path):
+    _, _, run_id = collected
+
+    def edit(principles: dict) -> None:
+        principles["honest"]["principle"] += " Say so when you are unsure."
+
+    store, _, result = _rerun_edited(collected, tmp_path, edit)
+    before, after = _run_judgments(store, run_id), _run_judgments(store, result.run_id)
+    assert result.run_id != run_id and before["honest"]
+    # The text does not decide which comparisons a principle gets, only their labels.
+    assert {p: len(ids) for p, ids in after.items()} == {p: len(ids) for p, ids in before.items()}
+    for principle in before:
+        if principle == "honest":
+            assert after[principle].isdisjoint(before[principle])
+        else:
+            assert after[principle] == before[principle]
+    stages = {c.stage: c for c in result.stages}
+    assert stages["sample"].computed == 0 and stages["critique"].computed == 0
+    assert stages["judge"].computed == len(before["honest"])
+    assert stages["judge"].reused == sum(map(len, before.values())) - len(before["honest"])
+
+
+def test_raising_one_weight_moves_only_comparisons_to_that_principle(collected, tmp_path):
+    _, _, run_id = collected
+
+    def edit(principles: dict) -> None:
+        principles["harmless"]["weight"] = 4
+
+    store, _, result = _rerun_edited(collected, tmp_path, edit)
+    before, after = _run_judgments(store, run_id), _run_judgments(store, result.run_id)
+    gained = after["harmless"] - before.get("harmless", set())
+    assert gained, "a fourfold weight wins some comparisons"
+    assert before.get("harmless", set()) <= after["harmless"]
+    for principle in before.keys() - {"harmless"}:
+        assert after.get(principle, set()) <= before[principle]
+    stages = {c.stage: c for c in result.stages}
+    assert stages["judge"].computed == len(gained)
+    assert stages["pairs"].computed <= len(gained)

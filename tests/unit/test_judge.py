@@ -9,7 +9,7 @@ from itertools import combinations
 import pytest
 
 from alignment.backends import SequenceScore
-from alignment.constitution import from_dict
+from alignment.constitution import Check, from_dict
 from alignment.judge import (
     DROP_REASONS,
     Candidate,
@@ -20,6 +20,7 @@ from alignment.judge import (
     decide_by_checks,
     judge_comparisons,
     judge_prompts,
+    principle_fingerprint,
     rationale_status,
     read_contrast,
     read_ensemble,
@@ -833,3 +834,26 @@ def test_judgment_ids_hash_the_principle_not_the_constitution():
     assert {x for x in before if x[0] == "honest"} == {x for x in after if x[0] == "honest"}
     assert {x for x in before if x[0] == "helpful"}.isdisjoint(after)
     assert {j for _, j in ids(PLAIN, "another-judge")}.isdisjoint(j for _, j in before)
+
+
+def test_a_principle_fingerprint_changes_with_its_text_and_checks_only():
+    (brief,) = SHORT.principles
+    base = principle_fingerprint(brief)
+    assert principle_fingerprint(replace(brief, weight=5.0, critique="Other?")) == base
+    assert principle_fingerprint(replace(brief, text="Be short.")) != base
+    assert principle_fingerprint(replace(brief, checks=(Check("max_words", 4),))) != base
+
+
+def test_principles_are_sampled_by_weight_and_a_weight_edit_moves_only_its_draws():
+    weighted = constitution(principle("a"), principle("b", weight=2), principle("c"))
+    keys = [f"judge:p:{i}" for i in range(4000)]
+    drawn = [weighted.sample_principle(k, 0).id for k in keys]
+    shares = {pid: drawn.count(pid) / len(keys) for pid in "abc"}
+    assert shares == pytest.approx({"a": 0.25, "b": 0.5, "c": 0.25}, abs=0.03)
+    heavier = constitution(principle("a"), principle("b", weight=2), principle("c", weight=3))
+    moved = [
+        (old, new)
+        for k, old in zip(keys, drawn, strict=True)
+        if (new := heavier.sample_principle(k, 0).id) != old
+    ]
+    assert moved and all(new == "c" for _, new in moved)  # only c gains, nobody else moves
