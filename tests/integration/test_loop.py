@@ -123,10 +123,10 @@ def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tm
     The collapse gates, which ask no judge, must refuse it on any CPU: the figures differ
     between machines, so only the verdicts and the sign of the KL are asserted.
 
-    Its batches differ from loop `t`'s, so its data run has another id, but its samples of
-    the seed prompts, their judgments and pairs are loop `t`'s first iteration's, stored
-    already: it must find and train on them all the same. (Its self-instruct prompts are
-    `t`'s too, so they are not new and are dropped.)"""
+    Its batches differ from loop `t`'s, so its data run has another id, but it expects the
+    same samples, judgments and pairs as loop `t`'s first iteration (its self-instruct
+    prompts are `t`'s too: the same policy writes the same ones), stored already: it must
+    find them as its own rows and train on them all the same, with nothing recomputed."""
     _, store, _ = loop_store
     config_path = write_loop_config(
         tmp_path / "wrecked.yaml", store.root, name="wrecked", batch_size=3,
@@ -135,13 +135,21 @@ def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tm
     self_improve(config_path=str(config_path))
     row = store.query("SELECT * FROM iterations WHERE loop = 'wrecked'")[0]
     first = store.query("SELECT * FROM iterations WHERE loop = 't' AND iteration = 1")[0]
-    seed_pairs = store.query(
-        "SELECT count(*) AS n FROM preference_pairs JOIN prompts USING (prompt_id) "
-        "WHERE preference_pairs.run_id = ? AND source = 'seed'",
-        [first["data_run_id"]],
-    )[0]["n"]
+
+    def run_pairs(run_id: str) -> set[str]:
+        rows = store.query(
+            "SELECT row_id FROM run_rows WHERE run_id = ? AND table_name = 'preference_pairs'",
+            [run_id],
+        )
+        return {r["row_id"] for r in rows}
+
     assert row["data_run_id"] != first["data_run_id"]
-    assert row["pairs"] == seed_pairs > 0
+    assert run_pairs(row["data_run_id"]) == run_pairs(first["data_run_id"])
+    assert row["pairs"] == first["pairs"] > 0
+    made_by_wrecked = store.query(
+        "SELECT count(*) AS n FROM judgments WHERE run_id = ?", [row["data_run_id"]]
+    )[0]["n"]
+    assert made_by_wrecked == 0  # every judgment it expects was stored by loop `t`
     assert row["decision"] == "rejected" and not row["promoted"]
     assert row["reasons"] and all("failed" in reason for reason in row["reasons"])
     failed = {g["gate"] for g in json.loads(row["gates"]) if not g["passed"]}
@@ -160,15 +168,17 @@ def test_gates_reject_a_degraded_candidate_and_keep_the_incumbent(loop_store, tm
     assert promoted == [{"promoted": False}]
 
 
-def test_kill_9_during_judging_and_training_then_resume_equals_a_clean_run(
+def test_kill_9_during_sampling_judging_and_training_then_resume_equals_a_clean_run(
     loop_store, tmp_path: Path
 ):
-    """Two processes killed mid-iteration, then a rerun: the store matches a clean run."""
+    """Three processes killed mid-iteration, then a rerun: the store matches a clean run."""
     _, _, clean = loop_store
     store = Store(tmp_path / "store")
     config_path = write_loop_config(tmp_path / "loop.yaml", store.root)
     args = ["self-improve", "--config", str(config_path)]
 
+    run_until(args, tmp_path / "kill-0.log", lambda: bool(shards(store, "responses")))
+    assert not shards(store, "judgments")  # it died while sampling
     run_until(args, tmp_path / "kill-1.log", lambda: bool(shards(store, "judgments")))
     assert not shards(store, "preference_pairs")  # it died while judging
     log = tmp_path / "kill-2.log"

@@ -184,8 +184,13 @@ def test_eval_compares_candidate_with_baseline(collected, prefect_harness, vllm_
     sft = store.query("SELECT model_id FROM models WHERE stage = 'sft'")
     assert sft, "runs after the SFT test"
     model_id = sft[0]["model_id"]
+    reward = store.query("SELECT model_id FROM models WHERE stage = 'reward' LIMIT 1")
+    assert reward, "runs after the reward-model test"
     metrics = {
-        m.metric: m for m in evaluate_flow(config=config, candidate=model_id, baseline="tiny")
+        m.metric: m
+        for m in evaluate_flow(
+            config=config, candidate=model_id, baseline="tiny", reward_model=reward[0]["model_id"]
+        )
     }
     eval_prompts = store.query("SELECT count(*) AS n FROM prompts WHERE split = 'eval'")[0]["n"]
     assert metrics["win_rate"].n + metrics["judge_not_ok"].value == eval_prompts
@@ -202,11 +207,16 @@ def test_eval_compares_candidate_with_baseline(collected, prefect_harness, vllm_
     rows = store.query("SELECT * FROM evals WHERE model_id = ?", [model_id])
     assert {r["metric"] for r in rows} == set(metrics)
     assert {r["baseline_model_id"] for r in rows} == {tiny_model_path().name}
-    # every comparison behind the win rate is in the store, under the eval's run
+    # every comparison behind the win rate is in the store, among the eval run's rows
     eval_run = rows[0]["run_id"]
     judged = store.query(
         "SELECT count(*) AS n FROM judgments j JOIN responses r ON r.response_id = "
-        "j.response_a_id WHERE j.run_id = ? AND r.model = ?",
-        [eval_run, model_id],
+        "j.response_a_id WHERE r.model = ? AND j.judgment_id IN (SELECT row_id FROM run_rows "
+        "WHERE run_id = ? AND table_name = 'judgments')",
+        [model_id, eval_run],
     )[0]["n"]
     assert judged == eval_prompts
+    # Without a reward model of its own, an eval reports no reward (it used to take the
+    # newest reward model of the whole store, from any loop). Nothing is sampled again.
+    again = {m.metric for m in evaluate_flow(config=config, candidate=model_id, baseline="tiny")}
+    assert again == set(metrics) - {"reward", "baseline/reward"}
