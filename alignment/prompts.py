@@ -13,6 +13,11 @@ Accepted sources (nothing is ever downloaded):
   A ``DatasetDict``'s ``"train"`` split is train; ``"test"``, ``"eval"`` and ``"validation"``
   are eval, and the split name decides over any split column.
 
+Refused, with the row's place (``path:line``): a row whose text is empty or blank, a text
+longer than ``MAX_PROMPT_CHARS`` (32,768 characters, more than the longest context a shipped
+config reserves), and a source with no prompt at all. Exact duplicates (after stripping) keep
+their first occurrence; ``read_prompts`` says how many were dropped, so the CLI can warn.
+
 A row's split comes from ``split_field`` (``train``, or ``eval``/``test``/``validation``
 for eval). A row with none gets one from its text alone, the same on every machine:
 eval iff ``int(sha256(text)[:8], 16) / 2**32 < eval_fraction``.
@@ -33,6 +38,7 @@ from alignment.records import Record, dataset_rows, read_records
 Split = Literal["train", "eval"]
 
 BUILTIN = "builtin"
+MAX_PROMPT_CHARS = 32_768
 BUILTIN_PATH = Path(__file__).parent / "data" / "seed_prompts.jsonl"
 FALLBACK_TEXT_FIELD = "prompt"
 ACCEPTED_FORMS = f"'{BUILTIN}', {RECORD_FORMS}"
@@ -61,6 +67,24 @@ class PromptSourceError(ValueError):
     """A prompt source that cannot be read; the message starts with ``path`` (and line)."""
 
 
+@dataclass(frozen=True)
+class PromptFile:
+    """The prompts of a source, and the exact duplicates dropped from it."""
+
+    prompts: list[SeedPrompt]
+    duplicates: int = 0
+    first_duplicate: str = ""  # "path:line" (or "path: row N") of the first one dropped
+
+    def duplicates_warning(self) -> str | None:
+        """'prompts.jsonl: 3 duplicate prompts dropped (first at line 7)', or None."""
+        if not self.duplicates:
+            return None
+        path, _, place = self.first_duplicate.rpartition(":")
+        place = place.strip() if place.strip().startswith("row") else f"line {place}"
+        plural = "s" if self.duplicates > 1 else ""
+        return f"{path}: {self.duplicates} duplicate prompt{plural} dropped (first at {place})"
+
+
 _Row = Record
 
 
@@ -74,27 +98,47 @@ def load_prompts(
 ) -> list[SeedPrompt]:
     """Read prompts from ``source``, in source order.
 
-    Texts are stripped; empty ones are dropped; exact duplicates keep their first occurrence.
+    Texts are stripped; an empty one is refused; exact duplicates keep their first occurrence.
     ``limit`` then keeps the first ``round(limit * (1 - eval_fraction))`` train prompts and
     fills the rest of ``limit`` with the first eval prompts, in source order. When one split
     runs short, the other fills the gap; when ``limit >= 2`` and both splits exist, each
     keeps at least one prompt. The result stays in source order.
     """
-    if not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    prompts = read_prompts(
+        source, text_field=text_field, split_field=split_field, eval_fraction=eval_fraction
+    ).prompts
+    return prompts if limit is None else _apply_limit(prompts, limit, eval_fraction)
+
+
+def read_prompts(
+    source: str | Path = BUILTIN,
+    *,
+    text_field: str = "text",
+    split_field: str = "split",
+    eval_fraction: float = 0.2,
+) -> PromptFile:
+    """Every prompt of ``source`` (no limit), with a count of the duplicates dropped."""
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
     is_builtin = isinstance(source, str) and source == BUILTIN
     path = BUILTIN_PATH if is_builtin else Path(source)
     tag = "seed" if is_builtin else "file"
     prompts: list[SeedPrompt] = []
     seen: set[str] = set()
+    duplicates, first_duplicate = 0, ""
     for row in _read_rows(path):
         prompt = _to_prompt(row, text_field, split_field, eval_fraction, tag)
-        if prompt is not None and prompt.text not in seen:
-            seen.add(prompt.text)
-            prompts.append(prompt)
-    return prompts if limit is None else _apply_limit(prompts, limit, eval_fraction)
+        if prompt.text in seen:
+            duplicates += 1
+            first_duplicate = first_duplicate or row.where
+            continue
+        seen.add(prompt.text)
+        prompts.append(prompt)
+    if not prompts:
+        raise PromptSourceError(f"{path}: no prompts (it is empty, or has only blank lines)")
+    return PromptFile(prompts, duplicates, first_duplicate)
 
 
 def hash_split(text: str, eval_fraction: float) -> Split:
@@ -140,10 +184,8 @@ def _dataset_dict_rows(loaded: Any, path: Path) -> Iterator[_Row]:
 
 def _to_prompt(
     row: _Row, text_field: str, split_field: str, eval_fraction: float, tag: str
-) -> SeedPrompt | None:
+) -> SeedPrompt:
     text = _text_of(row, text_field)
-    if not text:
-        return None
     split = row.split or _split_of(row, split_field) or hash_split(text, eval_fraction)
     category = row.record.get("category") or ""
     return SeedPrompt(text=text, split=split, source=tag, category=str(category))
@@ -157,11 +199,16 @@ def _text_of(row: _Row, text_field: str) -> str:
             f"{row.where}: no '{text_field}' field (nor '{FALLBACK_TEXT_FIELD}'); fields: {fields}"
         )
     value = row.record[field]
-    if value is None:
-        return ""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise PromptSourceError(f"{row.where}: field '{field}' is empty; a prompt needs text")
     if not isinstance(value, str):
         raise PromptSourceError(
             f"{row.where}: field '{field}' must be a string, got {type(value).__name__}"
+        )
+    if len(value) > MAX_PROMPT_CHARS:
+        raise PromptSourceError(
+            f"{row.where}: field '{field}' is {len(value):,} characters; a prompt must be at "
+            f"most {MAX_PROMPT_CHARS:,}"
         )
     return value.strip()
 

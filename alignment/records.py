@@ -54,7 +54,8 @@ def _read_jsonl(path: Path, error: type[Exception]) -> Iterator[Record]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise error(f"{where}: not UTF-8 text (byte {err.start + 1})") from None
+                byte = f"byte {raw[err.start]:#04x} at column {err.start + 1}"
+                raise error(f"{where}: not UTF-8 text ({byte})") from None
             if not line.strip():
                 continue
             try:

@@ -1,7 +1,8 @@
 """The ``rlaif`` command: a thin skin over alignment/, storage/ and the flows.
 
 Every command calls one library function. Bad input (a constitution, a config,
-SQL) is reported as ``file:line: message`` or one plain line, exit code 2.
+a prompt or preference file, SQL) is reported as ``file:line: message`` or one
+plain line, exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from alignment.constitution import lint as lint_constitutions
+from alignment.judge_eval import PreferenceSetError
 from alignment.prompts import PromptSourceError
 from alignment.yaml_spec import SpecError
 from storage import QueryError, StoreError
@@ -53,7 +55,9 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except SpecError as error:
             _fail(str(error))
-        except (PromptSourceError, QueryError, StoreError) as error:
+        except (PromptSourceError, PreferenceSetError) as error:  # "file[:line]: message"
+            _fail(_one_line(str(error)))
+        except (QueryError, StoreError) as error:
             _fail(f"error: {_one_line(str(error))}")
 
     return wrapper
@@ -122,17 +126,17 @@ def _yaml_files(path: str) -> int:
 
 def _run_pipeline(config_path: str | Path, overrides: dict[str, str]) -> tuple[Any, Any]:
     """Validate the config and its constitution, then run the flow; (config, result)."""
-    from alignment.constitution import load_constitution
-    from alignment.prompts import load_prompts
     from flows.config import load_config
 
     config = load_config(config_path, overrides)
-    # Refuse a bad constitution or prompt file before anything starts or is written.
-    load_constitution(config.constitution)
-    load_prompts(config.prompts.source, limit=config.prompts.limit)
+    _check_inputs(config)  # a bad constitution or prompt file, before anything is written
+    from alignment.backends import release_engines
     from flows.pipeline import collect_preferences
 
-    return config, collect_preferences(config=config)
+    try:
+        return config, collect_preferences(config=config)
+    finally:
+        release_engines()  # left to the interpreter's exit, the engine can abort it
 
 
 @main.command()
@@ -233,15 +237,30 @@ def _shorten(text: str, width: int = 110) -> str:
 # --- the loop ------------------------------------------------------------------------
 
 
-def _loop_config(config_path: str | Path, store: str | None, overrides: dict[str, Any]) -> Any:
-    """The loop's config, its constitution and prompts checked before anything runs."""
+def _check_inputs(config: Any, audit: bool = False) -> None:
+    """Refuse a bad constitution, prompt file or (``audit``: the loop's) judge audit set
+    before anything is written; warn about duplicate prompts, which are dropped."""
     from alignment.constitution import load_constitution
-    from alignment.prompts import load_prompts
+    from alignment.prompts import read_prompts
+
+    constitution = load_constitution(config.constitution)
+    prompts = read_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
+    warning = prompts.duplicates_warning()
+    if warning:
+        click.echo(warning, err=True)
+    if audit and config.loop.judge_audit is not None:
+        from alignment.judge_eval import load_preference_set
+
+        limit = config.loop.judge_audit_limit
+        load_preference_set(config.loop.judge_audit, limit, constitution=constitution)
+
+
+def _loop_config(config_path: str | Path, store: str | None, overrides: dict[str, Any]) -> Any:
+    """The loop's config, its constitution, prompts and audit set checked before anything runs."""
     from flows.loop import load_loop_config
 
     config = load_loop_config(str(config_path), store, overrides)
-    load_constitution(config.constitution)
-    load_prompts(config.prompts.source, limit=config.prompts.limit)
+    _check_inputs(config, audit=True)
     return config
 
 
@@ -419,15 +438,22 @@ def report(store: str, loop: str | None, out: str | None) -> None:
     show_default=True,
     help="Output format.",
 )
+@click.option(
+    "--allow-external",
+    is_flag=True,
+    help="Let the SQL read and write files outside the store (COPY, read_csv, ATTACH...).",
+)
 @user_errors
-def sql_command(query: str, store: str, fmt: str) -> None:
+def sql_command(query: str, store: str, fmt: str, allow_external: bool) -> None:
     """Run read-only SQL over the store's DuckDB views.
+
+    The SQL may read only the store's files and writes nothing, unless --allow-external.
 
     Example: rlaif sql "SELECT status, count(*) FROM judgments GROUP BY 1"
     """
     from storage import sql
 
-    columns, rows = sql(Path(store) / "rlaif.duckdb", query)
+    columns, rows = sql(Path(store) / "rlaif.duckdb", query, allow_external=allow_external)
     click.echo(format_rows(columns, rows, fmt), nl=False)
 
 
@@ -710,7 +736,6 @@ def judge_eval_command(
     """
     from pydantic import ValidationError
 
-    from alignment.judge_eval import PreferenceSetError
     from flows.config import PipelineConfig, load_config
     from flows.judge_eval import evaluate_judge, judge_settings
 
@@ -728,10 +753,7 @@ def judge_eval_command(
         _fail(f"error: --mode {mode}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
     # vLLM logs to stdout by default, which would break `--format json | jq`.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    try:
-        result = evaluate_judge(config, data, mode=mode, limit=limit)
-    except PreferenceSetError as error:
-        _fail(f"error: {error}")
+    result = evaluate_judge(config, data, mode=mode, limit=limit)  # bad data: user_errors
     summary = {**result.metrics.summary(), "judge_model": result.judge_model, "mode": result.mode}
     if fmt == "json":
         click.echo(json.dumps(summary, indent=2))

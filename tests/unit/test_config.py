@@ -22,8 +22,10 @@ MODEL_KEYS = "model, backend, base_url, max_model_len, kv_cache_gib, dtype, max_
 
 @pytest.fixture(autouse=True)
 def repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Configs name the constitution relative to the repo root."""
+    """Configs name the constitution relative to the repo root; the hub is reachable unless a
+    test says otherwise (the CLI sets HF_HUB_OFFLINE=1, and it may leak from other tests)."""
     monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 def refusal(tmp_path: Path, text: str) -> tuple[str, str]:
@@ -76,10 +78,10 @@ def test_demo_config_values() -> None:
     assert config.loop.gates.min_judge_accuracy == 0.6
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text("# nothing set\n")
-    assert load_config(path) == PipelineConfig()
+def test_an_empty_file_is_refused(tmp_path: Path) -> None:
+    """Not a run on defaults into ./rlaif-data: an empty file is a mistake, not a choice."""
+    path, error = refusal(tmp_path, "# nothing set\n")
+    assert error == f"{path}:1: the file is empty (or only comments); a config needs its settings"
 
 
 def test_overrides_apply(tmp_path: Path) -> None:
@@ -177,6 +179,36 @@ def test_hub_model_id_is_not_checked_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("policy:\n  model: Qwen/Qwen2.5-0.5B-Instruct\n")
     assert load_config(path).policy.model == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_offline_a_hub_id_must_be_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    path, error = refusal(tmp_path, "seed: 1\njudge_model:\n  model: nobody/no-such-model\n")
+    assert error == (
+        f"{path}:3: judge_model.model: model 'nobody/no-such-model' is not in the local Hugging "
+        "Face cache and HF_HUB_OFFLINE is set, so it cannot be downloaded (set HF_HUB_OFFLINE=0 "
+        "to let vLLM download it)"
+    )
+
+
+@pytest.mark.parametrize(("model", "hint"), [("smollm", "; did you mean 'smollm2'?"), ("gpt5", "")])
+def test_a_model_name_that_is_nothing_is_refused(tmp_path: Path, model: str, hint: str) -> None:
+    path, error = refusal(tmp_path, f"policy:\n  dtype: auto\n  model: {model}\n")
+    assert error == (
+        f"{path}:3: policy.model: model '{model}' is not an embedded model (tiny, smollm2), an "
+        f"existing folder (write ./{model} for one here), or a hub id (org/name){hint}"
+    )
+
+
+def test_an_openai_server_names_its_own_models(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "judge_model:\n  model: gpt5\n  backend: openai\n  base_url: http://127.0.0.1:8/v1\n"
+    )
+    assert load_config(path).judge_model.model == "gpt5"  # type: ignore[union-attr]
 
 
 def test_missing_constitution_file(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ import pytest
 
 from alignment.prompts import (
     BUILTIN_PATH,
+    MAX_PROMPT_CHARS,
     PromptSourceError,
     SeedPrompt,
     hash_split,
     load_prompts,
     prompt_stats,
+    read_prompts,
 )
 
 
@@ -88,9 +90,8 @@ def test_jsonl_fields_blank_lines_strip_and_dedupe(tmp_path: Path) -> None:
             "",
             {"prompt": "second", "split": "eval"},
             {"text": "first", "split": "eval"},
-            {"text": "   "},
-            {"text": None},
             {"text": "third", "split": "test"},
+            {"prompt": "second "},
         ],
     )
     prompts = load_prompts(path)
@@ -99,6 +100,44 @@ def test_jsonl_fields_blank_lines_strip_and_dedupe(tmp_path: Path) -> None:
         SeedPrompt("second", "eval", "file"),
         SeedPrompt("third", "eval", "file"),
     ]
+    read = read_prompts(path)
+    assert (read.prompts, read.duplicates, read.first_duplicate) == (prompts, 2, f"{path}:4")
+    assert read.duplicates_warning() == f"{path}: 2 duplicate prompts dropped (first at line 4)"
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"text": "fine"}, {"text": "   "}], ":2: field 'text' is empty; a prompt needs text"),
+        ([{"text": "fine"}, {"text": None}], ":2: field 'text' is empty; a prompt needs text"),
+        ([{"text": 42}], ":1: field 'text' must be a string, got int"),
+        ([], ": no prompts (it is empty, or has only blank lines)"),
+        (["", "  "], ": no prompts (it is empty, or has only blank lines)"),
+    ],
+)
+def test_empty_and_blank_prompts_are_refused(tmp_path: Path, rows: list, message: str) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(PromptSourceError) as err:
+        load_prompts(path)
+    assert str(err.value) == f"{path}{message}"
+
+
+def test_a_prompt_over_the_length_limit_is_refused_at_its_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "ok"}, {"text": "x" * 1_000_000}])
+    with pytest.raises(PromptSourceError) as err:
+        load_prompts(path)
+    assert str(err.value) == (
+        f"{path}:2: field 'text' is 1,000,000 characters; a prompt must be at most "
+        f"{MAX_PROMPT_CHARS:,}"
+    )
+
+
+def test_duplicates_in_a_table_are_counted_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "a"]}), path)
+    assert read_prompts(path).duplicates_warning() == (
+        f"{path}: 1 duplicate prompt dropped (first at row 3)"
+    )
 
 
 def test_jsonl_custom_fields(tmp_path: Path) -> None:
@@ -109,7 +148,7 @@ def test_jsonl_custom_fields(tmp_path: Path) -> None:
 
 def test_parquet(tmp_path: Path) -> None:
     path = tmp_path / "p.parquet"
-    table = pa.table({"text": ["a", "b", "a", None], "split": ["train", None, "eval", "eval"]})
+    table = pa.table({"text": ["a", "b", "a"], "split": ["train", None, "eval"]})
     pq.write_table(table, path)
     prompts = load_prompts(path)
     assert texts(prompts) == ["a", "b"]
@@ -287,4 +326,4 @@ def test_a_file_that_is_not_utf8_is_refused_at_its_line(tmp_path: Path) -> None:
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(PromptSourceError) as caught:
         load_prompts(str(path))
-    assert str(caught.value) == f"{path}:2: not UTF-8 text (byte 14)"
+    assert str(caught.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at column 14)"

@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, parse_yaml
+from alignment.yaml_spec import (
+    MAX_YAML_BYTES,
+    LocatedYaml,
+    Problem,
+    SpecError,
+    load_yaml,
+    parse_yaml,
+)
 
 DOC = """\
 # a comment
@@ -145,11 +152,20 @@ def test_missing_file_and_not_utf8(tmp_path):
     assert str(info.value) == f"{missing}:1: file not found"
 
     latin = tmp_path / "latin.yaml"
-    latin.write_bytes(b"name: caf\xe9\n")
+    latin.write_bytes(b"name: c\nversion: caf\xe9\n")
     with pytest.raises(SpecError) as info:
         load_yaml(latin)
-    assert str(info.value) == f"{latin}:1: file is not valid UTF-8 (byte 0xe9 at offset 9)"
+    assert str(info.value) == f"{latin}:2: not UTF-8 text (byte 0xe9 at column 13)"
 
     with pytest.raises(SpecError) as info:
         load_yaml(tmp_path)
     assert str(info.value) == f"{tmp_path}:1: is a directory, expected a YAML file"
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# x\n" * (MAX_YAML_BYTES // 4 + 1))
+    with pytest.raises(SpecError) as info:
+        load_yaml(big)
+    message = f"{big}:1: file is 1.0 MiB; a YAML file written by hand must be at most 1 MiB"
+    assert str(info.value) == message
