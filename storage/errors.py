@@ -61,3 +61,26 @@ class StoreBusy(StoreError):
 
 class QueryError(StoreError):
     """A SQL statement failed; the message is DuckDB's."""
+
+
+class SandboxRefused(QueryError):
+    """User SQL tried to leave the store: read or write files outside it, or write at all."""
+
+    def __init__(self, what: str, path: str | None = None) -> None:
+        self.what = what
+        self.path = path  # the file it would not read or write, when that was the refusal
+        super().__init__(
+            f"the SQL sandbox refused {what}: reads and writes outside the store need "
+            "--allow-external (allow_external=True in Python)"
+        )
+
+
+class StoreFull(StoreError):
+    """The disk filled up while the store was writing."""
+
+    def __init__(self, path: Path, what: str, outcome: str) -> None:
+        self.path = path
+        super().__init__(
+            f"no space left on device while writing {what} under {path}; {outcome}. "
+            "Free some space and run it again."
+        )

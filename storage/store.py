@@ -8,10 +8,16 @@ Layout under `root`:
 Writers hold `.lock` and open the DuckDB file read-write only when a view must change
 (first shard of a table, schema change, moved root), so the `duckdb` CLI and other
 readers can keep the file open read-only most of the time.
+
+User SQL (`Store.query`, `Store.query_arrow`, `sql`) runs in a sandbox: a private in-memory
+DuckDB that attaches the database read-only, may read only `<root>/parquet/` (DuckDB resolves
+symlinks before checking), never spills to disk, runs only SELECT, EXPLAIN, PRAGMA and CALL,
+and has its configuration locked. `allow_external=True` lifts it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -30,9 +36,11 @@ import pyarrow.parquet as pq
 
 from storage.errors import (
     QueryError,
+    SandboxRefused,
     SchemaMismatch,
     StoreBusy,
     StoreError,
+    StoreFull,
     StoreLocked,
     StoreNotFound,
 )
@@ -46,6 +54,32 @@ LOCK_TIMEOUT_S = 120.0  # how long write() waits for another writer
 OPEN_RETRY_S = 5.0  # how long we retry opening a DuckDB file another process holds
 STORAGE_VERSION = "v1.0.0"  # the db file format DuckDB writes (see _connect)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
+TMP_GLOB = "run_id=*/.part-*.parquet.tmp"  # a shard being written (see _write_shard)
+# What sandboxed SQL may run: SELECT; CALL and PRAGMA only when spelled so (DuckDB parses
+# COPY FROM DATABASE and CHECKPOINT as those); EXPLAIN only of a SELECT, since EXPLAIN
+# ANALYZE runs its statement. PRAGMA import_database would run SQL read from files.
+_COMMENTS = r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+_SPELLED = {
+    "SELECT": re.compile(""),
+    "CALL": re.compile(_COMMENTS + r"CALL\b", re.IGNORECASE | re.DOTALL),
+    "PRAGMA": re.compile(_COMMENTS + r"PRAGMA\s+(?!import_database\b)", re.IGNORECASE | re.DOTALL),
+    "EXPLAIN": re.compile(
+        _COMMENTS + r"EXPLAIN\b\s*(?:ANALY[SZ]E\b\s*)?(?:\([^)]*\)\s*)?",
+        re.IGNORECASE | re.DOTALL,
+    ),
+}
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_LOCK_CONFLICTS = (
+    "Could not set lock on file",  # another process holds a conflicting lock
+    # this process already has the file open read-only and asks for read-write
+    "Can't open a connection to same database file with a different configuration",
+    "Unique file handle conflict",  # this process already attached it in another database
+)
+_LOCK_ERRORS = tuple(
+    getattr(duckdb, name)
+    for name in ("IOException", "ConnectionException", "ResourceInUseException")
+    if hasattr(duckdb, name)
+)
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR",
     pa.int64(): "BIGINT",
@@ -86,9 +120,10 @@ class Store:
         """Append the rows whose key is not stored yet as one new shard, then refresh the views.
 
         Keys already in the table (any run), or repeated within `rows`, are skipped; when
-        every row is skipped no file is written. Raises UnknownTable or SchemaMismatch, and
-        StoreLocked when a view must change while another process holds the db open: the
-        shard is then kept, and the views catch up on the next write() or ensure().
+        every row is skipped no file is written. Raises UnknownTable or SchemaMismatch,
+        StoreFull when the disk is full, and StoreLocked when a view must change while another
+        process holds the db open: the shard is then kept, and the views catch up on the next
+        write() or ensure().
         """
         table_spec(table)
         _check_run_id(table, run_id)
@@ -97,6 +132,7 @@ class Store:
             return WriteResult(table, None, 0, 0)
         data = to_arrow(table, rows, run_id)
         with self._lock():
+            self._remove_stale_tmp(table)
             new = self._drop_stored(table, data)
             path = self._write_shard(table, run_id, new) if new.num_rows else None
             self._sync_views()
@@ -118,21 +154,31 @@ class Store:
         finally:
             con.close()
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """Run read-only SQL against the views; one dict per row. Raises QueryError."""
-        names, rows = self._with_current_views(lambda: _run(self._db_or_raise(), sql, params))
+    def query(
+        self, sql: str, params: Sequence[Any] | None = None, *, allow_external: bool = False
+    ) -> list[dict[str, Any]]:
+        """Run read-only SQL against the views; one dict per row.
+
+        Raises QueryError, or SandboxRefused when the SQL reads or writes outside the store
+        (allowed only with `allow_external=True`).
+        """
+        names, rows = self._with_current_views(
+            lambda: _run(self._db_or_raise(), sql, params, allow_external)
+        )
         return [dict(zip(names, row, strict=True)) for row in rows]
 
-    def query_arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+    def query_arrow(
+        self, sql: str, params: Sequence[Any] | None = None, *, allow_external: bool = False
+    ) -> pa.Table:
         """Like query(), as an Arrow table."""
 
         def read() -> pa.Table:
-            with _connect(self._db_or_raise(), read_only=True) as con:
+            with _query_connection(self._db_or_raise(), allow_external) as con:
                 try:
                     relation = con.sql(sql, params=params)
                     return relation.to_arrow_table() if relation is not None else pa.table({})
                 except duckdb.Error as e:
-                    raise QueryError(str(e)) from e
+                    raise _query_error(e) from e
 
         return self._with_current_views(read)
 
@@ -142,7 +188,9 @@ class Store:
         try:
             return read()
         except QueryError as error:
-            if "does not exist" not in str(error) or self._views_current():
+            # A moved store's views read the old root, which the sandbox refuses.
+            stale = "does not exist" in str(error) or getattr(error, "path", None) is not None
+            if not stale or self._views_current():
                 raise
             self.ensure()
             return read()
@@ -213,19 +261,29 @@ class Store:
     def _write_shard(self, table: str, run_id: str, data: pa.Table) -> Path:
         """Write `data` as a new shard via temp file + fsync + rename: never seen half-written."""
         folder = self._table_dir(table) / f"run_id={run_id}"
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"part-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{path.name}.tmp"  # must not match the views' *.parquet glob
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 pq.write_table(data, fh, compression="zstd")
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+            _fsync_dir(folder)
+        except OSError as e:
+            if not _is_no_space(e):
+                raise
+            raise StoreFull(folder, f"a {table} shard", "nothing was written") from e
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(folder)
         return path
+
+    def _remove_stale_tmp(self, table: str) -> None:
+        """Remove shards a killed writer left half-written. Call with `.lock` held: every
+        writer holds it while its temp file exists, so any temp file found is an orphan."""
+        for tmp in self._table_dir(table).glob(TMP_GLOB):
+            tmp.unlink(missing_ok=True)
 
     # -- database -------------------------------------------------------------------------
 
@@ -254,13 +312,23 @@ class Store:
         wanted = {name: _fingerprint(sql) for name, sql in views.items()}
         if self._installed_fingerprints(wanted) == wanted:
             return
-        with _connect(self.db_path, read_only=False) as con:
-            con.execute("BEGIN")
-            for name, sql in views.items():
-                con.execute(sql)
-                con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(wanted[name])}")
-            con.execute("COMMIT")
-            con.execute("CHECKPOINT")  # leave no WAL behind for read-only openers
+        try:
+            with _connect(self.db_path, read_only=False) as con:
+                con.execute("BEGIN")
+                for name, sql in views.items():
+                    con.execute(sql)
+                    con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(wanted[name])}")
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT")  # leave no WAL behind for read-only openers
+        except (OSError, duckdb.Error) as e:
+            if not _is_no_space(e):
+                raise
+            raise StoreFull(
+                self.db_path,
+                "the views",
+                "shards already written are kept and appear in the "
+                "views on the next write() or ensure()",
+            ) from e
 
     def _views_current(self) -> bool:
         wanted = {name: _fingerprint(sql) for name, sql in self._views().items()}
@@ -289,28 +357,120 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def sql(db_path: str | Path, query: str) -> tuple[list[str], list[tuple]]:
+def sql(
+    db_path: str | Path, query: str, *, allow_external: bool = False
+) -> tuple[list[str], list[tuple]]:
     """Run `query` on the database read-only; return column names and rows.
 
-    `db_path` is the .duckdb file or the store root. Raises StoreNotFound or QueryError.
+    `db_path` is the .duckdb file or the store root. The query may read only the store's
+    files and writes nothing, unless `allow_external`. Raises StoreNotFound, QueryError or
+    SandboxRefused.
     """
     path = Path(db_path)
     if path.is_dir():
         path = path / DB_NAME
     if not path.is_file():
         raise StoreNotFound(path)
-    return _run(path, query, None)
+    return _run(path, query, None, allow_external)
 
 
-def _run(db_path: Path, query: str, params: Sequence[Any] | None) -> tuple[list[str], list[tuple]]:
-    with _connect(db_path, read_only=True) as con:
+def _run(
+    db_path: Path, query: str, params: Sequence[Any] | None, allow_external: bool
+) -> tuple[list[str], list[tuple]]:
+    with _query_connection(db_path, allow_external) as con:
         try:
             cursor = con.execute(query, params)
             if cursor.description is None:
                 return [], []
             return [d[0] for d in cursor.description], cursor.fetchall()
         except duckdb.Error as e:
-            raise QueryError(str(e)) from e
+            raise _query_error(e) from e
+
+
+@contextmanager
+def _query_connection(db_path: Path, allow_external: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection for user SQL: sandboxed unless `allow_external`."""
+    if allow_external:
+        with _connect(db_path, read_only=True) as con:
+            yield con
+        return
+    with _sandbox(db_path) as con:
+        yield _SandboxedConnection(con)
+
+
+@contextmanager
+def _sandbox(db_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A private in-memory DuckDB with `db_path` attached read-only as the default catalog,
+    file access limited to the store's `parquet/` folder, and its configuration locked.
+
+    Private, so the locked settings never reach another connection of this process
+    (DuckDB shares one instance between connections to the same file).
+    """
+    db_path = db_path.resolve()
+    shards = db_path.parent / "parquet"
+    con = duckdb.connect(config={"temp_directory": ""})  # "": never spill to disk
+    try:
+        attach = f"ATTACH {_literal(str(db_path))} AS {_ident(db_path.stem)} (READ_ONLY)"
+        _retry(lambda: con.execute(attach), db_path, OPEN_RETRY_S)
+        con.execute(f"USE {_ident(db_path.stem)}")
+        con.execute(f"SET allowed_directories = [{_literal(str(shards) + os.sep)}]")
+        con.execute("SET enable_external_access = false")  # after allowed_directories
+        con.execute("SET lock_configuration = true")  # no SET/RESET/PRAGMA can undo the above
+        yield con
+    finally:
+        con.close()
+
+
+class _SandboxedConnection:
+    """Checks each statement's type before DuckDB runs it: the file sandbox alone would let
+    COPY, EXPORT or ATTACH write inside `parquet/`, where a new file changes the views."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+
+    def execute(self, query: str, params: Sequence[Any] | None = None) -> Any:
+        _check_statements(self._con, query)
+        return self._con.execute(query, params)
+
+    def sql(self, query: str, params: Sequence[Any] | None = None) -> Any:
+        _check_statements(self._con, query)
+        return self._con.sql(query, params=params)
+
+
+def _check_statements(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Raise SandboxRefused unless every statement in `query` only reads."""
+    for statement in con.extract_statements(query):
+        kind = statement.type.name
+        spelled = _SPELLED.get(kind)
+        prefix = spelled.match(statement.query) if spelled else None
+        if prefix is None or (kind == "EXPLAIN" and not _selects(con, statement.query, prefix)):
+            raise SandboxRefused(
+                f"a {kind} statement (the store is read-only; only SELECT, EXPLAIN of a SELECT, "
+                "PRAGMA and CALL run)"
+            )
+
+
+def _selects(con: duckdb.DuckDBPyConnection, query: str, prefix: re.Match) -> bool:
+    """Whether what follows `prefix` in `query` is only SELECT statements."""
+    try:
+        inner = con.extract_statements(query[prefix.end() :])
+    except duckdb.Error:
+        return False
+    return bool(inner) and all(s.type.name == "SELECT" for s in inner)
+
+
+def _query_error(error: duckdb.Error) -> QueryError:
+    """DuckDB's error as QueryError; the sandbox's refusals as SandboxRefused."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    access = re.search(r'Cannot access (?:file|directory) "([^"]*)"', message)
+    setting = re.search(r'Cannot change configuration option "([^"]*)"', message)
+    if access:
+        return SandboxRefused(f"access to {access.group(1)}", path=access.group(1))
+    if setting and "locked" in message:
+        return SandboxRefused(f"a change of the setting {setting.group(1)}")
+    if isinstance(error, duckdb.PermissionException):
+        return SandboxRefused(message.removeprefix("Permission Error: "))
+    return QueryError(str(error))
 
 
 @contextmanager
@@ -337,7 +497,7 @@ def _retry(attempt: Callable[[], T], path: Path, timeout_s: float) -> T:
     while True:
         try:
             return attempt()
-        except (BlockingIOError, duckdb.IOException, duckdb.ConnectionException) as e:
+        except (BlockingIOError, *_LOCK_ERRORS) as e:
             if not _is_lock_conflict(e):
                 raise StoreError(f"Could not open {path}: {e}") from e
             if time.monotonic() >= deadline:
@@ -347,10 +507,16 @@ def _retry(attempt: Callable[[], T], path: Path, timeout_s: float) -> T:
 
 
 def _is_lock_conflict(error: Exception) -> bool:
-    # DuckDB: "Could not set lock on file" from another process; "different configuration"
-    # when this process already has the file open read-only and asks for read-write.
+    """Whether `error` is a lock conflict worth retrying: flock's, or one of DuckDB's."""
     message = str(error)
-    return isinstance(error, BlockingIOError) or "lock" in message or "configuration" in message
+    return isinstance(error, BlockingIOError) or any(m in message for m in _LOCK_CONFLICTS)
+
+
+def _is_no_space(error: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised by Python, pyarrow (no errno) or DuckDB (an IOException)."""
+    return getattr(error, "errno", None) in _NO_SPACE or any(
+        os.strerror(code) in str(error) for code in _NO_SPACE
+    )
 
 
 def _check_run_id(table: str, run_id: str) -> None:
