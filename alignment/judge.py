@@ -52,6 +52,7 @@ from alignment.templates import (
     pairwise_cot_chat,
     pairwise_judge_chat,
     pointwise_judge_chat,
+    without_principle_echo,
 )
 
 Status = Literal["ok", "refusal", "unparseable", "missing_logprobs"]
@@ -115,12 +116,24 @@ class JudgeConfig(BaseModel):
         description="Drop pairs whose two orders prefer different responses.",
     )
     min_option_mass: float = Field(
-        0.0,
+        0.5,
         ge=0.0,
         le=1.0,
         description="If P(A) + P(B) under the full next-token distribution is below "
-        "this in either order, the answer is 'unparseable' (the judge wanted to "
-        "say something else).",
+        "this in either order, the answer is 'unparseable', never a preference: the "
+        "judge was more likely to say something else. Measured on SmolLM2-135M, normal "
+        "questions put 0.79-0.96 on the two labels (240 orders), so 0.5 drops none of "
+        "them and catches a broken template or a judge answering '(neither' "
+        "(docs/reliability.md).",
+    )
+    sanitize: bool = Field(
+        True,
+        description="Make judged prompts and responses inert before they enter a judge "
+        "chat: chat-template control tokens and line-start role markers are removed "
+        "(templates.judged_text), and in the A/B and yes/no questions every line after "
+        "a text's first is indented, so it cannot forge the question's lines. Clean "
+        "one-line text is unchanged. Turn off only to measure what it prevents "
+        "(docs/reliability.md).",
     )
     few_shot: bool = Field(
         False,
@@ -467,6 +480,8 @@ def _ask_model(
     """All asks are of one kind (pairwise or pointwise); the config's mode answers them."""
     if not asks:
         return []
+    if config.sanitize:  # a response may not argue its case in the principle's words
+        asks = [_without_echo(a) for a in asks]
     pointwise = asks[0].b is None
     if any((a.b is None) != pointwise for a in asks):
         raise ValueError("one batch must be all comparisons or all pointwise scores")
@@ -506,6 +521,12 @@ def _ask_model(
     return answers
 
 
+def _without_echo(ask: _Ask) -> _Ask:
+    text = ask.principle.text
+    b = without_principle_echo(ask.b, text) if ask.b is not None else None
+    return _Ask(ask.prompt, without_principle_echo(ask.a, text), b, ask.principle)
+
+
 def _contrast(
     asks: Sequence[_Ask], config: JudgeConfig, likelihoods: _Likelihoods
 ) -> list[SoftLabel]:
@@ -516,12 +537,20 @@ def _contrast(
     """
     texts = [(a, text) for a in asks for text in ([a.a] if a.b is None else [a.a, a.b])]
     if config.mode == "likelihood":
-        chats = [[conditioned_chat(NEUTRAL_SYSTEM, a.prompt, text)] for a, text in texts]
+        chats = [
+            [conditioned_chat(NEUTRAL_SYSTEM, a.prompt, text, sanitize=config.sanitize)]
+            for a, text in texts
+        ]
     else:
         chats = []
         for a, text in texts:
             follow, other = contrast_systems(a.principle.text, config.contrast_negative)
-            chats.append([conditioned_chat(s, a.prompt, text) for s in (follow, other)])
+            chats.append(
+                [
+                    conditioned_chat(s, a.prompt, text, sanitize=config.sanitize)
+                    for s in (follow, other)
+                ]
+            )
     flat = likelihoods.score([chat for group in chats for chat in group])
     deltas, at = [], 0
     for group in chats:
@@ -553,16 +582,19 @@ def _question_chats(ask: _Ask, cot: bool, config: JudgeConfig) -> tuple[Chat, Ch
     text, prompt, a = ask.principle.text, ask.prompt, ask.a
     if ask.b is None:
         return (
-            pointwise_judge_chat(text, prompt, a, yes_label="A"),
-            pointwise_judge_chat(text, prompt, a, yes_label="B"),
+            pointwise_judge_chat(text, prompt, a, yes_label="A", sanitize=config.sanitize),
+            pointwise_judge_chat(text, prompt, a, yes_label="B", sanitize=config.sanitize),
         )
     b = ask.b
     if cot:
-        return pairwise_cot_chat(text, prompt, a, b), pairwise_cot_chat(text, prompt, b, a)
+        return (
+            pairwise_cot_chat(text, prompt, a, b, sanitize=config.sanitize),
+            pairwise_cot_chat(text, prompt, b, a, sanitize=config.sanitize),
+        )
     shots = config.few_shot or config.mode == "ensemble"
     return (
-        pairwise_judge_chat(text, prompt, a, b, shots=shots),
-        pairwise_judge_chat(text, prompt, b, a, shots=shots),
+        pairwise_judge_chat(text, prompt, a, b, shots=shots, sanitize=config.sanitize),
+        pairwise_judge_chat(text, prompt, b, a, shots=shots, sanitize=config.sanitize),
     )
 
 
@@ -659,6 +691,8 @@ def principle_fingerprint(principle: Principle) -> str:
 def label_settings(mode: Mode, config: JudgeConfig) -> dict[str, Any]:
     """The judge settings that decide the numbers of a judgment made in ``mode``."""
     settings: dict[str, Any] = {"mode": mode}
+    if mode != "checks":
+        settings["sanitize"] = config.sanitize
     if mode in ("pairwise", "cot", "pointwise", "ensemble"):
         settings["min_option_mass"] = config.min_option_mass
     if mode == "pairwise":

@@ -6,6 +6,10 @@ prefill. The contrast judge's chats instead end with the response itself, whose
 likelihood is read under a principle-conditioned and a neutral system prompt.
 Wording is kept short: the CPU demo model has a small context. Every wording
 here was measured on the gold set (docs/judging.md).
+
+Judged text (prompts and responses) is untrusted: with ``sanitize`` (the default) it
+is passed through ``judged_text`` first, so it cannot close the chat turn, open a new
+one or forge the question's own lines (docs/judging.md, "Hostile content").
 """
 
 from __future__ import annotations
@@ -50,31 +54,116 @@ def revision_chat(
     ]
 
 
+# --- Judged text: hostile content -----------------------------------------------------
+
+# Control tokens of the common chat templates. A tokenizer reads them in plain text as
+# the real special tokens, so "<|im_end|>" inside a response would end the judge's turn.
+# Any "<|...|>" (ChatML: SmolLM2, Qwen; Llama 3; Phi), sentencepiece's "<s>" "</s>",
+# Llama 2's "[INST]" "<<SYS>>", Gemma's turn tags; each with a role name right after it.
+_SPECIAL_TOKEN = re.compile(
+    r"(?:<\|[^|<>\s]{1,40}\|>|</?s>|<(?:bos|eos|pad|unk)>|\[/?INST\]|<</?SYS>>"
+    r"|<(?:start|end)_of_turn>)(?:[ \t]*(?:system|user|assistant|human|model)\b)?",
+    re.IGNORECASE,
+)
+# Role tags and the question's own headings at the start of a line ("### Assistant:",
+# "Human:", "Principle:"): plain-text transcripts and the judge question use them.
+_ROLE_MARKER = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]*)?(?:human|user|assistant|system|instruction|response"
+    r"|principle|options)[ \t]*:[ \t]*",
+    re.IGNORECASE | re.MULTILINE,
+)
+INDENT = "    "  # continuation lines of judged text in a judge question
+
+
+def judged_text(text: str) -> str:
+    """``text`` made inert for a judge: chat-template control tokens (SmolLM2's
+    ``all_special_tokens`` are all "<|...|>") and role markers at the start of a line
+    are removed, until none is left (removing one may join the halves of another).
+    Clean text comes back unchanged."""
+    while True:
+        cleaned = _ROLE_MARKER.sub("", _SPECIAL_TOKEN.sub("", text))
+        if cleaned == text:
+            return text
+        text = cleaned
+
+
+ECHO_WORDS = 5  # this many consecutive words of the principle make an echo
+_WORD = re.compile(r"\w+")
+
+
+def without_principle_echo(text: str, principle_text: str) -> str:
+    """``text`` without the runs of ``ECHO_WORDS`` or more consecutive words it copies
+    from the principle (case and punctuation aside).
+
+    A response that claims "this response directly and correctly answers the question"
+    in the principle's own words is likelier under a system prompt that states the
+    principle, so it fools the contrast judge however bad it is (every such pair of the
+    injection set flipped). An honest answer rarely repeats five words of its principle
+    in a row; none of the gold set's responses does. Text without an echo is unchanged.
+    """
+    words = [(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    principle = [w.lower() for w in _WORD.findall(principle_text)]
+    k = ECHO_WORDS
+    grams = {tuple(principle[i : i + k]) for i in range(len(principle) - k + 1)}
+    echoed = [False] * len(words)
+    for i in range(len(words) - k + 1):
+        if tuple(w for w, _, _ in words[i : i + k]) in grams:
+            echoed[i : i + k] = [True] * k
+    if not any(echoed):
+        return text
+    kept, at = [], 0
+    for (_, start, end), cut in zip(words, echoed, strict=True):
+        if cut:
+            kept.append(text[at:start])
+            at = end
+    kept.append(text[at:])
+    return re.sub(r"[ \t]{2,}", " ", "".join(kept)).strip()
+
+
+def _fenced(text: str, sanitize: bool) -> str:
+    """Judged text for a judge question: sanitised, and every line after the first
+    indented, so none of its lines can pass for one of the question's ("(B) ...",
+    "Principle: ...", the lead-in), which all start at the margin. A one-line text is
+    unchanged."""
+    if not sanitize:
+        return text
+    first, *rest = judged_text(text).split("\n")
+    return "\n".join([first, *(INDENT + line if line.strip() else "" for line in rest)])
+
+
 # --- The judge ------------------------------------------------------------------
 
 
-def _pairwise_question(principle_text: str, prompt: str, first: str, second: str) -> str:
+def _pairwise_question(
+    principle_text: str, prompt: str, first: str, second: str, sanitize: bool = True
+) -> str:
     return (
         "Consider the following conversation between a human and an assistant:\n"
-        f"Human: {prompt}\n\n"
+        f"Human: {_fenced(prompt, sanitize)}\n\n"
         f"Principle: {principle_text}\n"
         "Which response follows the principle better?\n"
         "Options:\n"
-        f"(A) {first}\n"
-        f"(B) {second}\n"
+        f"(A) {_fenced(first, sanitize)}\n"
+        f"(B) {_fenced(second, sanitize)}\n"
     )
 
 
 def pairwise_judge_chat(
-    principle_text: str, prompt: str, first: str, second: str, shots: bool = False
+    principle_text: str,
+    prompt: str,
+    first: str,
+    second: str,
+    shots: bool = False,
+    *,
+    sanitize: bool = True,
 ) -> list[Message]:
     """Multiple-choice question; the next token after the lead-in is the label.
 
     ``shots`` puts two answered example questions first (FEW_SHOT), one answered
-    (A) and one (B).
+    (A) and one (B). ``sanitize``: the prompt and responses go through ``_fenced``.
     """
-    question = [_user(_pairwise_question(principle_text, prompt, first, second))]
-    return [*(few_shot_turns() if shots else []), *question, _assistant(LEAD_IN)]
+    question = _pairwise_question(principle_text, prompt, first, second, sanitize)
+    return [*(few_shot_turns() if shots else []), _user(question), _assistant(LEAD_IN)]
 
 
 # Two solved questions unlike any real one, answered (A) then (B): a small judge copies
@@ -107,9 +196,11 @@ def few_shot_turns() -> list[Message]:
     return turns
 
 
-def pairwise_cot_chat(principle_text: str, prompt: str, first: str, second: str) -> list[Message]:
+def pairwise_cot_chat(
+    principle_text: str, prompt: str, first: str, second: str, *, sanitize: bool = True
+) -> list[Message]:
     """The same question, asking for a rationale first (the backend generates it)."""
-    question = _pairwise_question(principle_text, prompt, first, second)
+    question = _pairwise_question(principle_text, prompt, first, second, sanitize)
     return [_user(question + "Let's think step by step before answering.")]
 
 
@@ -119,7 +210,7 @@ def cot_answer_chat(cot_chat: Chat, rationale: str) -> list[Message]:
 
 
 def pointwise_judge_chat(
-    principle_text: str, prompt: str, response: str, yes_label: str
+    principle_text: str, prompt: str, response: str, yes_label: str, *, sanitize: bool = True
 ) -> list[Message]:
     """Does the response follow the principle? ``yes_label`` picks where "yes" is shown."""
     if yes_label not in LABELS:
@@ -127,8 +218,8 @@ def pointwise_judge_chat(
     options = ("yes", "no") if yes_label == "A" else ("no", "yes")
     question = (
         "Consider the following conversation between a human and an assistant:\n"
-        f"Human: {prompt}\n"
-        f"Assistant: {response}\n\n"
+        f"Human: {_fenced(prompt, sanitize)}\n"
+        f"Assistant: {_fenced(response, sanitize)}\n\n"
         f"Principle: {principle_text}\n"
         "Does the assistant's response follow the principle?\n"
         "Options:\n"
@@ -161,8 +252,15 @@ def principle_instruction(principle_text: str) -> str:
     return "Write a response that " + text[match.end() :]
 
 
-def conditioned_chat(system: str, prompt: str, response: str) -> list[Message]:
-    """The response to the prompt under a system prompt; its likelihood is what is read."""
+def conditioned_chat(
+    system: str, prompt: str, response: str, *, sanitize: bool = True
+) -> list[Message]:
+    """The response to the prompt under a system prompt; its likelihood is what is read.
+
+    ``sanitize``: the prompt and response go through ``judged_text`` (the chat template
+    delimits them; removing control tokens keeps that delimiting real)."""
+    if sanitize:
+        prompt, response = judged_text(prompt), judged_text(response)
     return [_system(system), _user(prompt), _assistant(response)]
 
 

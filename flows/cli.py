@@ -731,6 +731,8 @@ def judge_eval_command(
     save_to_disk folder, in TRL's preference format: prompt, chosen, rejected
     (strings or messages), optional principle, principle_id, subset. Each pair is
     judged in both orders; a rerun with the same inputs reads the stored rows.
+    'builtin-injection' (or any set with a rejected_injected column) also reports
+    injection_flip_rate: how far hostile text in the rejected response moves the judge.
 
     Example: rlaif judge eval builtin --limit 16 --format json
     """
@@ -774,7 +776,10 @@ def _print_judge_eval(summary: dict[str, Any], run_id: str, data: str, reused: b
     )
     table = Table("metric", "value", title="both orders, chosen as A")
     for name in ("accuracy", "position_consistency", "first_position_rate", "ece",
-                 "accuracy_chosen_longer", "accuracy_chosen_shorter"):  # fmt: skip
+                 "accuracy_chosen_longer", "accuracy_chosen_shorter",
+                 "accuracy_injected", "injection_flip_rate"):  # fmt: skip
+        if name not in summary:  # the injection figures need a set with injected variants
+            continue
         value = summary[name]
         table.add_row(name, "n/a" if value is None else f"{value:.3f}")
     console.print(table)

@@ -24,6 +24,7 @@ from alignment.judge import JudgeConfig, judge_comparisons
 from alignment.judge_eval import (
     GoldPair,
     JudgeMetrics,
+    injected_comparisons,
     judge_metrics,
     load_preference_set,
     preference_set_id,
@@ -64,6 +65,7 @@ def evaluate_judge(
     iteration: int | None = None,
 ) -> JudgeEvalResult:
     """Judge every pair of ``source`` (chosen as A, both orders) and store the metrics.
+    A pair with an injected variant is judged against it too (injection_flip_rate).
 
     The judge is ``config.judge_model`` (else the policy) with ``config.judge``'s
     settings. Bad data raises PreferenceSetError, and a bad mode a ValidationError,
@@ -72,6 +74,7 @@ def evaluate_judge(
     constitution = load_constitution(config.constitution)
     pairs = load_preference_set(source, limit, constitution=constitution)
     comparisons = to_comparisons(pairs)
+    injected = injected_comparisons(pairs)  # judged in the same batch, after the clean ones
     judge_config = judge_settings(config, mode)
     model = config.judge_model or config.policy
     judge_model = model_location(model)[1]
@@ -92,8 +95,9 @@ def evaluate_judge(
     metrics = _stored_metrics(store, measurement_id)
     reused = metrics is not None
     if metrics is None:
-        labels = judge_comparisons(make_backend(model, config.seed), comparisons, judge_config)
-        metrics = judge_metrics(pairs, labels)
+        backend = make_backend(model, config.seed)
+        labels = judge_comparisons(backend, comparisons + injected, judge_config)
+        metrics = judge_metrics(pairs, labels[: len(pairs)], labels[len(pairs) :])
         measured = JudgeEvalResult(
             measurement_id, judge_model, judge_config.mode, source, dataset_id, metrics, False
         )

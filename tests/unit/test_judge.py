@@ -807,6 +807,7 @@ def test_judgment_ids_distinguish_the_label_settings():
         judgment_id(JudgeConfig(mode="logprob", min_option_mass=0.2)),
         judgment_id(JudgeConfig(mode="cot", cot_clamp=(0.3, 0.7))),
         judgment_id(JudgeConfig(mode="cot")),
+        judgment_id(JudgeConfig(mode="logprob", sanitize=False)),
     ]
     assert len(set(ids)) == len(ids)
     # Settings of other modes, and the pair thresholds, leave a judgment's id alone.
