@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Offline settings (no hub, no telemetry) are set by the `rlaif` CLI and tests/conftest.py.
 
-.PHONY: setup model smollm2 demo test test-unit test-integration lint clean
+.PHONY: setup model smollm2 demo test test-unit test-integration lint bench clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -27,6 +27,12 @@ test-unit: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Benchmarks (never part of `make test`): bench/results/*.json, figures in docs/benchmarks.md.
+# Under the heavy-work lock, so that model runs on a shared machine do not disturb them.
+bench: setup
+	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/store.py --big
+	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/stages.py --out bench/results/stages.json
 
 clean:
 	rm -rf rlaif-data .pytest_cache

@@ -457,6 +457,38 @@ def sql_command(query: str, store: str, fmt: str, allow_external: bool) -> None:
     click.echo(format_rows(columns, rows, fmt), nl=False)
 
 
+@main.group("store")
+def store_group() -> None:
+    """Look after the store's files.
+
+    Example: rlaif store compact --store rlaif-data
+    """
+
+
+@store_group.command("compact")
+@click.option("--store", default="rlaif-data", show_default=True, help="Store root.")
+@click.option("--table", default=None, help="Only this table (default: every table).")
+@user_errors
+def store_compact(store: str, table: str | None) -> None:
+    """Merge each run's shards into one file per table; rows, ids and run_ids are unchanged.
+
+    Safe to run while others read or write, and to kill: a partition is swapped for its
+    merged copy in one atomic step. write() also compacts on its own past a shard count.
+
+    Example: rlaif store compact --store rlaif-data --table preference_pairs
+    """
+    from storage import Store, StoreNotFound
+
+    root = Path(store)
+    if not (root / "rlaif.duckdb").is_file():
+        raise StoreNotFound(root / "rlaif.duckdb")
+    for result in Store(root).compact(table):
+        click.echo(
+            f"{result.table}: {result.shards_before} -> {result.shards_after} shards "
+            f"({result.partitions} runs compacted)"
+        )
+
+
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     if fmt == "json":
         records = [dict(zip(columns, row, strict=True)) for row in rows]

@@ -12,9 +12,10 @@ from storage.errors import (
     UnknownTable,
 )
 from storage.schemas import DERIVED_VIEWS, TABLES, TableSpec
-from storage.store import Store, WriteResult, sql
+from storage.store import CompactResult, Store, WriteResult, sql
 
 __all__ = [
+    "CompactResult",
     "DERIVED_VIEWS",
     "TABLES",
     "QueryError",

@@ -9,6 +9,11 @@ Writers hold `.lock` and open the DuckDB file read-write only when a view must c
 (first shard of a table, schema change, moved root), so the `duckdb` CLI and other
 readers can keep the file open read-only most of the time.
 
+A write costs the same in a store of any size: the keys already stored come from an
+in-memory index that each write completes from the shard listing (storage/shards.py), and
+once a table has more than COMPACT_AT small shards, write() merges each partition's small
+shards into one (`compact`), atomically, with every row's key and run_id unchanged.
+
 User SQL (`Store.query`, `Store.query_arrow`, `sql`) runs in a sandbox: a private in-memory
 DuckDB that attaches the database read-only, may read only `<root>/parquet/` (DuckDB resolves
 symlinks before checking), never spills to disk, runs only SELECT, EXPLAIN, PRAGMA and CALL,
@@ -22,10 +27,11 @@ import fcntl
 import hashlib
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +51,15 @@ from storage.errors import (
     StoreNotFound,
 )
 from storage.schemas import DERIVED_VIEWS, TABLES, shard_view, table_spec, to_arrow
+from storage.shards import (
+    COMPACTED_SUFFIX,
+    ExchangeUnsupported,
+    KeyIndex,
+    Listing,
+    compact_partition,
+    list_table,
+    remove_orphans,
+)
 
 T = TypeVar("T")
 
@@ -55,6 +70,9 @@ OPEN_RETRY_S = 5.0  # how long we retry opening a DuckDB file another process ho
 STORAGE_VERSION = "v1.0.0"  # the db file format DuckDB writes (see _connect)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 TMP_GLOB = "run_id=*/.part-*.parquet.tmp"  # a shard being written (see _write_shard)
+COMPACT_AT = 64  # write() compacts a table once it has more small shards than this
+MERGE_COMPACTED_AT = 8  # ... and merges a run's compacted shards once it has this many
+READ_RETRIES = 3  # a query that lost a shard to a concurrent compaction is run again
 # What sandboxed SQL may run: SELECT; CALL and PRAGMA only when spelled so (DuckDB parses
 # COPY FROM DATABASE and CHECKPOINT as those); EXPLAIN only of a SELECT, since EXPLAIN
 # ANALYZE runs its statement. PRAGMA import_database would run SQL read from files.
@@ -98,12 +116,24 @@ class WriteResult:
     skipped: int  # rows already stored, or repeated within the batch
 
 
+@dataclass(frozen=True)
+class CompactResult:
+    table: str
+    partitions: int  # run_id partitions rewritten
+    shards_before: int
+    shards_after: int
+
+
 class Store:
     """Parquet shards + DuckDB views under `root`. Nothing is created before the first write."""
 
     def __init__(self, root: str | Path = "rlaif-data") -> None:
         self.root = Path(root).expanduser().resolve()  # views hold absolute paths
         self.db_path = self.root / DB_NAME
+        self._indexes: dict[str, KeyIndex] = {}  # per table, completed from the shards
+        self._index_mutex = threading.Lock()
+        self._with_shards: set[str] = set()  # tables seen with shards (compaction keeps one)
+        self._views_seen: tuple[dict[str, str], tuple[int, ...]] | None = None
 
     def tables(self) -> list[str]:
         """Tables you can write to. The database also has a `run_events` view (all run rows)."""
@@ -132,27 +162,52 @@ class Store:
             return WriteResult(table, None, 0, 0)
         data = to_arrow(table, rows, run_id)
         with self._lock():
-            self._remove_stale_tmp(table)
-            new = self._drop_stored(table, data)
-            path = self._write_shard(table, run_id, new) if new.num_rows else None
+            listing = list_table(self._table_dir(table))
+            remove_orphans(listing)
+            with self._index_mutex:
+                index = self._index(table, listing)
+                new = self._drop_stored(table, data, index.keys)
+                path = self._write_shard(table, run_id, new) if new.num_rows else None
+                if path is not None:
+                    index.add(str(path), new.column(index.key).to_pylist())
+                    self._with_shards.add(table)
             self._sync_views()
+            if path is not None and listing.small() >= COMPACT_AT:
+                with suppress(StoreFull):  # the rows are written; the next write compacts
+                    self._compact(table, small_only=True)
         return WriteResult(table, path, new.num_rows, data.num_rows - new.num_rows)
 
     def existing_keys(self, table: str, keys: Iterable[str]) -> set[str]:
         """Which of `keys` are stored in `table`, in any run. Reads the shards, not the db."""
-        key = table_spec(table).key
-        wanted = pa.table({"k": pa.array(list(dict.fromkeys(keys)), pa.string())})
-        if not wanted.num_rows or not self._has_shards(table):
+        table_spec(table)
+        wanted = list(keys)
+        if not wanted:
             return set()
-        sql = f"SELECT k FROM wanted WHERE k IN (SELECT {_ident(key)} FROM {self._scan(table)})"
-        con = duckdb.connect()  # in memory, so readers never contend for the db file
-        try:
-            con.register("wanted", wanted)
-            return {k for (k,) in con.execute(sql).fetchall()}
-        except duckdb.Error as e:
-            raise StoreError(f"Could not read the {table} shards under {self.root}: {e}") from e
-        finally:
-            con.close()
+        for attempt in range(READ_RETRIES):
+            try:
+                with self._index_mutex:
+                    stored = self._index(table, list_table(self._table_dir(table))).keys
+                    return {k for k in wanted if k in stored}
+            except FileNotFoundError:  # a compaction swapped a partition while we read it
+                if attempt == READ_RETRIES - 1:
+                    raise
+            except (OSError, pa.ArrowException) as e:
+                raise StoreError(f"Could not read the {table} shards under {self.root}: {e}") from e
+        raise AssertionError("unreachable")
+
+    def compact(self, table: str | None = None) -> list[CompactResult]:
+        """Merge the shards of each run's partition into one file, for `table` or every table.
+
+        Crash-safe: each partition is swapped for its merged copy in one atomic step, so a
+        kill -9 loses and duplicates nothing and readers never see a half state; every row
+        keeps its key and run_id. Raises StoreError where the file system cannot swap two
+        folders atomically (renameat2 RENAME_EXCHANGE, Linux).
+        """
+        tables = [table] if table is not None else list(TABLES)
+        for name in tables:
+            table_spec(name)
+        with self._lock():
+            return [self._compact(name, small_only=False) for name in tables]
 
     def query(
         self, sql: str, params: Sequence[Any] | None = None, *, allow_external: bool = False
@@ -184,7 +239,20 @@ class Store:
 
     def _with_current_views(self, read: Callable[[], T]) -> T:
         """Run `read`; if it names a view this store's database lacks (a store made by an
-        older version, before a table existed), bring the views up to date and run it again."""
+        older version, before a table existed), bring the views up to date and run it again.
+
+        A query whose shards a concurrent compaction swapped after DuckDB listed them fails
+        with a missing file; it is run again (it then reads the merged shards)."""
+        for attempt in range(READ_RETRIES):
+            try:
+                return self._read_current(read)
+            except QueryError as error:
+                lost = "No such file" in str(error) or "No files found" in str(error)
+                if not lost or attempt == READ_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read_current(self, read: Callable[[], T]) -> T:
         try:
             return read()
         except QueryError as error:
@@ -239,7 +307,57 @@ class Store:
         return str(self._table_dir(table) / "run_id=*" / "*.parquet")
 
     def _has_shards(self, table: str) -> bool:
-        return next(self._table_dir(table).glob("run_id=*/*.parquet"), None) is not None
+        if table not in self._with_shards:
+            if next(self._table_dir(table).glob("run_id=*/*.parquet"), None) is None:
+                return False
+            self._with_shards.add(table)
+        return True
+
+    def _index(self, table: str, listing: Listing) -> KeyIndex:
+        """The table's key index, completed from `listing`. Call with _index_mutex held."""
+        index = self._indexes.get(table)
+        if index is None:
+            index = self._indexes[table] = KeyIndex(table_spec(table).key)
+        index.refresh(listing.shards)
+        return index
+
+    def _compact(self, table: str, small_only: bool) -> CompactResult:
+        """Merge each partition's shards into one, where there are at least two. When
+        `small_only`, leave its compacted shards alone until it has MERGE_COMPACTED_AT of
+        them, so a long run is not rewritten at every compaction. Call with `.lock` held."""
+        listing = list_table(self._table_dir(table))
+        remove_orphans(listing)
+        by_partition: dict[Path, list[Path]] = {}
+        for shard in listing.shards:
+            by_partition.setdefault(shard.parent, []).append(shard)
+        merges = {}
+        for folder, group in by_partition.items():
+            merged = [p for p in group if p.name.endswith(COMPACTED_SUFFIX)]
+            if small_only and len(merged) < MERGE_COMPACTED_AT:
+                group = [p for p in group if p not in merged]
+            if len(group) > 1:
+                merges[folder] = group
+        for folder, group in merges.items():
+            try:
+                merged = compact_partition(folder, group)
+            except ExchangeUnsupported as e:
+                if small_only:
+                    return CompactResult(table, 0, len(listing.shards), len(listing.shards))
+                raise StoreError(
+                    f"Cannot compact {table} under {self.root}: {e.strerror} (compaction swaps "
+                    "folders with renameat2 RENAME_EXCHANGE, which needs Linux and a local "
+                    "file system such as ext4, xfs, btrfs or tmpfs)"
+                ) from e
+            except OSError as e:
+                if not _is_no_space(e):
+                    raise
+                raise StoreFull(folder, f"a compacted {table} shard", "nothing changed") from e
+            with self._index_mutex:
+                index = self._indexes.get(table)
+                if index is not None:
+                    index.replace(group, merged)
+        after = len(listing.shards) - sum(len(g) - 1 for g in merges.values())
+        return CompactResult(table, len(merges), len(listing.shards), after)
 
     def _scan(self, table: str) -> str:
         return (
@@ -247,15 +365,17 @@ class Store:
             "hive_types = {'run_id': VARCHAR}, union_by_name = true)"
         )
 
-    def _drop_stored(self, table: str, data: pa.Table) -> pa.Table:
-        """Rows of `data` whose key is neither stored nor seen earlier in `data`."""
+    def _drop_stored(self, table: str, data: pa.Table, stored: set[str]) -> pa.Table:
+        """Rows of `data` whose key is neither in `stored` nor seen earlier in `data`."""
         keys = data.column(table_spec(table).key).to_pylist()
-        seen = self.existing_keys(table, keys)
+        seen: set[str] = set()
         keep = []
         for i, key in enumerate(keys):
-            if key not in seen:
+            if key not in stored and key not in seen:
                 seen.add(key)
                 keep.append(i)
+        if len(keep) == len(keys):
+            return data
         return data.take(pa.array(keep, pa.int64()))
 
     def _write_shard(self, table: str, run_id: str, data: pa.Table) -> Path:
@@ -278,12 +398,6 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)
         return path
-
-    def _remove_stale_tmp(self, table: str) -> None:
-        """Remove shards a killed writer left half-written. Call with `.lock` held: every
-        writer holds it while its temp file exists, so any temp file found is an orphan."""
-        for tmp in self._table_dir(table).glob(TMP_GLOB):
-            tmp.unlink(missing_ok=True)
 
     # -- database -------------------------------------------------------------------------
 
@@ -310,16 +424,30 @@ class Store:
         """
         views = self._views()
         wanted = {name: _fingerprint(sql) for name, sql in views.items()}
+        if self._views_seen == (wanted, _file_id(self.db_path)):
+            return  # installed when the db file was last seen as it is now
         if self._installed_fingerprints(wanted) == wanted:
+            self._views_seen = (wanted, _file_id(self.db_path))
             return
+        # A new db is built under a temp name and renamed into place, so that a writer
+        # killed mid-creation never leaves a db without views.
+        fresh = not self.db_path.is_file()
+        target = self.db_path.with_name(f".{DB_NAME}.tmp") if fresh else self.db_path
         try:
-            with _connect(self.db_path, read_only=False) as con:
+            if fresh:
+                for stale in (target, target.with_name(target.name + ".wal")):
+                    stale.unlink(missing_ok=True)
+            with _connect(target, read_only=False) as con:
                 con.execute("BEGIN")
                 for name, sql in views.items():
                     con.execute(sql)
                     con.execute(f"COMMENT ON VIEW {_ident(name)} IS {_literal(wanted[name])}")
                 con.execute("COMMIT")
                 con.execute("CHECKPOINT")  # leave no WAL behind for read-only openers
+            if fresh:
+                os.replace(target, self.db_path)
+                _fsync_dir(self.root)
+            self._views_seen = (wanted, _file_id(self.db_path))
         except (OSError, duckdb.Error) as e:
             if not _is_no_space(e):
                 raise
@@ -556,6 +684,15 @@ def _ident(name: str) -> str:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _file_id(path: Path) -> tuple[int, ...]:
+    """What changes when a file is rewritten or replaced: inode, size, mtime, ctime."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _fsync_dir(folder: Path) -> None:

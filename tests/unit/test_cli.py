@@ -451,7 +451,7 @@ def test_walk_finds_every_command() -> None:
         "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
         "models build-tiny", "models build-smollm2", "export", "train", "eval", "self-improve",
         "serve", "deploy",
-        "status", "report", "judge", "judge eval",
+        "status", "report", "judge", "judge eval", "store", "store compact",
     }  # fmt: skip
 
 

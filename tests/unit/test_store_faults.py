@@ -59,7 +59,7 @@ def tmp_files(store: Store, table: str = "prompts") -> list[Path]:
 
 
 def test_kill_9_mid_write_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    store, batches, rows = Store(tmp_path / "store"), 12, 1500
+    store, batches, rows = Store(tmp_path / "store"), 40, 1500
     rng = random.Random(0)
     kills, mid_write = 0, 0
     for attempt in range(8):
