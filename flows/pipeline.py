@@ -15,6 +15,7 @@ over all batches, so the policy engine is done before the judge needs memory.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -60,7 +61,14 @@ class Run:
 
     @property
     def store(self) -> Store:
-        return Store(self.store_root)
+        return shared_store(self.store_root)
+
+
+@functools.cache
+def shared_store(root: str) -> Store:
+    """One Store per root in this process, so its key index is built once and then only
+    completed from the new shards, instead of read again by every task."""
+    return Store(root)
 
 
 def _batches(items: list[str], size: int) -> list[list[str]]:

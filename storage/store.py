@@ -57,6 +57,7 @@ from storage.shards import (
     KeyIndex,
     Listing,
     compact_partition,
+    fsync_dir,
     list_table,
     remove_orphans,
 )
@@ -390,7 +391,7 @@ class Store:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as e:
             if not _is_no_space(e):
                 raise
@@ -446,7 +447,7 @@ class Store:
                 con.execute("CHECKPOINT")  # leave no WAL behind for read-only openers
             if fresh:
                 os.replace(target, self.db_path)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             self._views_seen = (wanted, _file_id(self.db_path))
         except (OSError, duckdb.Error) as e:
             if not _is_no_space(e):
@@ -693,12 +694,3 @@ def _file_id(path: Path) -> tuple[int, ...]:
     except FileNotFoundError:
         return ()
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable: fsync the directory entry too."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
