@@ -485,12 +485,12 @@ def _ask_model(
     pointwise = asks[0].b is None
     if any((a.b is None) != pointwise for a in asks):
         raise ValueError("one batch must be all comparisons or all pointwise scores")
-    if config.mode in ("contrast", "likelihood") or (config.mode == "ensemble" and pointwise):
-        mode: Mode = "likelihood" if config.mode == "likelihood" else "contrast"
+    mode = model_mode(pointwise, config)
+    if mode in ("contrast", "likelihood"):
         return [_Answer(label, mode) for label in _contrast(asks, config, likelihoods)]
-    cot = config.mode == "cot" and not pointwise
+    cot = mode == "cot"
     first, second, rationales = _ask_both_orders(backend, asks, cot, config)
-    if config.mode == "ensemble":
+    if mode == "ensemble":
         contrast = _contrast(asks, config, likelihoods)
         return [
             _Answer(
@@ -506,7 +506,6 @@ def _ask_model(
             )
             for c, s1, s2 in zip(contrast, first, second, strict=True)
         ]
-    mode = "pointwise" if pointwise else ("cot" if cot else "pairwise")
     clamp = config.cot_clamp if cot else None
     labels = [
         read_soft_label(s1, s2, min_option_mass=config.min_option_mass, clamp=clamp)
@@ -668,17 +667,24 @@ def _pointwise(constitution: Constitution, a: Candidate, seed: int) -> Question:
     return Question(a, None, constitution.sample_principle(key, seed))
 
 
-def question_mode(question: Question, config: JudgeConfig) -> Mode:
-    """How the question is answered (the store's ``judgments.mode``), known before asking."""
-    if question.principle.checks:
-        return "checks"
+def model_mode(pointwise: bool, config: JudgeConfig) -> Mode:
+    """How the model answers a question in the config's mode (the store's
+    ``judgments.mode``): pointwise scores have no A/B order, so ensemble scores them
+    by contrast and logprob and cot by the yes/no question."""
     if config.mode == "likelihood":
         return "likelihood"
-    if config.mode == "contrast" or (config.mode == "ensemble" and question.b is None):
+    if config.mode == "contrast" or (config.mode == "ensemble" and pointwise):
         return "contrast"
-    if question.b is None:
+    if pointwise:
         return "pointwise"
     return {"cot": "cot", "ensemble": "ensemble"}.get(config.mode, "pairwise")  # type: ignore[return-value]
+
+
+def question_mode(question: Question, config: JudgeConfig) -> Mode:
+    """How the question is answered, known before asking: by its checks, or the model."""
+    if question.principle.checks:
+        return "checks"
+    return model_mode(question.b is None, config)
 
 
 def principle_fingerprint(principle: Principle) -> str:

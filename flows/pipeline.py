@@ -490,13 +490,12 @@ def store_pairs(
 ) -> StageCount:
     """Turn the batch's judgments into preference pairs (dropping ties and low confidence)."""
     candidates = _candidates(config, run, prompt_ids)
-    name = run.judge_model
-    questions = first_questions(constitution, candidates, config.judge)
-    first = stored_judgments(run.store, [judgment_id(q, name, config.judge) for q in questions])
-    second = second_questions(constitution, candidates, first, config.judge)
-    judgments = first + stored_judgments(
-        run.store, [judgment_id(q, name, config.judge) for q in second]
-    )
+    # The batch's judgments, by the judge stage's own ids: all stored by now, so it
+    # asks the model nothing.
+    judgments, _ = judge_stage(
+        run.store, run.run_id, judge_model(config), config.seed, constitution, candidates,
+        config.judge,
+    )  # fmt: skip
     outcome = build_pairs(judgments, candidates, config.judge)
     splits = {
         row["prompt_id"]: row["split"]
