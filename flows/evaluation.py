@@ -95,11 +95,6 @@ def evaluate_candidate(
     constitution = load_constitution(config.constitution)
     cand_path, cand_name, cand_id = resolve_base(store, candidate)
     base_path, base_name, base_id = resolve_base(store, baseline)
-    prompts = [
-        p
-        for p in load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
-        if p.split == "eval"
-    ][: config.eval.max_prompts]
     settings = config.identity() | {"eval": config.eval.model_dump(mode="json")}
     run_id = content_id("eval", cand_name, base_name, settings, constitution.constitution_id)
     source = load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
