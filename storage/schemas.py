@@ -195,6 +195,8 @@ def to_arrow(table: str, rows: Sequence[Mapping[str, Any]], run_id: str) -> pa.T
 
 def _reject_unknown_columns(table: str, schema: pa.Schema, rows: Sequence[Mapping]) -> None:
     known = set(schema.names)
+    if all(type(row) is dict and known.issuperset(row) for row in rows):
+        return
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise SchemaMismatch(table, "*", f"row {i} is a {type(row).__name__}, not a mapping")
@@ -205,16 +207,57 @@ def _reject_unknown_columns(table: str, schema: pa.Schema, rows: Sequence[Mappin
 
 
 def _column(table: str, field: pa.Field, rows: Sequence[Mapping], run_id: str) -> list[Any]:
-    values = []
-    for i, row in enumerate(rows):
-        value = row.get(field.name)
+    values = [row.get(field.name) for row in rows]
+    if field.name == "run_id":
+        if set(values) <= {None, run_id}:
+            return [run_id] * len(values)
+    elif _plainly_fits(field, values):
+        return values
+    # The value-by-value check: the first value that does not fit is named with its row.
+    checked = []
+    for i, value in enumerate(values):
         try:
             if field.name == "run_id":
                 value = _same_run(value, run_id)
-            values.append(_check(field, value))
+            checked.append(_check(field, value))
         except ValueError as e:
             raise SchemaMismatch(table, field.name, f"row {i}: {e}") from None
-    return values
+    return checked
+
+
+# The exact Python types a column takes as they are. Anything else (a numpy value, a
+# subclass, a JSON column) goes through `_check`, which accepts or names what is wrong.
+_PLAIN_TYPES: dict[pa.DataType, set[type]] = {
+    pa.string(): {str},
+    pa.int64(): {int},
+    pa.float64(): {float, int},
+    pa.bool_(): {bool},
+    pa.timestamp("us", tz="UTC"): {datetime},
+    pa.list_(pa.string()): {list, tuple},
+}
+
+
+def _plainly_fits(field: pa.Field, values: list[Any]) -> bool:
+    """Whole-column version of `_check` for the common case; False means "check each"."""
+    metadata = field.metadata or {}
+    plain = _PLAIN_TYPES.get(field.type)
+    if plain is None or _JSON in metadata:
+        return False
+    types = set(map(type, values))
+    if type(None) in types:
+        if not field.nullable:
+            return False
+        types.discard(type(None))
+        values = [v for v in values if v is not None]
+    if not types <= plain:
+        return False
+    if pa.types.is_list(field.type):
+        return all(type(item) is str for value in values for item in value)
+    if pa.types.is_timestamp(field.type):
+        return all(value.utcoffset() is not None for value in values)
+    if _CHOICES in metadata:
+        return set(values) <= set(metadata[_CHOICES].decode().split(","))
+    return field.nullable or "" not in values
 
 
 def _same_run(value: Any, run_id: str) -> Any:

@@ -290,7 +290,29 @@ def test_schema_mismatch(
         store.write(table, [SAMPLES[table], {**SAMPLES[table], **change}], RUN)
     assert (info.value.table, info.value.column) == (table, column)
     assert str(info.value).startswith(f"{table}.{column}: ")
+    if change.get(column) is not None and column != "colour":
+        assert ": row 1: " in str(info.value)  # the bad value is named by its row
     assert not store.root.exists()
+
+
+def test_values_off_the_whole_column_path_are_still_accepted(store: Store) -> None:
+    """A column of plain Python values is checked at once; numpy values, str subclasses
+    and None in nullable columns take the value-by-value path and are stored the same."""
+    import numpy as np
+
+    class Name(str):
+        pass
+
+    base = SAMPLES["responses"]
+    rows = [
+        {**base, "response_id": "r1", "num_tokens": np.int64(3), "text": Name("hi")},
+        {**base, "response_id": "r2", "num_tokens": 4, "text": "there"},
+    ]
+    store.write("responses", rows, RUN)
+    assert store.query("SELECT num_tokens, text FROM responses ORDER BY response_id") == [
+        {"num_tokens": 3, "text": "hi"},
+        {"num_tokens": 4, "text": "there"},
+    ]
 
 
 def test_missing_nullable_columns_become_null(store: Store) -> None:
