@@ -135,6 +135,10 @@ class Store:
         self._index_mutex = threading.Lock()
         self._with_shards: set[str] = set()  # tables seen with shards (compaction keeps one)
         self._views_seen: tuple[dict[str, str], tuple[int, ...]] | None = None
+        # This store's sandbox for query(): (db file id, connection), reopened when the db
+        # file changes. Opening one costs 20-40 ms, more than most of the pipeline's queries.
+        self._reader: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
+        self._reader_mutex = threading.Lock()
 
     def tables(self) -> list[str]:
         """Tables you can write to. The database also has a `run_events` view (all run rows)."""
@@ -218,9 +222,14 @@ class Store:
         Raises QueryError, or SandboxRefused when the SQL reads or writes outside the store
         (allowed only with `allow_external=True`).
         """
-        names, rows = self._with_current_views(
-            lambda: _run(self._db_or_raise(), sql, params, allow_external)
-        )
+
+        def read() -> tuple[list[str], list[tuple]]:
+            if allow_external:
+                return _run(self._db_or_raise(), sql, params, allow_external)
+            with self._sandboxed() as con:
+                return _fetch(con, sql, params)
+
+        names, rows = self._with_current_views(read)
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     def query_arrow(
@@ -229,7 +238,12 @@ class Store:
         """Like query(), as an Arrow table."""
 
         def read() -> pa.Table:
-            with _query_connection(self._db_or_raise(), allow_external) as con:
+            connection = (
+                _query_connection(self._db_or_raise(), allow_external)
+                if allow_external
+                else self._sandboxed()
+            )
+            with connection as con:
                 try:
                     relation = con.sql(sql, params=params)
                     return relation.to_arrow_table() if relation is not None else pa.table({})
@@ -263,6 +277,24 @@ class Store:
                 raise
             self.ensure()
             return read()
+
+    @contextmanager
+    def _sandboxed(self) -> Iterator[_SandboxedConnection]:
+        """A cursor on this store's sandbox (see `_sandbox`), holding copies of the db file's
+        views rather than the file itself, so no lock on it outlives the copy."""
+        db_path = self._db_or_raise()
+        with self._reader_mutex:
+            seen = _file_id(db_path)
+            if self._reader is None or self._reader[0] != seen:
+                if self._reader is not None:
+                    self._reader[1].close()
+                    self._reader = None
+                self._reader = (seen, _sandbox_with_views(db_path))
+            cursor = self._reader[1].cursor()
+        try:
+            yield _SandboxedConnection(cursor)
+        finally:
+            cursor.close()
 
     def count(self, table: str) -> int:
         """Rows in the table's view; for `runs` that is the number of runs, not of events."""
@@ -507,13 +539,21 @@ def _run(
     db_path: Path, query: str, params: Sequence[Any] | None, allow_external: bool
 ) -> tuple[list[str], list[tuple]]:
     with _query_connection(db_path, allow_external) as con:
-        try:
-            cursor = con.execute(query, params)
-            if cursor.description is None:
-                return [], []
-            return [d[0] for d in cursor.description], cursor.fetchall()
-        except duckdb.Error as e:
-            raise _query_error(e) from e
+        return _fetch(con, query, params)
+
+
+def _fetch(
+    con: duckdb.DuckDBPyConnection | _SandboxedConnection,
+    query: str,
+    params: Sequence[Any] | None,
+) -> tuple[list[str], list[tuple]]:
+    try:
+        cursor = con.execute(query, params)
+        if cursor.description is None:
+            return [], []
+        return [d[0] for d in cursor.description], cursor.fetchall()
+    except duckdb.Error as e:
+        raise _query_error(e) from e
 
 
 @contextmanager
@@ -536,18 +576,64 @@ def _sandbox(db_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     (DuckDB shares one instance between connections to the same file).
     """
     db_path = db_path.resolve()
-    shards = db_path.parent / "parquet"
     con = duckdb.connect(config={"temp_directory": ""})  # "": never spill to disk
     try:
-        attach = f"ATTACH {_literal(str(db_path))} AS {_ident(db_path.stem)} (READ_ONLY)"
-        _retry(lambda: con.execute(attach), db_path, OPEN_RETRY_S)
+        _attach(con, db_path)
         con.execute(f"USE {_ident(db_path.stem)}")
-        con.execute(f"SET allowed_directories = [{_literal(str(shards) + os.sep)}]")
-        con.execute("SET enable_external_access = false")  # after allowed_directories
-        con.execute("SET lock_configuration = true")  # no SET/RESET/PRAGMA can undo the above
+        _lock_down(con, db_path)
         yield con
     finally:
         con.close()
+
+
+def _sandbox_with_views(db_path: Path) -> duckdb.DuckDBPyConnection:
+    """`_sandbox`, with the db file's views copied into memory and the file detached: the
+    connection can live on without holding the file (a read lock would block writers)."""
+    db_path = db_path.resolve()
+    con = duckdb.connect(config={"temp_directory": ""})
+    try:
+        _attach(con, db_path)
+        views = con.execute(
+            "SELECT sql FROM duckdb_views() WHERE database_name = ? AND NOT internal",
+            [db_path.stem],
+        ).fetchall()
+        con.execute(f"DETACH {_ident(db_path.stem)}")
+        _lock_down(con, db_path)  # first: binding a view lists its files, in the sandbox too
+        _create_views(con, [view_sql for (view_sql,) in views])
+    except duckdb.Error as e:
+        con.close()
+        raise _query_error(e) from e
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, statements: list[str]) -> None:
+    """Create views in an order where each one's sources exist (DuckDB binds at creation)."""
+    pending = statements
+    while pending:
+        failed: list[tuple[str, duckdb.Error]] = []
+        for statement in pending:
+            try:
+                con.execute(statement)
+            except duckdb.CatalogException as e:
+                failed.append((statement, e))
+        if len(failed) == len(pending):
+            raise failed[0][1]
+        pending = [statement for statement, _ in failed]
+
+
+def _attach(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    attach = f"ATTACH {_literal(str(db_path))} AS {_ident(db_path.stem)} (READ_ONLY)"
+    _retry(lambda: con.execute(attach), db_path, OPEN_RETRY_S)
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    shards = db_path.parent / "parquet"
+    con.execute(f"SET allowed_directories = [{_literal(str(shards) + os.sep)}]")
+    con.execute("SET enable_external_access = false")  # after allowed_directories
+    con.execute("SET lock_configuration = true")  # no SET/RESET/PRAGMA can undo the above
 
 
 class _SandboxedConnection:

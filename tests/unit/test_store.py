@@ -407,6 +407,29 @@ def test_other_process_reads_while_no_writer_holds_the_file(store: Store) -> Non
     assert (out.returncode, out.stdout.strip()) == (0, "1"), out.stderr
 
 
+def test_a_reading_store_neither_blocks_writers_nor_misses_their_views(store: Store) -> None:
+    """query() keeps its sandbox open between calls; it must hold no lock on the db file,
+    and must see a view that another process's write changed (a table's first shard)."""
+    store.write("prompts", [prompt(1)], RUN)
+    assert store.count("prompts") == 1  # the sandbox is open from here on
+    assert store.count("responses") == 0
+    code = (
+        "import sys\n"
+        "from storage import Store\n"
+        "from tests.unit.test_store import SAMPLES\n"
+        "Store(sys.argv[1]).write('responses', [SAMPLES['responses']], 'run-1')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(store.root)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stderr
+    assert store.count("responses") == 1
+    assert store.count("prompts") == 1
+
+
 def test_views_use_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Store("relative").write("prompts", [prompt(1)], RUN)
