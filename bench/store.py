@@ -313,8 +313,8 @@ def markdown(data: dict) -> str:
         "files; one file) | peak RSS ingest |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label in ("before", "after"):
-        for s in data.get(label, {}).get("sizes", []):
+    for label, run in data.items():
+        for s in run.get("sizes", []) if label != "machine" else []:
             rl, raw = s["rlaif"], s["raw_pyarrow"]
             q = s.get("query_rlaif_compacted") or s.get("query_rlaif", {})
             qr, q1 = s.get("query_raw_duckdb", {}), s.get("query_raw_one_file", {})
@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--big", action="store_true", help="also 10,000 x 100 (1M pairs)")
     parser.add_argument("--out", default=str(PROJECT / "bench/results/store.json"))
-    parser.add_argument("--label", default="after", help="key of this run in the JSON file")
+    parser.add_argument("--label", default="now", help="key of this run in the JSON file")
     parser.add_argument("--table", action="store_true", help="print the docs table and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)

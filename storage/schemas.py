@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.errors import SchemaMismatch, UnknownTable
 
@@ -189,8 +190,20 @@ def to_arrow(table: str, rows: Sequence[Mapping[str, Any]], run_id: str) -> pa.T
     """
     schema = table_spec(table).schema
     _reject_unknown_columns(table, schema, rows)
-    columns = {f.name: _column(table, f, rows, run_id) for f in schema}
+    inferred = _inferred(rows)
+    columns = {f.name: _column(table, f, rows, run_id, inferred) for f in schema}
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _inferred(rows: Sequence[Mapping]) -> pa.Table | None:
+    """The rows as Arrow infers them (fast, in C++), when every row has the same columns;
+    a column whose inferred type is the schema's needs no value-by-value check."""
+    if not rows or any(row.keys() != rows[0].keys() for row in rows):
+        return None
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None  # mixed kinds in a column: the value-by-value check says where
 
 
 def _reject_unknown_columns(table: str, schema: pa.Schema, rows: Sequence[Mapping]) -> None:
@@ -206,7 +219,15 @@ def _reject_unknown_columns(table: str, schema: pa.Schema, rows: Sequence[Mappin
             raise SchemaMismatch(table, unknown[0], f"unknown column (row {i}); columns: {columns}")
 
 
-def _column(table: str, field: pa.Field, rows: Sequence[Mapping], run_id: str) -> list[Any]:
+def _column(
+    table: str, field: pa.Field, rows: Sequence[Mapping], run_id: str, inferred: pa.Table | None
+) -> list[Any] | pa.ChunkedArray:
+    if inferred is not None and field.name != "run_id" and field.name in inferred.column_names:
+        column = inferred.column(field.name)
+        if column.type == pa.null() and field.nullable:
+            return pa.chunked_array([pa.nulls(len(column), field.type)])
+        if _arrow_fits(field, column):
+            return column
     values = [row.get(field.name) for row in rows]
     if field.name == "run_id":
         if set(values) <= {None, run_id}:
@@ -235,6 +256,24 @@ _PLAIN_TYPES: dict[pa.DataType, set[type]] = {
     pa.timestamp("us", tz="UTC"): {datetime},
     pa.list_(pa.string()): {list, tuple},
 }
+
+
+def _arrow_fits(field: pa.Field, column: pa.ChunkedArray) -> bool:
+    """`_check` on a column Arrow inferred; False means "check each value"."""
+    metadata = field.metadata or {}
+    # Arrow reads a naive datetime next to an aware one as UTC; the schema refuses it.
+    if _JSON in metadata or column.type != field.type or pa.types.is_timestamp(field.type):
+        return False
+    if not field.nullable and column.null_count:
+        return False
+    if pa.types.is_list(field.type):
+        return pc.list_flatten(column).null_count == 0
+    if _CHOICES in metadata:
+        options = pa.array(metadata[_CHOICES].decode().split(","))
+        return pc.all(pc.is_in(column.drop_null(), value_set=options)).as_py() is not False
+    if pa.types.is_string(field.type) and not field.nullable:
+        return not pc.any(pc.equal(column, "")).as_py()
+    return True
 
 
 def _plainly_fits(field: pa.Field, values: list[Any]) -> bool:
