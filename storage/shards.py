@@ -21,6 +21,7 @@ import errno
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,12 @@ class Listing:
     shards: list[Path]  # every `run_id=*/*.parquet`, what the views read
     orphans: list[Path]  # temp files and staging folders a killed process left behind
 
-    def small(self) -> int:
-        """Shards written by write() and not compacted yet."""
-        return sum(not p.name.endswith(COMPACTED_SUFFIX) for p in self.shards)
+    def mergeable(self) -> int:
+        """Shards written by write() and not compacted yet, in partitions that hold two or
+        more of them: what a compaction would merge. (A partition's lone small shard is not
+        counted: with many runs, counting those would compact on every write.)"""
+        small = Counter(p.parent for p in self.shards if not p.name.endswith(COMPACTED_SUFFIX))
+        return sum(n for n in small.values() if n > 1)
 
 
 def list_table(folder: Path) -> Listing:

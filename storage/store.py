@@ -11,8 +11,9 @@ readers can keep the file open read-only most of the time.
 
 A write costs the same in a store of any size: the keys already stored come from an
 in-memory index that each write completes from the shard listing (storage/shards.py), and
-once a table has more than COMPACT_AT small shards, write() merges each partition's small
-shards into one (`compact`), atomically, with every row's key and run_id unchanged.
+once a table has COMPACT_AT small shards in partitions holding two or more, write() merges
+each partition's small shards into one (`compact`), atomically, with every row's key and
+run_id unchanged.
 
 User SQL (`Store.query`, `Store.query_arrow`, `sql`) runs in a sandbox: a private in-memory
 DuckDB that attaches the database read-only, may read only `<root>/parquet/` (DuckDB resolves
@@ -71,7 +72,7 @@ OPEN_RETRY_S = 5.0  # how long we retry opening a DuckDB file another process ho
 STORAGE_VERSION = "v1.0.0"  # the db file format DuckDB writes (see _connect)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 TMP_GLOB = "run_id=*/.part-*.parquet.tmp"  # a shard being written (see _write_shard)
-COMPACT_AT = 64  # write() compacts a table once it has more small shards than this
+COMPACT_AT = 64  # write() compacts a table once this many small shards can be merged
 MERGE_COMPACTED_AT = 8  # ... and merges a run's compacted shards once it has this many
 READ_RETRIES = 3  # a query that lost a shard to a concurrent compaction is run again
 # What sandboxed SQL may run: SELECT; CALL and PRAGMA only when spelled so (DuckDB parses
@@ -173,11 +174,15 @@ class Store:
                 index = self._index(table, listing)
                 new = self._drop_stored(table, data, index.keys)
                 path = self._write_shard(table, run_id, new) if new.num_rows else None
+                had_shards = table in self._with_shards
                 if path is not None:
                     index.add(str(path), new.column(index.key).to_pylist())
                     self._with_shards.add(table)
-            self._sync_views()
-            if path is not None and listing.small() >= COMPACT_AT:
+            # The views change only with a table's first shard; a db file changed since
+            # this store last synced it may lack a view another process needed.
+            if not (had_shards and self._synced_as_now()):
+                self._sync_views()
+            if path is not None and listing.mergeable() >= COMPACT_AT:
                 with suppress(StoreFull):  # the rows are written; the next write compacts
                     self._compact(table, small_only=True)
         return WriteResult(table, path, new.num_rows, data.num_rows - new.num_rows)
@@ -490,6 +495,9 @@ class Store:
                 "shards already written are kept and appear in the "
                 "views on the next write() or ensure()",
             ) from e
+
+    def _synced_as_now(self) -> bool:
+        return self._views_seen is not None and self._views_seen[1] == _file_id(self.db_path)
 
     def _views_current(self) -> bool:
         wanted = {name: _fingerprint(sql) for name, sql in self._views().items()}

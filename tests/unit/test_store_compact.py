@@ -47,12 +47,12 @@ def strays(store: Store) -> list[Path]:
     return [*folder.glob(f"{STAGING_PREFIX}*"), *folder.glob("run_id=*/*.tmp")]
 
 
-def check_once(store: Store, batches: range, rows: int = 5) -> None:
+def check_once(store: Store, batches: range, rows: int = 5, runs: int = 3) -> None:
     """Every row of `batches` stored exactly once, in its run."""
     got = store.query("SELECT prompt_id, run_id FROM prompts")
     assert len(got) == len({r["prompt_id"] for r in got})
     assert {(r["prompt_id"], r["run_id"]) for r in got} == {
-        (f"p{b}-{i}", f"run{b % 3}") for b in batches for i in range(rows)
+        (f"p{b}-{i}", f"run{b % runs}") for b in batches for i in range(rows)
     }
 
 
@@ -84,6 +84,26 @@ def test_write_compacts_past_the_threshold(tmp_path: Path, monkeypatch) -> None:
     assert len(shards(store)) <= 3 * 3
     check_once(store, range(40))
     assert not strays(store)
+
+
+def test_lone_shards_of_many_runs_do_not_compact_on_every_write(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Past the threshold, runs with a single small shard have nothing to merge: counting
+    them would start a compaction (a listing and no merge) on every later write."""
+    monkeypatch.setattr(store_module, "COMPACT_AT", 6)
+    store = Store(tmp_path)
+    compactions: list[str] = []
+    compact = Store._compact
+    monkeypatch.setattr(
+        Store, "_compact", lambda self, t, **kw: compactions.append(t) or compact(self, t, **kw)
+    )
+    fill(store, range(10), runs=10)  # ten runs, one shard each
+    assert compactions == []
+    fill(store, range(10, 16), runs=10)  # the 4th write finds 3 runs x 2 shards: merge
+    assert compactions == ["prompts"]
+    assert len(shards(store)) == 4 + 2 * 2 + 4  # runs 0-3 merged, 4-5 two each, 6-9 one
+    check_once(store, range(16), runs=10)
 
 
 def test_old_shards_keep_their_run_id_when_compacted(tmp_path: Path) -> None:
