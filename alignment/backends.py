@@ -338,7 +338,11 @@ class VLLMBackend:
         located = [self.response_tokens(chat) for chat in chats]
         # A chat the engine cannot hold is None (missing), not an error for the whole batch.
         fits = [i for i, r in enumerate(located) if len(r.token_ids) + 1 <= self.max_model_len]
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        # Only the numbers are read: no detokenized text per prompt token, and vLLM's flat
+        # layout instead of one dict per token (12 % of the judge stage at n = 16 on tiny).
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True
+        )
         outputs = self.llm.generate(
             [{"prompt_token_ids": located[i].token_ids} for i in fits], params, use_tqdm=False
         )
