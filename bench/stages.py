@@ -30,26 +30,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Offline, and Prefect's ephemeral server keeps its state in a throwaway folder.
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
-os.environ.pop("PREFECT_API_URL", None)
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="rlaif-bench-prefect-")
+from common import REPO, machine, timed  # noqa: F401  (first: the offline settings)
 
 from alignment.backends import Chat, SamplingConfig, VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
@@ -60,36 +48,11 @@ from alignment.prompts import load_prompts  # noqa: E402
 from flows.config import ModelConfig  # noqa: E402
 from flows.models import engine_dtype, make_backend  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "tiny": ModelConfig(model="tiny"),
     # As bench/injection.py: judge chats with few-shot examples need more than 1024 tokens.
     "smollm2": ModelConfig(model="smollm2", kv_cache_gib=0.5, max_model_len=2048),
 }
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import torch
-    import vllm
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "vllm": vllm.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def backend_for(name: str) -> VLLMBackend:
