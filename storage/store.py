@@ -136,9 +136,10 @@ class Store:
         self._index_mutex = threading.Lock()
         self._with_shards: set[str] = set()  # tables seen with shards (compaction keeps one)
         self._views_seen: tuple[dict[str, str], tuple[int, ...]] | None = None
-        # This store's sandbox for query(): (db file id, connection), reopened when the db
-        # file changes. Opening one costs 20-40 ms, more than most of the pipeline's queries.
-        self._reader: tuple[tuple[int, ...], duckdb.DuckDBPyConnection] | None = None
+        # This store's sandbox for query(), kept between calls: opening a DuckDB instance
+        # costs 20-40 ms, more than most of the pipeline's queries; attaching the db file
+        # for one query costs about 1 ms.
+        self._reader: duckdb.DuckDBPyConnection | None = None
         self._reader_mutex = threading.Lock()
 
     def tables(self) -> list[str]:
@@ -285,21 +286,20 @@ class Store:
 
     @contextmanager
     def _sandboxed(self) -> Iterator[_SandboxedConnection]:
-        """A cursor on this store's sandbox (see `_sandbox`), holding copies of the db file's
-        views rather than the file itself, so no lock on it outlives the copy."""
-        db_path = self._db_or_raise()
+        """This store's sandbox (see `_sandbox`) with the db file attached for one query, so
+        no lock on the file outlives the query and the views are read as they are now."""
+        db_path = self._db_or_raise().resolve()
         with self._reader_mutex:
-            seen = _file_id(db_path)
-            if self._reader is None or self._reader[0] != seen:
-                if self._reader is not None:
-                    self._reader[1].close()
+            if self._reader is None:
+                self._reader = _sandbox_instance(db_path)
+            try:
+                with _attached(self._reader, db_path) as con:
+                    yield _SandboxedConnection(con)
+            except BaseException:
+                if not _detached(self._reader, db_path):
+                    self._reader.close()  # a state we cannot vouch for: start afresh
                     self._reader = None
-                self._reader = (seen, _sandbox_with_views(db_path))
-            cursor = self._reader[1].cursor()
-        try:
-            yield _SandboxedConnection(cursor)
-        finally:
-            cursor.close()
+                raise
 
     def count(self, table: str) -> int:
         """Rows in the table's view; for `runs` that is the number of runs, not of events."""
@@ -578,70 +578,57 @@ def _query_connection(db_path: Path, allow_external: bool) -> Iterator[duckdb.Du
 @contextmanager
 def _sandbox(db_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """A private in-memory DuckDB with `db_path` attached read-only as the default catalog,
-    file access limited to the store's `parquet/` folder, and its configuration locked.
+    file access limited to the store's `parquet/` folder and the db file, and its
+    configuration locked.
 
     Private, so the locked settings never reach another connection of this process
     (DuckDB shares one instance between connections to the same file).
     """
     db_path = db_path.resolve()
-    con = duckdb.connect(config={"temp_directory": ""})  # "": never spill to disk
+    con = _sandbox_instance(db_path)
     try:
-        _attach(con, db_path)
-        con.execute(f"USE {_ident(db_path.stem)}")
-        _lock_down(con, db_path)
-        yield con
+        with _attached(con, db_path):
+            yield con
     finally:
         con.close()
 
 
-def _sandbox_with_views(db_path: Path) -> duckdb.DuckDBPyConnection:
-    """`_sandbox`, with the db file's views copied into memory and the file detached: the
-    connection can live on without holding the file (a read lock would block writers)."""
-    db_path = db_path.resolve()
-    con = duckdb.connect(config={"temp_directory": ""})
+def _sandbox_instance(db_path: Path) -> duckdb.DuckDBPyConnection:
+    """The locked-down in-memory DuckDB of `_sandbox`, with nothing attached yet."""
+    con = duckdb.connect(config={"temp_directory": ""})  # "": never spill to disk
     try:
-        _attach(con, db_path)
-        views = con.execute(
-            "SELECT sql FROM duckdb_views() WHERE database_name = ? AND NOT internal",
-            [db_path.stem],
-        ).fetchall()
-        con.execute(f"DETACH {_ident(db_path.stem)}")
-        _lock_down(con, db_path)  # first: binding a view lists its files, in the sandbox too
-        _create_views(con, [view_sql for (view_sql,) in views])
-    except duckdb.Error as e:
-        con.close()
-        raise _query_error(e) from e
+        files = [str(db_path), f"{db_path}.wal"]  # only ATTACH opens them (users may not)
+        con.execute(
+            f"SET allowed_directories = [{_literal(str(db_path.parent / 'parquet') + os.sep)}]"
+        )
+        con.execute(f"SET allowed_paths = [{', '.join(_literal(f) for f in files)}]")
+        con.execute("SET enable_external_access = false")  # after the allowed lists
+        con.execute("SET lock_configuration = true")  # no SET/RESET/PRAGMA can undo the above
     except BaseException:
         con.close()
         raise
     return con
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, statements: list[str]) -> None:
-    """Create views in an order where each one's sources exist (DuckDB binds at creation)."""
-    pending = statements
-    while pending:
-        failed: list[tuple[str, duckdb.Error]] = []
-        for statement in pending:
-            try:
-                con.execute(statement)
-            except duckdb.CatalogException as e:
-                failed.append((statement, e))
-        if len(failed) == len(pending):
-            raise failed[0][1]
-        pending = [statement for statement, _ in failed]
-
-
-def _attach(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+@contextmanager
+def _attached(con: duckdb.DuckDBPyConnection, db_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """`db_path` attached read-only as `con`'s default catalog for the block."""
     attach = f"ATTACH {_literal(str(db_path))} AS {_ident(db_path.stem)} (READ_ONLY)"
     _retry(lambda: con.execute(attach), db_path, OPEN_RETRY_S)
+    con.execute(f"USE {_ident(db_path.stem)}")
+    yield con
+    if not _detached(con, db_path):
+        raise StoreError(f"Could not detach {db_path} from the query sandbox")
 
 
-def _lock_down(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
-    shards = db_path.parent / "parquet"
-    con.execute(f"SET allowed_directories = [{_literal(str(shards) + os.sep)}]")
-    con.execute("SET enable_external_access = false")  # after allowed_directories
-    con.execute("SET lock_configuration = true")  # no SET/RESET/PRAGMA can undo the above
+def _detached(con: duckdb.DuckDBPyConnection, db_path: Path) -> bool:
+    """Detach `db_path` if attached; whether `con` is left with nothing attached."""
+    try:
+        con.execute("USE memory")
+        con.execute(f"DETACH DATABASE IF EXISTS {_ident(db_path.stem)}")
+        return True
+    except duckdb.Error:
+        return False
 
 
 class _SandboxedConnection:

@@ -430,6 +430,20 @@ def test_a_reading_store_neither_blocks_writers_nor_misses_their_views(store: St
     assert store.count("prompts") == 1
 
 
+def test_a_table_whose_shards_are_gone_fails_alone(store: Store) -> None:
+    """Views are bound when queried: a table with no files left (deleted by hand, or a
+    crash test) breaks the queries that read it, not the others."""
+    store.write("prompts", [prompt(1)], RUN)
+    store.write("responses", [SAMPLES["responses"]], RUN)
+    assert store.count("responses") == 1
+    for shard in (store.root / "parquet" / "responses").glob("run_id=*/*.parquet"):
+        shard.unlink()
+    assert store.count("prompts") == 1
+    with pytest.raises(QueryError, match="No files found"):
+        store.count("responses")
+    assert store.count("prompts") == 1
+
+
 def test_views_use_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Store("relative").write("prompts", [prompt(1)], RUN)
