@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # the scripts import bench/common.py as `common`
 DOC = BENCH.parent / "docs" / "benchmarks.md"
 SECTIONS = ("store", "stages", "training", "scaling")  # bench/<name>.py, results/<name>.json
 
@@ -26,6 +27,7 @@ def module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # dataclasses look their module up there
     spec.loader.exec_module(loaded)
     return loaded
 
