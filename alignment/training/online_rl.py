@@ -72,38 +72,39 @@ def train_online_rl(
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     model = AutoModelForCausalLM.from_pretrained(policy_path)
     prompts = datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows])
-    args = trainer_args(
-        config_class,
-        tempfile.mkdtemp(prefix=f"rlaif-{algorithm}-"),
-        learning_rate=config.learning_rate,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        num_generations=config.num_generations,
-        max_completion_length=config.max_completion_length,
-        temperature=config.temperature,
-        beta=config.beta,
-        seed=config.seed,
-    )
-    trainer = trainer_class(
-        model=model,
-        reward_funcs=str(reward_model_path),
-        args=args,
-        train_dataset=prompts,
-        processing_class=tokenizer,
-        peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
-    )
-    trainer.train()
-    rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
-    metrics = {
-        "reward_first": rewards[0] if rewards else None,
-        "reward_last": rewards[-1] if rewards else None,
-        "steps": trainer.state.global_step,
-        "prompts": len(rows),
-    }
-    path = save_for_vllm(
-        trainer.model,
-        tokenizer,
-        Path(output_dir),
-        {"stage": algorithm, "config": config.model_dump(), "metrics": metrics},
-    )
-    return OnlineRLResult(path, metrics)
+    with tempfile.TemporaryDirectory(prefix=f"rlaif-{algorithm}-") as scratch:  # no checkpoints
+        args = trainer_args(
+            config_class,
+            scratch,
+            learning_rate=config.learning_rate,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            num_generations=config.num_generations,
+            max_completion_length=config.max_completion_length,
+            temperature=config.temperature,
+            beta=config.beta,
+            seed=config.seed,
+        )
+        trainer = trainer_class(
+            model=model,
+            reward_funcs=str(reward_model_path),
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
+        )
+        trainer.train()
+        rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
+        metrics = {
+            "reward_first": rewards[0] if rewards else None,
+            "reward_last": rewards[-1] if rewards else None,
+            "steps": trainer.state.global_step,
+            "prompts": len(rows),
+        }
+        path = save_for_vllm(
+            trainer.model,
+            tokenizer,
+            Path(output_dir),
+            {"stage": algorithm, "config": config.model_dump(), "metrics": metrics},
+        )
+        return OnlineRLResult(path, metrics)

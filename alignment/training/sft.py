@@ -54,32 +54,33 @@ def train_sft(
     dataset = datasets.Dataset.from_list(
         [{"prompt": row["prompt"], "completion": row["completion"]} for row in rows]
     )
-    args = trainer_args(
-        SFTConfig,
-        tempfile.mkdtemp(prefix="rlaif-sft-"),
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        max_length=config.max_length,
-        completion_only_loss=config.completion_only_loss,
-        seed=config.seed,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
-    )
-    output = trainer.train()
-    metrics = {
-        **loss_summary(trainer, output),
-        "examples": len(rows),
-    }
-    path = save_for_vllm(
-        trainer.model,
-        tokenizer,
-        Path(output_dir),
-        {"stage": "sft", "config": config.model_dump(), "metrics": metrics},
-    )
-    return SFTResult(path, metrics)
+    with tempfile.TemporaryDirectory(prefix="rlaif-sft-") as scratch:  # no checkpoints
+        args = trainer_args(
+            SFTConfig,
+            scratch,
+            learning_rate=config.learning_rate,
+            num_train_epochs=config.num_train_epochs,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            max_length=config.max_length,
+            completion_only_loss=config.completion_only_loss,
+            seed=config.seed,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
+        )
+        output = trainer.train()
+        metrics = {
+            **loss_summary(trainer, output),
+            "examples": len(rows),
+        }
+        path = save_for_vllm(
+            trainer.model,
+            tokenizer,
+            Path(output_dir),
+            {"stage": "sft", "config": config.model_dump(), "metrics": metrics},
+        )
+        return SFTResult(path, metrics)
