@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -50,22 +49,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-import torch  # noqa: E402
+from common import REPO, machine, timed  # noqa: F401  (first: the offline settings)
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from alignment.judge_eval import load_preference_set  # noqa: E402
 from flows.models import smollm2_model_path, tiny_model_path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # rlaif's default learning rates, used by both sides (they do not change the speed).
 LEARNING_RATES = {"sft": 2e-5, "reward": 1e-5, "dpo": 1e-6}
 
@@ -104,32 +93,6 @@ MODEL_PATHS: dict[str, Callable[[], Path]] = {
     "tiny": tiny_model_path,
     "smollm2": smollm2_model_path,
 }
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import transformers
-    import trl
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 # --- Step clock: a callback and a token counter added to every Trainer.train call -----------
