@@ -3,6 +3,7 @@ load; the machine's description; a timer. `import common` first in a bench scrip
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -55,3 +56,16 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+def write_results(
+    result: dict[str, Any], out: str, md: str | None, markdown: Callable[[dict], str]
+) -> None:
+    """The run's JSON file and, when asked, its markdown section."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    if md:
+        Path(md).write_text(markdown(result) + "\n")
+        print(f"wrote {md}")

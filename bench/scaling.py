@@ -28,7 +28,6 @@ import argparse
 import cProfile
 import functools
 import io
-import json
 import pstats
 import statistics
 import tempfile
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, timed  # noqa: F401  (first: the offline settings)
+from common import REPO, machine, timed, write_results  # noqa: F401  (first: the offline settings)
 
 from alignment.backends import VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
@@ -501,13 +500,7 @@ def main() -> None:
         } | profile
         print(f"profiled {name}", flush=True)
     result["seconds"] = round(time.monotonic() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
-    if args.md:
-        Path(args.md).write_text(markdown(result) + "\n")
-        print(f"wrote {args.md}")
+    write_results(result, args.out, args.md, markdown)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, timed  # noqa: F401  (first: the offline settings)
+from common import REPO, machine, timed, write_results  # noqa: F401  (first: the offline settings)
 
 from alignment.backends import Chat, SamplingConfig, VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
@@ -653,13 +653,7 @@ def main() -> None:
     if "orchestration" in parts:
         result["orchestration"] = [orchestration_figures(args.quick, m) for m in MODELS]
     result["seconds"] = round(time.monotonic() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
-    if args.md:
-        Path(args.md).write_text(markdown(result) + "\n")
-        print(f"wrote {args.md}")
+    write_results(result, args.out, args.md, markdown)
 
 
 if __name__ == "__main__":

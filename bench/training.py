@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, timed  # noqa: F401  (first: the offline settings)
+from common import REPO, machine, timed, write_results  # noqa: F401  (first: the offline settings)
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from alignment.judge_eval import load_preference_set  # noqa: E402
@@ -549,13 +549,7 @@ def main() -> None:
         tempfile.tempdir = None
         shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
-    if args.md:
-        Path(args.md).write_text(markdown(result) + "\n")
-        print(f"wrote {args.md}")
+    write_results(result, args.out, args.md, markdown)
 
 
 if __name__ == "__main__":
