@@ -470,10 +470,10 @@ def store_group() -> None:
 @click.option("--table", default=None, help="Only this table (default: every table).")
 @user_errors
 def store_compact(store: str, table: str | None) -> None:
-    """Merge each run's shards into one file per table; rows, ids and run_ids are unchanged.
+    """Merge each table's shards into one file; rows, ids and run_ids are unchanged.
 
-    Safe to run while others read or write, and to kill: a partition is swapped for its
-    merged copy in one atomic step. write() also compacts on its own past a shard count.
+    Safe to run while others read or write, and to kill: a table's folder is swapped for
+    its merged copy in one atomic step. write() also compacts on its own past a shard count.
 
     Example: rlaif store compact --store rlaif-data --table preference_pairs
     """
@@ -483,10 +483,7 @@ def store_compact(store: str, table: str | None) -> None:
     if not (root / "rlaif.duckdb").is_file():
         raise StoreNotFound(root / "rlaif.duckdb")
     for result in Store(root).compact(table):
-        click.echo(
-            f"{result.table}: {result.shards_before} -> {result.shards_after} shards "
-            f"({result.partitions} runs compacted)"
-        )
+        click.echo(f"{result.table}: {result.shards_before} -> {result.shards_after} shards")
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:

@@ -1,17 +1,35 @@
 """A table's shards on disk: listing them, an in-memory index of their keys, and compaction.
 
-Compaction merges the shards of one `run_id=<id>` partition into one file and swaps the
-partition's folder for the merged one in a single atomic step (renameat2 RENAME_EXCHANGE):
+Every shard of a table lies directly in its folder, `parquet/<table>/`, and holds its rows'
+run_id as a column:
 
-1. build `<table>/.compact-<uuid>/` (a name the views' `run_id=*` glob never matches) with
-   the merged shard (temp + fsync + rename) and hard links to the shards it keeps;
-2. exchange that folder with `run_id=<id>`: readers see the old partition or the new one,
-   never both and never neither, and each holds the same rows with the same keys and run_id;
+    part-<uuid>.parquet        the rows of one write() (a small shard)
+    part-<uuid>-L<k>.parquet   a compacted shard: rows of any runs, merged k levels deep
+
+One flat folder, because one directory listing (what DuckDB's glob does) is then one
+consistent snapshot, and because compaction can merge the shards of many runs: a store
+that ran nightly for a year holds a few large files per table, not one per run.
+
+Compaction merges shards into one and swaps the table's folder for the new one in a single
+atomic step (renameat2 RENAME_EXCHANGE):
+
+1. build `parquet/.compact-<table>-<uuid>/`, beside the folder the views read, with the
+   merged shard (temp + fsync + rename) and hard links to every file it keeps;
+2. exchange that folder with `parquet/<table>/`: a reader lists the old folder or the new
+   one, and each holds every row once with its key and run_id; a reader that listed the
+   old folder and opens a merged-away shard after the swap fails, and is run again;
 3. delete the staging folder, which now holds the old shards.
 
 A kill -9 before step 2 leaves only an orphan staging folder, after it only the old shards
 in one; either is deleted by the next write or compaction (all of them hold the write lock,
 so any staging folder found then is an orphan).
+
+Levels keep the cost of a write flat: write() merges the small shards into one of level 1
+once there are COMPACT_AT of them, and FANOUT shards of a level into one of the next
+(storage/store.py), so a row is rewritten about log_FANOUT(writes / COMPACT_AT) times.
+
+Stores made before this layout kept each run's shards in `<table>/run_id=<id>/`; the first
+writer to open one moves them up, with the same atomic swap (`migrate`).
 """
 
 from __future__ import annotations
@@ -19,61 +37,94 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PARTITION_PREFIX = "run_id="
-STAGING_PREFIX = ".compact-"  # a partition being compacted; never matches `run_id=*`
-COMPACTED_SUFFIX = "-compacted.parquet"  # a shard made by compaction (not counted as small)
-ROW_GROUP_ROWS = 65_536  # rows per row group of a merged shard (and what it buffers)
+LEGACY_PREFIX = "run_id="  # a run's folder in the layout before the flat one
+STAGING_PREFIX = ".compact-"  # a table being compacted; never matches the views' glob
+TMP_SUFFIX = ".parquet.tmp"  # a shard being written; never matches the views' glob
+# write() and its merges favour speed: LZ4 writes 100 rows 2x faster than zstd and reads
+# back 5-10x faster; a full compaction (by hand) favours size: zstd files are 1.5-2.5x smaller.
+FAST_CODEC, SMALL_CODEC = "lz4", "zstd"
+ROW_GROUP_ROWS = 65_536  # the most rows per row group of a merged shard
+STREAM_ROWS = 4_096  # a merge copies a piece this big as its own row group
+_LEVEL = re.compile(r"-L(\d+)\.parquet$")
+_OLD_COMPACTED = "-compacted.parquet"  # a merged shard of the run-folder layout
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+def level(shard: Path | str) -> int:
+    """0 for a shard written by write(), k for one compacted k levels deep."""
+    name = os.path.basename(shard)
+    found = _LEVEL.search(name)
+    if found:
+        return int(found.group(1))
+    return 1 if name.endswith(_OLD_COMPACTED) else 0
 
 
 @dataclass(frozen=True)
 class Listing:
     """What one scan of a table's folder found."""
 
-    shards: list[Path]  # every `run_id=*/*.parquet`, what the views read
+    shards: list[str]  # every `<table>/*.parquet`, what the views read (paths as text: fast)
     orphans: list[Path]  # temp files and staging folders a killed process left behind
+    legacy: list[Path]  # `run_id=<id>/` folders of the layout before the flat one
 
-    def mergeable(self) -> int:
-        """Shards written by write() and not compacted yet, in partitions that hold two or
-        more of them: what a compaction would merge. (A partition's lone small shard is not
-        counted: with many runs, counting those would compact on every write.)"""
-        small = Counter(p.parent for p in self.shards if not p.name.endswith(COMPACTED_SUFFIX))
-        return sum(n for n in small.values() if n > 1)
+    def small(self) -> list[str]:
+        """Shards written by write() and not compacted yet."""
+        return [p for p in self.shards if level(p) == 0]
+
+    def next_merge(self, full: bool, compact_at: int, fanout: int) -> tuple[list[str], int] | None:
+        """The shards to merge next and the merged shard's level, or None.
+
+        `full`: every shard into one. Otherwise the small shards once there are
+        `compact_at`, then the shards of the lowest level that has `fanout` of them.
+        """
+        if full:
+            if len(self.shards) < 2:
+                return None
+            return self.shards, max(map(level, self.shards)) + 1
+        small = self.small()
+        if len(small) >= compact_at:
+            return small, 1
+        counts = Counter(level(p) for p in self.shards)
+        full_levels = sorted(k for k, n in counts.items() if k > 0 and n >= fanout)
+        if not full_levels:
+            return None
+        return [p for p in self.shards if level(p) == full_levels[0]], full_levels[0] + 1
 
 
 def list_table(folder: Path) -> Listing:
-    """Shards and orphans of the table stored in `folder`: one scandir per partition."""
-    shards: list[Path] = []
+    """Shards, orphans and old-layout folders of the table stored in `folder`."""
+    shards: list[str] = []
     orphans: list[Path] = []
+    legacy: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        return Listing([], [])
+        entries = []
     for entry in entries:
-        if entry.name.startswith(STAGING_PREFIX):
+        name = entry.name
+        if name.endswith(".parquet") and not name.startswith("."):
+            shards.append(entry.path)
+        elif name.endswith(TMP_SUFFIX) or name.startswith(STAGING_PREFIX):
             orphans.append(Path(entry.path))
-        elif entry.name.startswith(PARTITION_PREFIX) and entry.is_dir():
-            try:
-                files = list(os.scandir(entry.path))
-            except FileNotFoundError:  # swapped by a compaction while we listed
-                continue
-            for file in files:
-                if file.name.endswith(".parquet"):
-                    shards.append(Path(file.path))
-                elif file.name.endswith(".parquet.tmp"):
-                    orphans.append(Path(file.path))
-    return Listing(sorted(shards), orphans)
+        elif name.startswith(LEGACY_PREFIX) and entry.is_dir():
+            legacy.append(Path(entry.path))
+    staging = f"{STAGING_PREFIX}{folder.name}-"
+    with suppress(FileNotFoundError):
+        orphans += [Path(e.path) for e in os.scandir(folder.parent) if e.name.startswith(staging)]
+    return Listing(sorted(shards), orphans, sorted(legacy))
 
 
 def remove_orphans(listing: Listing) -> None:
@@ -98,83 +149,157 @@ class KeyIndex:
         self.shards: set[str] = set()
         self.keys: set[str] = set()
 
-    def refresh(self, shards: Iterable[Path]) -> None:
-        names = {str(p) for p in shards}
+    def refresh(self, shards: Iterable[str]) -> None:
+        names = set(shards)
         if self.shards - names:  # a shard vanished: another process compacted (or deleted)
             self.shards, self.keys = set(), set()
         for name in sorted(names - self.shards):
-            self.add(name, read_keys(Path(name), self.key))
+            self.add(name, read_keys(name, self.key))
 
     def add(self, shard: str, keys: Iterable[str]) -> None:
         self.shards.add(shard)
         self.keys.update(keys)
 
-    def replace(self, sources: Iterable[Path], merged: Path) -> None:
+    def replace(self, sources: Iterable[str], merged: Path) -> None:
         """This process merged `sources` into `merged`: the keys are the same."""
-        self.shards.difference_update(str(p) for p in sources)
+        self.shards.difference_update(sources)
         self.shards.add(str(merged))
 
 
-def read_keys(path: Path, key: str) -> list[str]:
-    return pq.read_table(path, columns=[key]).column(key).to_pylist()
+def read_keys(path: Path | str, key: str) -> list[str]:
+    return pq.ParquetFile(path).read(columns=[key]).column(key).to_pylist()
 
 
-def compact_partition(folder: Path, merge: list[Path], compression: str = "zstd") -> Path:
-    """Merge the shards `merge` of the partition `folder` into one, atomically (see module).
+def compact(
+    folder: Path,
+    sources: list[str],
+    merged_level: int,
+    in_memory: Mapping[str, pa.Table],
+    compression: str = FAST_CODEC,
+) -> Path:
+    """Merge the shards `sources` of the table in `folder` into one, atomically (see module).
 
-    Returns the merged shard's path inside `folder`. Call with the write lock held.
+    `in_memory` holds shards this process wrote, by path, so they are not read back.
+    Returns the merged shard's path. Call with the write lock held.
     """
-    run_id = folder.name.removeprefix(PARTITION_PREFIX)
-    staging = folder.parent / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-    name = f"part-{uuid.uuid4().hex}{COMPACTED_SUFFIX}"
+    name = f"part-{uuid.uuid4().hex}-L{merged_level}.parquet"
+    merging = {Path(p) for p in sources}
+
+    def build(staging: Path) -> None:
+        tmp = staging / f".{name}.tmp"
+        _merge(sources, tmp, in_memory, compression)
+        os.replace(tmp, staging / name)
+        _keep(folder, staging, skip=merging)
+
+    _swap(folder, build)
+    return folder / name
+
+
+def migrate(folder: Path, listing: Listing) -> None:
+    """Move the shards of the old `run_id=<id>/` folders up into `folder`, atomically.
+    A shard without a run_id column (hand-made) is rewritten with its folder's."""
+
+    def build(staging: Path) -> None:
+        _keep(folder, staging, skip=set(listing.legacy))
+        for partition in listing.legacy:
+            run_id = partition.name.removeprefix(LEGACY_PREFIX)
+            for shard in partition.iterdir():
+                if not shard.name.endswith(".parquet") or (staging / shard.name).exists():
+                    continue
+                if "run_id" in pq.read_schema(shard).names:
+                    os.link(shard, staging / shard.name)
+                else:
+                    table = pq.read_table(shard)
+                    column = pa.array([run_id] * table.num_rows, pa.string())
+                    write_durably(table.append_column("run_id", column), staging / shard.name)
+
+    _swap(folder, build)
+
+
+def _keep(folder: Path, staging: Path, skip: set[Path]) -> None:
+    """Hard-link every file of `folder` but `skip` into `staging`; move its other folders
+    (none of which the views read) there too."""
+    for entry in os.scandir(folder):
+        path = Path(entry.path)
+        if path in skip or entry.name.endswith(TMP_SUFFIX):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            os.rename(path, staging / entry.name)
+        else:
+            os.link(path, staging / entry.name, follow_symlinks=False)
+
+
+def _swap(folder: Path, build: Callable[[Path], None]) -> None:
+    """Build the new content of `folder` in a staging folder beside it, then exchange them."""
+    staging = folder.parent / f"{STAGING_PREFIX}{folder.name}-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        tmp = staging / f".{name}.tmp"
-        _merge(merge, tmp, run_id, compression)
-        os.replace(tmp, staging / name)
-        merged = {p.name for p in merge}
-        for shard in folder.iterdir():  # the shards it keeps, e.g. earlier merged ones
-            if shard.name.endswith(".parquet") and shard.name not in merged:
-                os.link(shard, staging / shard.name)
+        build(staging)
         fsync_dir(staging)
         exchange(staging, folder)
         fsync_dir(folder.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the new files before, the old ones after
-    return folder / name
 
 
-def _merge(sources: list[Path], target: Path, run_id: str, compression: str) -> None:
-    """Stream `sources` into one Parquet file, about a row group in memory at a time. Shards of
-    older schemas get null columns; a shard without a run_id column gets its partition's."""
-    schemas = [pq.read_schema(p) for p in sources]
+def _merge(
+    sources: list[str], target: Path, in_memory: Mapping[str, pa.Table], compression: str
+) -> None:
+    """Stream `sources` into one Parquet file. Pieces of ROW_GROUP_ROWS or more (the row
+    groups of merged shards) are copied one at a time, so memory stays at one row group;
+    smaller ones (shards of a few writes) are gathered into row groups. Shards of older
+    schemas get null columns."""
+    schemas = [in_memory[p].schema if p in in_memory else pq.read_schema(p) for p in sources]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
-    if "run_id" not in schema.names:
-        schema = schema.append(pa.field("run_id", pa.string()))
     with open(target, "wb") as fh:
         with pq.ParquetWriter(fh, schema, compression=compression) as writer:
-            buffer: list[pa.Table] = []  # small shards make one row group, not one each
-            for path in sources:
-                buffer.append(_conform(pq.read_table(path), schema, run_id))
-                if sum(t.num_rows for t in buffer) >= ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(buffer), ROW_GROUP_ROWS)
-                    buffer = []
-            if buffer:
-                writer.write_table(pa.concat_tables(buffer), ROW_GROUP_ROWS)
+            small: list[pa.Table] = []
+            gathered = 0
+            for piece in _pieces(sources, in_memory):
+                piece = _conform(piece, schema)
+                if piece.num_rows >= STREAM_ROWS:
+                    writer.write_table(piece, ROW_GROUP_ROWS)
+                    continue
+                small.append(piece)
+                gathered += piece.num_rows
+                if gathered >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(small), ROW_GROUP_ROWS)
+                    small, gathered = [], 0
+            if small:
+                writer.write_table(pa.concat_tables(small), ROW_GROUP_ROWS)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def _conform(table: pa.Table, schema: pa.Schema, run_id: str) -> pa.Table:
+def _pieces(sources: list[str], in_memory: Mapping[str, pa.Table]) -> Iterator[pa.Table]:
+    for path in sources:
+        table = in_memory.get(path)
+        if table is not None:
+            yield table
+            continue
+        shard = pq.ParquetFile(path)
+        for group in range(shard.num_row_groups):
+            yield shard.read_row_group(group)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    if table.schema.equals(schema, check_metadata=False):
+        return table
     columns = []
     for field in schema:
         if field.name in table.column_names:
             columns.append(table.column(field.name).cast(field.type))
-        elif field.name == "run_id":
-            columns.append(pa.array([run_id] * table.num_rows, field.type))
         else:
             columns.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_durably(table: pa.Table, path: Path) -> None:
+    """Write a shard of level 0 and make it durable (not its name: fsync its folder)."""
+    with open(path, "wb") as fh:
+        pq.write_table(table, fh, compression=FAST_CODEC)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class ExchangeUnsupported(OSError):

@@ -1,9 +1,9 @@
 """The store: atomic Parquet shards per table and run, plus a DuckDB file of views over them.
 
 Layout under `root`:
-    parquet/<table>/run_id=<run_id>/part-<uuid>.parquet   immutable shards
-    rlaif.duckdb                                          one view per table (and `runs`)
-    .lock                                                 serialises writers across processes
+    parquet/<table>/part-<uuid>[-L<k>].parquet   immutable shards, run_id a column of each
+    rlaif.duckdb                                 one view per table (and `runs`)
+    .lock                                        serialises writers across processes
 
 Writers hold `.lock` and open the DuckDB file read-write only when a view must change
 (first shard of a table, schema change, moved root), so the `duckdb` CLI and other
@@ -11,14 +11,16 @@ readers can keep the file open read-only most of the time.
 
 A write costs the same in a store of any size: the keys already stored come from an
 in-memory index that each write completes from the shard listing (storage/shards.py), and
-once a table has COMPACT_AT small shards in partitions holding two or more, write() merges
-each partition's small shards into one (`compact`), atomically, with every row's key and
-run_id unchanged.
+once a table has COMPACT_AT small shards, write() merges them into one, and FANOUT merged
+shards of a level into one of the next (`compact`), atomically, with every row's key and
+run_id unchanged. The shards just written are kept in memory for that merge.
 
 User SQL (`Store.query`, `Store.query_arrow`, `sql`) runs in a sandbox: a private in-memory
-DuckDB that attaches the database read-only, may read only `<root>/parquet/` (DuckDB resolves
-symlinks before checking), never spills to disk, runs only SELECT, EXPLAIN, PRAGMA and CALL,
-and has its configuration locked. `allow_external=True` lifts it.
+DuckDB that may read only `<root>/parquet/` (DuckDB resolves symlinks before checking),
+never spills to disk, runs only SELECT, EXPLAIN, PRAGMA and CALL, and has its configuration
+locked. `allow_external=True` lifts it. Store.query's sandbox holds the same views as the
+database, made from the same code, so a query neither opens nor locks the db file; `sql()`
+(the CLI) attaches the db file read-only instead.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -39,7 +42,6 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.errors import (
     QueryError,
@@ -53,14 +55,17 @@ from storage.errors import (
 )
 from storage.schemas import DERIVED_VIEWS, TABLES, shard_view, table_spec, to_arrow
 from storage.shards import (
-    COMPACTED_SUFFIX,
+    FAST_CODEC,
+    SMALL_CODEC,
     ExchangeUnsupported,
     KeyIndex,
     Listing,
-    compact_partition,
+    compact,
     fsync_dir,
     list_table,
+    migrate,
     remove_orphans,
+    write_durably,
 )
 
 T = TypeVar("T")
@@ -71,9 +76,10 @@ LOCK_TIMEOUT_S = 120.0  # how long write() waits for another writer
 OPEN_RETRY_S = 5.0  # how long we retry opening a DuckDB file another process holds
 STORAGE_VERSION = "v1.0.0"  # the db file format DuckDB writes (see _connect)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
-TMP_GLOB = "run_id=*/.part-*.parquet.tmp"  # a shard being written (see _write_shard)
-COMPACT_AT = 64  # write() compacts a table once this many small shards can be merged
-MERGE_COMPACTED_AT = 8  # ... and merges a run's compacted shards once it has this many
+TMP_GLOB = ".part-*.parquet.tmp"  # a shard being written (see _write_shard)
+COMPACT_AT = 64  # write() merges a table's small shards once it has this many
+FANOUT = 8  # ... and the merged shards of one level once it has this many
+RECENT_BYTES = 64 << 20  # shards just written, kept in memory for the next merge
 READ_RETRIES = 3  # a query that lost a shard to a concurrent compaction is run again
 # What sandboxed SQL may run: SELECT; CALL and PRAGMA only when spelled so (DuckDB parses
 # COPY FROM DATABASE and CHECKPOINT as those); EXPLAIN only of a SELECT, since EXPLAIN
@@ -121,7 +127,7 @@ class WriteResult:
 @dataclass(frozen=True)
 class CompactResult:
     table: str
-    partitions: int  # run_id partitions rewritten
+    merges: int  # merged shards written
     shards_before: int
     shards_after: int
 
@@ -136,10 +142,13 @@ class Store:
         self._index_mutex = threading.Lock()
         self._with_shards: set[str] = set()  # tables seen with shards (compaction keeps one)
         self._views_seen: tuple[dict[str, str], tuple[int, ...]] | None = None
-        # This store's sandbox for query(), kept between calls: opening a DuckDB instance
-        # costs 20-40 ms, more than most of the pipeline's queries; attaching the db file
-        # for one query costs about 1 ms.
+        self._recent: OrderedDict[str, pa.Table] = OrderedDict()  # by shard path
+        self._recent_bytes = 0
+        self._upgraded = False  # no table is in the run-folder layout (checked once)
+        # This store's sandbox for query(), kept between calls with its views: opening a
+        # DuckDB instance costs 20-40 ms, more than most of the pipeline's queries.
         self._reader: duckdb.DuckDBPyConnection | None = None
+        self._reader_views: dict[str, str] = {}
         self._reader_mutex = threading.Lock()
 
     def tables(self) -> list[str]:
@@ -169,23 +178,23 @@ class Store:
             return WriteResult(table, None, 0, 0)
         data = to_arrow(table, rows, run_id)
         with self._lock():
-            listing = list_table(self._table_dir(table))
-            remove_orphans(listing)
+            listing = self._listed(table)
             with self._index_mutex:
                 index = self._index(table, listing)
                 new = self._drop_stored(table, data, index.keys)
-                path = self._write_shard(table, run_id, new) if new.num_rows else None
+                path = self._write_shard(table, new) if new.num_rows else None
                 had_shards = table in self._with_shards
                 if path is not None:
                     index.add(str(path), new.column(index.key).to_pylist())
                     self._with_shards.add(table)
+                    self._remember(path, new)
             # The views change only with a table's first shard; a db file changed since
             # this store last synced it may lack a view another process needed.
             if not (had_shards and self._synced_as_now()):
                 self._sync_views()
-            if path is not None and listing.mergeable() >= COMPACT_AT:
+            if path is not None and len(listing.small()) + 1 >= COMPACT_AT:
                 with suppress(StoreFull):  # the rows are written; the next write compacts
-                    self._compact(table, small_only=True)
+                    self._compact(table, full=False)
         return WriteResult(table, path, new.num_rows, data.num_rows - new.num_rows)
 
     def existing_keys(self, table: str, keys: Iterable[str]) -> set[str]:
@@ -194,6 +203,7 @@ class Store:
         wanted = list(keys)
         if not wanted:
             return set()
+        self._upgrade_once()
         for attempt in range(READ_RETRIES):
             try:
                 with self._index_mutex:
@@ -207,9 +217,9 @@ class Store:
         raise AssertionError("unreachable")
 
     def compact(self, table: str | None = None) -> list[CompactResult]:
-        """Merge the shards of each run's partition into one file, for `table` or every table.
+        """Merge all the shards of `table`, or of every table, into one file per table.
 
-        Crash-safe: each partition is swapped for its merged copy in one atomic step, so a
+        Crash-safe: a table's folder is swapped for its merged copy in one atomic step, so a
         kill -9 loses and duplicates nothing and readers never see a half state; every row
         keeps its key and run_id. Raises StoreError where the file system cannot swap two
         folders atomically (renameat2 RENAME_EXCHANGE, Linux).
@@ -218,7 +228,7 @@ class Store:
         for name in tables:
             table_spec(name)
         with self._lock():
-            return [self._compact(name, small_only=False) for name in tables]
+            return [self._compact(name, full=True) for name in tables]
 
     def query(
         self, sql: str, params: Sequence[Any] | None = None, *, allow_external: bool = False
@@ -286,20 +296,31 @@ class Store:
 
     @contextmanager
     def _sandboxed(self) -> Iterator[_SandboxedConnection]:
-        """This store's sandbox (see `_sandbox`) with the db file attached for one query, so
-        no lock on the file outlives the query and the views are read as they are now."""
+        """This store's sandbox (see `_sandbox`) holding the views the shards need now."""
         db_path = self._db_or_raise().resolve()
+        self._upgrade_once()
         with self._reader_mutex:
             if self._reader is None:
                 self._reader = _sandbox_instance(db_path)
+                self._reader_views = {}
+            views = self._views()
             try:
-                with _attached(self._reader, db_path) as con:
-                    yield _SandboxedConnection(con)
+                for name, view_sql in views.items():
+                    if self._reader_views.get(name) == view_sql:
+                        continue
+                    try:
+                        self._reader.execute(view_sql)  # DuckDB binds it now: reads schemas
+                        self._reader_views[name] = view_sql
+                    except duckdb.Error as e:  # unreadable shards fail their own table only
+                        if name in DERIVED_VIEWS:
+                            raise _query_error(e) from e
+                        self._reader.execute(_failing_view_sql(name, str(e).splitlines()[0]))
+                        self._reader_views.pop(name, None)  # tried again on the next query
             except BaseException:
-                if not _detached(self._reader, db_path):
-                    self._reader.close()  # a state we cannot vouch for: start afresh
-                    self._reader = None
+                self._reader.close()  # a catalog we cannot vouch for: start afresh
+                self._reader = None
                 raise
+            yield _SandboxedConnection(self._reader)
 
     def count(self, table: str) -> int:
         """Rows in the table's view; for `runs` that is the number of runs, not of events."""
@@ -342,14 +363,47 @@ class Store:
         return self.root / "parquet" / table
 
     def _glob(self, table: str) -> str:
-        return str(self._table_dir(table) / "run_id=*" / "*.parquet")
+        return str(self._table_dir(table) / "*.parquet")
 
     def _has_shards(self, table: str) -> bool:
         if table not in self._with_shards:
-            if next(self._table_dir(table).glob("run_id=*/*.parquet"), None) is None:
+            if not list_table(self._table_dir(table)).shards:
                 return False
             self._with_shards.add(table)
         return True
+
+    def _listed(self, table: str) -> Listing:
+        """The table's shards, after deleting orphans and moving shards of the run-folder
+        layout up. Call with `.lock` held."""
+        folder = self._table_dir(table)
+        listing = list_table(folder)
+        remove_orphans(listing)
+        if listing.legacy:
+            try:
+                migrate(folder, listing)
+            except ExchangeUnsupported as e:
+                raise _no_exchange(table, self.root, e) from e
+            listing = list_table(folder)
+        return listing
+
+    def _upgrade_once(self) -> None:
+        """Move every table's shards out of the run folders of older stores (once per Store)."""
+        if self._upgraded:
+            return
+        tables = [t for t in TABLES if list_table(self._table_dir(t)).legacy]
+        if tables:
+            with self._lock():
+                for table in tables:
+                    self._listed(table)
+                self._sync_views()
+        self._upgraded = True
+
+    def _remember(self, shard: Path, data: pa.Table) -> None:
+        """Keep a shard just written in memory, so merging it does not read it back."""
+        self._recent[str(shard)] = data
+        self._recent_bytes += data.nbytes
+        while self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= self._recent.popitem(last=False)[1].nbytes
 
     def _index(self, table: str, listing: Listing) -> KeyIndex:
         """The table's key index, completed from `listing`. Call with _index_mutex held."""
@@ -359,48 +413,42 @@ class Store:
         index.refresh(listing.shards)
         return index
 
-    def _compact(self, table: str, small_only: bool) -> CompactResult:
-        """Merge each partition's shards into one, where there are at least two. When
-        `small_only`, leave its compacted shards alone until it has MERGE_COMPACTED_AT of
-        them, so a long run is not rewritten at every compaction. Call with `.lock` held."""
-        listing = list_table(self._table_dir(table))
-        remove_orphans(listing)
-        by_partition: dict[Path, list[Path]] = {}
-        for shard in listing.shards:
-            by_partition.setdefault(shard.parent, []).append(shard)
-        merges = {}
-        for folder, group in by_partition.items():
-            merged = [p for p in group if p.name.endswith(COMPACTED_SUFFIX)]
-            if small_only and len(merged) < MERGE_COMPACTED_AT:
-                group = [p for p in group if p not in merged]
-            if len(group) > 1:
-                merges[folder] = group
-        for folder, group in merges.items():
+    def _compact(self, table: str, full: bool) -> CompactResult:
+        """Merge shards while `Listing.next_merge` finds some to merge: all of them into one
+        when `full`, else by levels (small ones, then FANOUT of a level). Call with `.lock`
+        held."""
+        folder = self._table_dir(table)
+        listing = self._listed(table)
+        before, merges = len(listing.shards), 0
+        while (step := listing.next_merge(full, COMPACT_AT, FANOUT)) is not None:
+            sources, merged_level = step
             try:
-                merged = compact_partition(folder, group)
+                codec = SMALL_CODEC if full else FAST_CODEC
+                merged = compact(folder, sources, merged_level, self._recent, codec)
             except ExchangeUnsupported as e:
-                if small_only:
-                    return CompactResult(table, 0, len(listing.shards), len(listing.shards))
-                raise StoreError(
-                    f"Cannot compact {table} under {self.root}: {e.strerror} (compaction swaps "
-                    "folders with renameat2 RENAME_EXCHANGE, which needs Linux and a local "
-                    "file system such as ext4, xfs, btrfs or tmpfs)"
-                ) from e
+                if not full:
+                    break
+                raise _no_exchange(table, self.root, e) from e
             except OSError as e:
                 if not _is_no_space(e):
                     raise
                 raise StoreFull(folder, f"a compacted {table} shard", "nothing changed") from e
+            merges += 1
+            for source in sources:
+                self._recent_bytes -= self._recent.pop(source, pa.table({})).nbytes
             with self._index_mutex:
                 index = self._indexes.get(table)
                 if index is not None:
-                    index.replace(group, merged)
-        after = len(listing.shards) - sum(len(g) - 1 for g in merges.values())
-        return CompactResult(table, len(merges), len(listing.shards), after)
+                    index.replace(sources, merged)
+            listing = list_table(folder)
+            if full:
+                break
+        return CompactResult(table, merges, before, len(listing.shards))
 
     def _scan(self, table: str) -> str:
         return (
-            f"read_parquet({_literal(self._glob(table))}, hive_partitioning = true, "
-            "hive_types = {'run_id': VARCHAR}, union_by_name = true)"
+            f"read_parquet({_literal(self._glob(table))}, hive_partitioning = false, "
+            "union_by_name = true)"
         )
 
     def _drop_stored(self, table: str, data: pa.Table, stored: set[str]) -> pa.Table:
@@ -416,17 +464,14 @@ class Store:
             return data
         return data.take(pa.array(keep, pa.int64()))
 
-    def _write_shard(self, table: str, run_id: str, data: pa.Table) -> Path:
+    def _write_shard(self, table: str, data: pa.Table) -> Path:
         """Write `data` as a new shard via temp file + fsync + rename: never seen half-written."""
-        folder = self._table_dir(table) / f"run_id={run_id}"
+        folder = self._table_dir(table)
         path = folder / f"part-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{path.name}.tmp"  # must not match the views' *.parquet glob
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                pq.write_table(data, fh, compression="zstd")
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_durably(data, tmp)
             os.replace(tmp, path)
             fsync_dir(folder)
         except OSError as e:
@@ -540,6 +585,7 @@ def sql(
         path = path / DB_NAME
     if not path.is_file():
         raise StoreNotFound(path)
+    Store(path.parent)._upgrade_once()
     return _run(path, query, None, allow_external)
 
 
@@ -729,6 +775,14 @@ def _is_no_space(error: BaseException) -> bool:
     )
 
 
+def _no_exchange(table: str, root: Path, error: OSError) -> StoreError:
+    return StoreError(
+        f"Cannot compact {table} under {root}: {error.strerror} (compaction swaps folders "
+        "with renameat2 RENAME_EXCHANGE, which needs Linux and a local file system such as "
+        "ext4, xfs, btrfs or tmpfs)"
+    )
+
+
 def _check_run_id(table: str, run_id: str) -> None:
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise SchemaMismatch(
@@ -742,11 +796,23 @@ def _table_view_sql(name: str, schema: pa.Schema, scan: str | None) -> str:
     The zero-row typed SELECT fixes column names and types even before the first shard;
     UNION ALL BY NAME adds the shards' rows (and any columns only old shards have).
     """
-    typed = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema)
-    body = f"SELECT {typed} WHERE false"
+    body = f"SELECT {_typed_nulls(schema)} WHERE false"
     if scan:
         body += f"\nUNION ALL BY NAME\nSELECT * FROM {scan}"
     return f"CREATE OR REPLACE VIEW {_ident(name)} AS\n{body}"
+
+
+def _typed_nulls(schema: pa.Schema) -> str:
+    return ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema)
+
+
+def _failing_view_sql(name: str, message: str) -> str:
+    """A view with the table's columns whose every read fails with `message`."""
+    [schema] = [spec.schema for table, spec in TABLES.items() if shard_view(table) == name]
+    return (
+        f"CREATE OR REPLACE VIEW {_ident(name)} AS SELECT {_typed_nulls(schema)} "
+        f"FROM (SELECT error({_literal(message)}) AS e) WHERE e IS NULL"
+    )
 
 
 def _duckdb_type(type_: pa.DataType) -> str:

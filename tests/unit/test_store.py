@@ -127,7 +127,7 @@ def test_write_then_read_back(store: Store, table: str) -> None:
     row = SAMPLES[table]
     result = store.write(table, [row], RUN)
     assert (result.written, result.skipped) == (1, 0)
-    assert result.path is not None and result.path.parent.name == f"run_id={RUN}"
+    assert result.path is not None and result.path.parent.name == table
     assert store.query(f"SELECT * FROM {table}") == [row]
     assert store.count(table) == 1
     assert pq.read_table(result.path).column("run_id").to_pylist() == [RUN]
@@ -231,12 +231,16 @@ def test_views_keep_schema_columns_and_order_once_shards_exist(store: Store) -> 
 
 def test_old_shards_missing_a_column_stay_readable(store: Store) -> None:
     store.write("prompts", [prompt(1, category="chat")], RUN)
-    old = pa.table({"prompt_id": ["p0"], "text": ["old"]})  # as written before `category` existed
+    # as written before `category` existed
+    old = pa.table({"prompt_id": ["p0"], "text": ["old"], "run_id": [RUN]})
     pq.write_table(old, shards(store, "prompts")[0].parent / "part-old.parquet")
+    store.write("prompts", [prompt(2)], "run-2")  # a merge of both keeps them apart
+    store.compact("prompts")
     rows = store.query("SELECT prompt_id, run_id, category FROM prompts ORDER BY prompt_id")
     assert rows == [
         {"prompt_id": "p0", "run_id": RUN, "category": None},
         {"prompt_id": "p1", "run_id": RUN, "category": "chat"},
+        {"prompt_id": "p2", "run_id": "run-2", "category": None},
     ]
 
 
@@ -436,7 +440,7 @@ def test_a_table_whose_shards_are_gone_fails_alone(store: Store) -> None:
     store.write("prompts", [prompt(1)], RUN)
     store.write("responses", [SAMPLES["responses"]], RUN)
     assert store.count("responses") == 1
-    for shard in (store.root / "parquet" / "responses").glob("run_id=*/*.parquet"):
+    for shard in (store.root / "parquet" / "responses").glob("*.parquet"):
         shard.unlink()
     assert store.count("prompts") == 1
     with pytest.raises(QueryError, match="No files found"):

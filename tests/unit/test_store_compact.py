@@ -1,5 +1,6 @@
 """Compaction and the key index: every row kept once with its key and run_id, queries
-unchanged, kill -9 at random moments mid-compaction, readers during compaction."""
+unchanged, levels, the run-folder layout of older stores moved up, kill -9 at random
+moments mid-compaction, readers during compaction."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 from flows.cli import main
 from storage import Store
 from storage import store as store_module
-from storage.shards import COMPACTED_SUFFIX, STAGING_PREFIX
+from storage.shards import STAGING_PREFIX, TMP_SUFFIX, level
 
 PROJECT = Path(__file__).resolve().parents[2]
 QUERY = "SELECT prompt_id, run_id, text FROM prompts ORDER BY prompt_id"
@@ -39,12 +40,12 @@ def fill(store: Store, batches: range, runs: int = 3, **kw: int) -> None:
 
 
 def shards(store: Store) -> list[Path]:
-    return sorted((store.root / "parquet" / "prompts").glob("run_id=*/*.parquet"))
+    return sorted((store.root / "parquet" / "prompts").glob("*.parquet"))
 
 
 def strays(store: Store) -> list[Path]:
-    folder = store.root / "parquet" / "prompts"
-    return [*folder.glob(f"{STAGING_PREFIX}*"), *folder.glob("run_id=*/*.tmp")]
+    parquet = store.root / "parquet"
+    return [*parquet.glob(f"{STAGING_PREFIX}*"), *parquet.glob(f"prompts/.*{TMP_SUFFIX}")]
 
 
 def check_once(store: Store, batches: range, rows: int = 5, runs: int = 3) -> None:
@@ -62,59 +63,69 @@ def test_compact_keeps_rows_keys_runs_and_answers(tmp_path: Path) -> None:
     before = store.query(QUERY)
     by_run = store.query("SELECT run_id, count(*) AS n FROM prompts GROUP BY 1 ORDER BY 1")
     [result] = store.compact("prompts")
-    assert (result.partitions, result.shards_before, result.shards_after) == (3, 12, 3)
+    assert (result.merges, result.shards_before, result.shards_after) == (1, 12, 1)
     assert store.query(QUERY) == before
     assert store.query("SELECT run_id, count(*) AS n FROM prompts GROUP BY 1 ORDER BY 1") == by_run
-    assert all(p.name.endswith(COMPACTED_SUFFIX) for p in shards(store))
+    assert [level(p) for p in shards(store)] == [1]
     # the key index still knows every key, in this process and a fresh one
     assert store.write("prompts", batch(0), "run0").written == 0
     assert Store(tmp_path).write("prompts", batch(1), "other").written == 0
-    assert store.compact("prompts")[0].partitions == 0  # nothing left to merge
+    assert store.compact("prompts")[0].merges == 0  # nothing left to merge
     assert [r.table for r in store.compact()] == store.tables()
 
 
-def test_write_compacts_past_the_threshold(tmp_path: Path, monkeypatch) -> None:
+def test_write_merges_small_shards_then_levels(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(store_module, "COMPACT_AT", 6)
+    monkeypatch.setattr(store_module, "FANOUT", 2)
     store = Store(tmp_path)
-    fill(store, range(20))
-    assert len(shards(store)) == 12  # 3 runs x 2 compactions, plus 6 small shards
+    fill(store, range(5))
+    assert [level(p) for p in shards(store)] == [0] * 5  # below the threshold: untouched
+    fill(store, range(5, 20))
+    # writes 6 and 18 made a level-1 shard each; write 12 a second one, and the two a level 2
+    assert sorted(level(p) for p in shards(store)) == [0, 0, 1, 2]
     check_once(store, range(20))
-    monkeypatch.setattr(store_module, "MERGE_COMPACTED_AT", 2)  # a run's compacted shards too
-    fill(store, range(20, 40))
-    assert len(shards(store)) <= 3 * 3
-    check_once(store, range(40))
     assert not strays(store)
 
 
-def test_lone_shards_of_many_runs_do_not_compact_on_every_write(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """Past the threshold, runs with a single small shard have nothing to merge: counting
-    them would start a compaction (a listing and no merge) on every later write."""
+def test_shards_of_many_runs_merge_into_one(tmp_path: Path, monkeypatch) -> None:
+    """A nightly loop writes a few shards per run: merging across runs is what keeps a
+    year of runs at a few files per table."""
     monkeypatch.setattr(store_module, "COMPACT_AT", 6)
     store = Store(tmp_path)
-    compactions: list[str] = []
-    compact = Store._compact
-    monkeypatch.setattr(
-        Store, "_compact", lambda self, t, **kw: compactions.append(t) or compact(self, t, **kw)
-    )
-    fill(store, range(10), runs=10)  # ten runs, one shard each
-    assert compactions == []
-    fill(store, range(10, 16), runs=10)  # the 4th write finds 3 runs x 2 shards: merge
-    assert compactions == ["prompts"]
-    assert len(shards(store)) == 4 + 2 * 2 + 4  # runs 0-3 merged, 4-5 two each, 6-9 one
-    check_once(store, range(16), runs=10)
+    fill(store, range(6), runs=6)  # six runs, one shard each
+    assert [level(p) for p in shards(store)] == [1]
+    check_once(store, range(6), runs=6)
+    assert store.query("SELECT count(DISTINCT run_id) AS n FROM prompts") == [{"n": 6}]
 
 
-def test_old_shards_keep_their_run_id_when_compacted(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    store.write("prompts", batch(0), "run0")
+def test_a_store_of_the_run_folder_layout_is_moved_up(tmp_path: Path) -> None:
+    """Stores made before the flat layout kept each run's shards in `run_id=<id>/`; the
+    first Store to open one moves them up, hand-made shards without run_id included."""
+    Store(tmp_path).ensure()
+    table = tmp_path / "parquet" / "prompts"
+    for run_id, name, rows in [
+        ("a", "part-1", 3),
+        ("a", "part-2-compacted", 2),
+        ("b", "part-3", 1),
+    ]:
+        (table / f"run_id={run_id}").mkdir(exist_ok=True)
+        data = pa.Table.from_pylist(
+            [{"prompt_id": f"{name}-{i}", "text": "t", "source": "seed", "run_id": run_id}
+             for i in range(rows)]
+        )  # fmt: skip
+        pq.write_table(data, table / f"run_id={run_id}" / f"{name}.parquet")
     old = pa.table({"prompt_id": ["old"], "text": ["before run_id was a column"]})
-    pq.write_table(old, shards(store)[0].parent / "part-old.parquet")
+    pq.write_table(old, table / "run_id=b" / "part-old.parquet")
+    store = Store(tmp_path)
+    rows = store.query("SELECT run_id, count(*) AS n FROM prompts GROUP BY 1 ORDER BY 1")
+    assert rows == [{"run_id": "a", "n": 5}, {"run_id": "b", "n": 2}]
+    assert not list(table.glob("run_id=*")) and len(shards(store)) == 4
+    assert store.write("prompts", [{"prompt_id": "old", "text": "x"}], "c").written == 0
     store.compact("prompts")
-    rows = store.query("SELECT run_id, source FROM prompts WHERE prompt_id = 'old'")
-    assert rows == [{"run_id": "run0", "source": None}]
-    assert store.count("prompts") == 6
+    assert store.query("SELECT run_id, source FROM prompts WHERE prompt_id = 'old'") == [
+        {"run_id": "b", "source": None}
+    ]
+    assert store.count("prompts") == 7
 
 
 def test_key_index_is_completed_and_rebuilt_from_the_shards(tmp_path: Path) -> None:
@@ -135,7 +146,7 @@ def test_cli_store_compact(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["store", "compact", "--store", str(tmp_path), "--table",
                                        "prompts"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert result.output == "prompts: 4 -> 1 shards (1 runs compacted)\n"
+    assert result.output == "prompts: 4 -> 1 shards\n"
     missing = CliRunner().invoke(main, ["store", "compact", "--store", str(tmp_path / "no")])
     assert missing.exit_code == 2 and "No rlaif database" in missing.output
 
@@ -178,7 +189,7 @@ def test_kill_9_mid_compaction_loses_and_duplicates_nothing(tmp_path: Path) -> N
     Store(tmp_path).compact("prompts")
     got = store.query("SELECT count(*) AS n, count(DISTINCT prompt_id) AS k FROM prompts")
     assert got == [{"n": written * 40 + 5, "k": written * 40 + 5}]
-    assert len(shards(store)) == 3
+    assert len(shards(store)) == 1
 
 
 def test_readers_never_see_a_wrong_count_during_compaction(tmp_path: Path) -> None:
