@@ -36,15 +36,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,11 +67,14 @@ _RENAME_EXCHANGE = 2
 
 def level(shard: Path | str) -> int:
     """0 for a shard written by write(), k for one compacted k levels deep."""
-    name = os.path.basename(shard)
-    found = _LEVEL.search(name)
-    if found:
-        return int(found.group(1))
-    return 1 if name.endswith(_OLD_COMPACTED) else 0
+    return _level_of(os.path.basename(shard))
+
+
+def _level_of(name: str) -> int:
+    if name.endswith(_OLD_COMPACTED):
+        return 1
+    found = _LEVEL.search(name) if "-L" in name else None
+    return int(found.group(1)) if found else 0
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,13 @@ class Listing:
     """What one scan of a table's folder found."""
 
     shards: list[str]  # every `<table>/*.parquet`, what the views read (paths as text: fast)
+    levels: dict[str, int]  # of each shard
     orphans: list[Path]  # temp files and staging folders a killed process left behind
     legacy: list[Path]  # `run_id=<id>/` folders of the layout before the flat one
 
     def small(self) -> list[str]:
         """Shards written by write() and not compacted yet."""
-        return [p for p in self.shards if level(p) == 0]
+        return [p for p in self.shards if self.levels[p] == 0]
 
     def next_merge(self, full: bool, compact_at: int, fanout: int) -> tuple[list[str], int] | None:
         """The shards to merge next and the merged shard's level, or None.
@@ -93,20 +99,20 @@ class Listing:
         if full:
             if len(self.shards) < 2:
                 return None
-            return self.shards, max(map(level, self.shards)) + 1
+            return self.shards, max(self.levels.values()) + 1
         small = self.small()
         if len(small) >= compact_at:
             return small, 1
-        counts = Counter(level(p) for p in self.shards)
+        counts = Counter(self.levels.values())
         full_levels = sorted(k for k, n in counts.items() if k > 0 and n >= fanout)
         if not full_levels:
             return None
-        return [p for p in self.shards if level(p) == full_levels[0]], full_levels[0] + 1
+        return [p for p in self.shards if self.levels[p] == full_levels[0]], full_levels[0] + 1
 
 
 def list_table(folder: Path) -> Listing:
     """Shards, orphans and old-layout folders of the table stored in `folder`."""
-    shards: list[str] = []
+    levels: dict[str, int] = {}
     orphans: list[Path] = []
     legacy: list[Path] = []
     try:
@@ -116,7 +122,7 @@ def list_table(folder: Path) -> Listing:
     for entry in entries:
         name = entry.name
         if name.endswith(".parquet") and not name.startswith("."):
-            shards.append(entry.path)
+            levels[entry.path] = _level_of(name)
         elif name.endswith(TMP_SUFFIX) or name.startswith(STAGING_PREFIX):
             orphans.append(Path(entry.path))
         elif name.startswith(LEGACY_PREFIX) and entry.is_dir():
@@ -124,16 +130,27 @@ def list_table(folder: Path) -> Listing:
     staging = f"{STAGING_PREFIX}{folder.name}-"
     with suppress(FileNotFoundError):
         orphans += [Path(e.path) for e in os.scandir(folder.parent) if e.name.startswith(staging)]
-    return Listing(sorted(shards), orphans, sorted(legacy))
+    return Listing(sorted(levels), levels, orphans, sorted(legacy))
 
 
 def remove_orphans(listing: Listing) -> None:
-    """Delete what killed writers and compactions left. Call with the write lock held."""
+    """Delete what killed writers and compactions left: temp files, and staging folders no
+    live `Staging` holds. Call with the write lock held."""
     for path in listing.orphans:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
+        if not path.is_dir():
             path.unlink(missing_ok=True)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a merge in progress, in this process or another
+        finally:
+            os.close(fd)  # closing drops the lock taken, if any
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class KeyIndex:
@@ -170,6 +187,46 @@ def read_keys(path: Path | str, key: str) -> list[str]:
     return pq.ParquetFile(path).read(columns=[key]).column(key).to_pylist()
 
 
+class Staging:
+    """A staging folder beside a table's folder, held by an flock on it for as long as it is
+    in use, so that `remove_orphans` in any process or thread leaves it alone."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder.parent / f"{STAGING_PREFIX}{folder.name}-{uuid.uuid4().hex}"
+        self.path.mkdir()
+        self._fd = os.open(self.path, os.O_RDONLY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def merge(
+        self,
+        sources: list[str],
+        merged_level: int,
+        in_memory: Mapping[str, pa.Table],
+        compression: str = FAST_CODEC,
+    ) -> str:
+        """Write the merge of `sources` into the staging folder; its file name. Needs no
+        lock: shards never change, and `swap` checks that none is gone meanwhile."""
+        name = f"part-{uuid.uuid4().hex}-L{merged_level}.parquet"
+        tmp = self.path / f".{name}.tmp"
+        _merge(sources, tmp, in_memory, compression)
+        os.replace(tmp, self.path / name)
+        return name
+
+    def swap(self, replaced: Iterable[str | Path]) -> None:
+        """Hard-link every file of the table's folder but `replaced` into the staging folder,
+        then exchange the two. Call with the write lock held."""
+        _keep(self.folder, self.path, skip={Path(p) for p in replaced})
+        fsync_dir(self.path)
+        exchange(self.path, self.folder)
+        fsync_dir(self.folder.parent)
+
+    def close(self) -> None:
+        """Delete the staging folder: the new files before a swap, the old ones after."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+
+
 def compact(
     folder: Path,
     sources: list[str],
@@ -182,38 +239,35 @@ def compact(
     `in_memory` holds shards this process wrote, by path, so they are not read back.
     Returns the merged shard's path. Call with the write lock held.
     """
-    name = f"part-{uuid.uuid4().hex}-L{merged_level}.parquet"
-    merging = {Path(p) for p in sources}
-
-    def build(staging: Path) -> None:
-        tmp = staging / f".{name}.tmp"
-        _merge(sources, tmp, in_memory, compression)
-        os.replace(tmp, staging / name)
-        _keep(folder, staging, skip=merging)
-
-    _swap(folder, build)
+    staging = Staging(folder)
+    try:
+        name = staging.merge(sources, merged_level, in_memory, compression)
+        staging.swap(sources)
+    finally:
+        staging.close()
     return folder / name
 
 
 def migrate(folder: Path, listing: Listing) -> None:
     """Move the shards of the old `run_id=<id>/` folders up into `folder`, atomically.
     A shard without a run_id column (hand-made) is rewritten with its folder's."""
-
-    def build(staging: Path) -> None:
-        _keep(folder, staging, skip=set(listing.legacy))
+    staging = Staging(folder)
+    try:
         for partition in listing.legacy:
             run_id = partition.name.removeprefix(LEGACY_PREFIX)
             for shard in partition.iterdir():
-                if not shard.name.endswith(".parquet") or (staging / shard.name).exists():
+                target = staging.path / shard.name
+                if not shard.name.endswith(".parquet") or target.exists():
                     continue
                 if "run_id" in pq.read_schema(shard).names:
-                    os.link(shard, staging / shard.name)
+                    os.link(shard, target)
                 else:
                     table = pq.read_table(shard)
                     column = pa.array([run_id] * table.num_rows, pa.string())
-                    write_durably(table.append_column("run_id", column), staging / shard.name)
-
-    _swap(folder, build)
+                    write_durably(table.append_column("run_id", column), target)
+        staging.swap(listing.legacy)
+    finally:
+        staging.close()
 
 
 def _keep(folder: Path, staging: Path, skip: set[Path]) -> None:
@@ -227,19 +281,6 @@ def _keep(folder: Path, staging: Path, skip: set[Path]) -> None:
             os.rename(path, staging / entry.name)
         else:
             os.link(path, staging / entry.name, follow_symlinks=False)
-
-
-def _swap(folder: Path, build: Callable[[Path], None]) -> None:
-    """Build the new content of `folder` in a staging folder beside it, then exchange them."""
-    staging = folder.parent / f"{STAGING_PREFIX}{folder.name}-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
-        build(staging)
-        fsync_dir(staging)
-        exchange(staging, folder)
-        fsync_dir(folder.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # the new files before, the old ones after
 
 
 def _merge(
@@ -259,16 +300,26 @@ def _merge(
                 piece = _conform(piece, schema)
                 if piece.num_rows >= STREAM_ROWS:
                     writer.write_table(piece, ROW_GROUP_ROWS)
+                    _sync_some(fh)
                     continue
                 small.append(piece)
                 gathered += piece.num_rows
                 if gathered >= ROW_GROUP_ROWS:
                     writer.write_table(pa.concat_tables(small), ROW_GROUP_ROWS)
+                    _sync_some(fh)
                     small, gathered = [], 0
             if small:
                 writer.write_table(pa.concat_tables(small), ROW_GROUP_ROWS)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _sync_some(fh: BinaryIO) -> None:
+    """Make what a merge wrote so far durable: a writer's fsync (ext4 data=ordered) flushes
+    every dirty page of the journal's transaction, so a merge that syncs once at the end
+    stalls the writes that sync meanwhile by the whole file."""
+    fh.flush()
+    os.fdatasync(fh.fileno())
 
 
 def _pieces(sources: list[str], in_memory: Mapping[str, pa.Table]) -> Iterator[pa.Table]:
@@ -279,7 +330,7 @@ def _pieces(sources: list[str], in_memory: Mapping[str, pa.Table]) -> Iterator[p
             continue
         shard = pq.ParquetFile(path)
         for group in range(shard.num_row_groups):
-            yield shard.read_row_group(group)
+            yield shard.read_row_group(group, use_threads=False)  # a core left for writes
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -11,9 +11,11 @@ readers can keep the file open read-only most of the time.
 
 A write costs the same in a store of any size: the keys already stored come from an
 in-memory index that each write completes from the shard listing (storage/shards.py), and
-once a table has COMPACT_AT small shards, write() merges them into one, and FANOUT merged
-shards of a level into one of the next (`compact`), atomically, with every row's key and
-run_id unchanged. The shards just written are kept in memory for that merge.
+once a table has COMPACT_AT small shards, write() has them merged into one, and FANOUT
+merged shards of a level into one of the next, atomically, with every row's key and run_id
+unchanged. The merges run on a background thread, which holds the write lock only to
+start one and to swap its result in, so writes go on meanwhile (on another core); the
+shards just written are kept in memory for them. `settle()` waits for them.
 
 User SQL (`Store.query`, `Store.query_arrow`, `sql`) runs in a sandbox: a private in-memory
 DuckDB that may read only `<root>/parquet/` (DuckDB resolves symlinks before checking),
@@ -28,6 +30,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -60,6 +63,7 @@ from storage.shards import (
     ExchangeUnsupported,
     KeyIndex,
     Listing,
+    Staging,
     compact,
     fsync_dir,
     list_table,
@@ -69,6 +73,7 @@ from storage.shards import (
 )
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 DB_NAME = "rlaif.duckdb"
 LOCK_NAME = ".lock"
@@ -78,8 +83,8 @@ STORAGE_VERSION = "v1.0.0"  # the db file format DuckDB writes (see _connect)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 TMP_GLOB = ".part-*.parquet.tmp"  # a shard being written (see _write_shard)
 COMPACT_AT = 64  # write() merges a table's small shards once it has this many
-FANOUT = 8  # ... and the merged shards of one level once it has this many
-RECENT_BYTES = 64 << 20  # shards just written, kept in memory for the next merge
+FANOUT = 32  # ... and the merged shards of one level once it has this many
+RECENT_BYTES = 32 << 20  # shards just written, kept in memory for the next merge
 READ_RETRIES = 3  # a query that lost a shard to a concurrent compaction is run again
 # What sandboxed SQL may run: SELECT; CALL and PRAGMA only when spelled so (DuckDB parses
 # COPY FROM DATABASE and CHECKPOINT as those); EXPLAIN only of a SELECT, since EXPLAIN
@@ -135,8 +140,10 @@ class CompactResult:
 class Store:
     """Parquet shards + DuckDB views under `root`. Nothing is created before the first write."""
 
-    def __init__(self, root: str | Path = "rlaif-data") -> None:
+    def __init__(self, root: str | Path = "rlaif-data", *, background: bool = True) -> None:
+        """`background=False` merges shards inside write(), before it returns."""
         self.root = Path(root).expanduser().resolve()  # views hold absolute paths
+        self.background = background
         self.db_path = self.root / DB_NAME
         self._indexes: dict[str, KeyIndex] = {}  # per table, completed from the shards
         self._index_mutex = threading.Lock()
@@ -145,6 +152,10 @@ class Store:
         self._recent: OrderedDict[str, pa.Table] = OrderedDict()  # by shard path
         self._recent_bytes = 0
         self._upgraded = False  # no table is in the run-folder layout (checked once)
+        self._merger: threading.Thread | None = None  # merges the tables in _to_merge
+        self._to_merge: set[str] = set()
+        self._merger_mutex = threading.Lock()
+        self._cannot_swap: set[str] = set()  # tables on a file system without renameat2
         # This store's sandbox for query(), kept between calls with its views: opening a
         # DuckDB instance costs 20-40 ms, more than most of the pipeline's queries.
         self._reader: duckdb.DuckDBPyConnection | None = None
@@ -181,21 +192,33 @@ class Store:
             listing = self._listed(table)
             with self._index_mutex:
                 index = self._index(table, listing)
-                new = self._drop_stored(table, data, index.keys)
+                new, new_keys = self._drop_stored(table, data, index.keys)
                 path = self._write_shard(table, new) if new.num_rows else None
                 had_shards = table in self._with_shards
                 if path is not None:
-                    index.add(str(path), new.column(index.key).to_pylist())
+                    index.add(str(path), new_keys)
                     self._with_shards.add(table)
                     self._remember(path, new)
             # The views change only with a table's first shard; a db file changed since
             # this store last synced it may lack a view another process needed.
             if not (had_shards and self._synced_as_now()):
                 self._sync_views()
-            if path is not None and len(listing.small()) + 1 >= COMPACT_AT:
-                with suppress(StoreFull):  # the rows are written; the next write compacts
+            merge_due = path is not None and len(listing.small()) + 1 >= COMPACT_AT
+            if merge_due and not self.background:
+                with suppress(StoreFull):  # the rows are written; the next write merges
                     self._compact(table, full=False)
+        if merge_due and self.background:
+            self._merge_soon(table)
         return WriteResult(table, path, new.num_rows, data.num_rows - new.num_rows)
+
+    def settle(self) -> None:
+        """Wait until this Store's background merges are done."""
+        while True:
+            with self._merger_mutex:
+                merger = self._merger
+            if merger is None or not merger.is_alive():
+                return
+            merger.join()
 
     def existing_keys(self, table: str, keys: Iterable[str]) -> set[str]:
         """Which of `keys` are stored in `table`, in any run. Reads the shards, not the db."""
@@ -227,6 +250,7 @@ class Store:
         tables = [table] if table is not None else list(TABLES)
         for name in tables:
             table_spec(name)
+        self.settle()
         with self._lock():
             return [self._compact(name, full=True) for name in tables]
 
@@ -413,6 +437,63 @@ class Store:
         index.refresh(listing.shards)
         return index
 
+    def _merge_soon(self, table: str) -> None:
+        """Have the background thread merge `table`'s shards by levels."""
+        with self._merger_mutex:
+            if table in self._cannot_swap:
+                return
+            self._to_merge.add(table)
+            if self._merger is None or not self._merger.is_alive():
+                # Not a daemon: an exiting interpreter finishes the merge rather than drop it.
+                self._merger = threading.Thread(target=self._merge_backlog, name="rlaif-merge")
+                self._merger.start()
+
+    def _merge_backlog(self) -> None:
+        while True:
+            with self._merger_mutex:
+                if not self._to_merge:
+                    self._merger = None
+                    return
+                table = self._to_merge.pop()
+            try:
+                self._merge_levels(table)
+            except ExchangeUnsupported:
+                with self._merger_mutex:
+                    self._cannot_swap.add(table)
+            except Exception as e:  # the rows are stored; the next write tries again
+                _log.warning("Merging the %s shards under %s stopped: %s", table, self.root, e)
+
+    def _merge_levels(self, table: str) -> None:
+        """Merge by levels (see `Listing.next_merge`), each merge built outside the write
+        lock and swapped in under it, unless another process merged a source meanwhile."""
+        folder = self._table_dir(table)
+        while True:
+            with self._lock():
+                step = self._listed(table).next_merge(False, COMPACT_AT, FANOUT)
+                if step is None:
+                    return
+                staging = Staging(folder)
+            try:
+                sources, merged_level = step
+                with self._index_mutex:
+                    in_memory = {p: self._recent[p] for p in sources if p in self._recent}
+                name = staging.merge(sources, merged_level, in_memory)
+                with self._lock():
+                    if all(os.path.exists(p) for p in sources):
+                        staging.swap(sources)
+                        self._merged(table, sources, folder / name)
+            finally:
+                staging.close()
+
+    def _merged(self, table: str, sources: list[str], merged: Path) -> None:
+        """This process merged `sources` into `merged`: its index and memory follow."""
+        with self._index_mutex:
+            for source in sources:
+                self._recent_bytes -= self._recent.pop(source, pa.table({})).nbytes
+            index = self._indexes.get(table)
+            if index is not None:
+                index.replace(sources, merged)
+
     def _compact(self, table: str, full: bool) -> CompactResult:
         """Merge shards while `Listing.next_merge` finds some to merge: all of them into one
         when `full`, else by levels (small ones, then FANOUT of a level). Call with `.lock`
@@ -434,12 +515,7 @@ class Store:
                     raise
                 raise StoreFull(folder, f"a compacted {table} shard", "nothing changed") from e
             merges += 1
-            for source in sources:
-                self._recent_bytes -= self._recent.pop(source, pa.table({})).nbytes
-            with self._index_mutex:
-                index = self._indexes.get(table)
-                if index is not None:
-                    index.replace(sources, merged)
+            self._merged(table, sources, merged)
             listing = list_table(folder)
             if full:
                 break
@@ -451,8 +527,11 @@ class Store:
             "union_by_name = true)"
         )
 
-    def _drop_stored(self, table: str, data: pa.Table, stored: set[str]) -> pa.Table:
-        """Rows of `data` whose key is neither in `stored` nor seen earlier in `data`."""
+    def _drop_stored(
+        self, table: str, data: pa.Table, stored: set[str]
+    ) -> tuple[pa.Table, list[str]]:
+        """Rows of `data` whose key is neither in `stored` nor seen earlier in `data`, and
+        their keys."""
         keys = data.column(table_spec(table).key).to_pylist()
         seen: set[str] = set()
         keep = []
@@ -461,11 +540,17 @@ class Store:
                 seen.add(key)
                 keep.append(i)
         if len(keep) == len(keys):
-            return data
-        return data.take(pa.array(keep, pa.int64()))
+            return data, keys
+        return data.take(pa.array(keep, pa.int64())), [keys[i] for i in keep]
 
     def _write_shard(self, table: str, data: pa.Table) -> Path:
-        """Write `data` as a new shard via temp file + fsync + rename: never seen half-written."""
+        """Write `data` as a new shard via temp file + fsync + rename: never seen half-written.
+
+        The folder is not fsynced (a third of a small write's cost): the shard's bytes are on
+        disk before its name appears, so it is never torn, and the rename is made durable by
+        the next fsync on the file system (the next write's; ext4 commits its journal as one)
+        or within seconds anyway. A power cut can thus drop the last writes, whole, which a
+        rerun recomputes; kill -9 drops nothing. Compaction, which deletes shards, syncs."""
         folder = self._table_dir(table)
         path = folder / f"part-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{path.name}.tmp"  # must not match the views' *.parquet glob
@@ -473,7 +558,6 @@ class Store:
             folder.mkdir(parents=True, exist_ok=True)
             write_durably(data, tmp)
             os.replace(tmp, path)
-            fsync_dir(folder)
         except OSError as e:
             if not _is_no_space(e):
                 raise

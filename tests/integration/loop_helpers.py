@@ -99,4 +99,4 @@ def run_until(
 
 
 def shards(store: Store, table: str) -> list[Path]:
-    return sorted((store.root / "parquet" / table).glob("run_id=*/*.parquet"))
+    return sorted((store.root / "parquet" / table).glob("*.parquet"))

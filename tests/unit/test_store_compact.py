@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,7 +78,7 @@ def test_compact_keeps_rows_keys_runs_and_answers(tmp_path: Path) -> None:
 def test_write_merges_small_shards_then_levels(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(store_module, "COMPACT_AT", 6)
     monkeypatch.setattr(store_module, "FANOUT", 2)
-    store = Store(tmp_path)
+    store = Store(tmp_path, background=False)  # each merge inside the write that is due
     fill(store, range(5))
     assert [level(p) for p in shards(store)] == [0] * 5  # below the threshold: untouched
     fill(store, range(5, 20))
@@ -93,9 +94,31 @@ def test_shards_of_many_runs_merge_into_one(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(store_module, "COMPACT_AT", 6)
     store = Store(tmp_path)
     fill(store, range(6), runs=6)  # six runs, one shard each
+    store.settle()  # the sixth write started a merge in the background
     assert [level(p) for p in shards(store)] == [1]
     check_once(store, range(6), runs=6)
     assert store.query("SELECT count(DISTINCT run_id) AS n FROM prompts") == [{"n": 6}]
+
+
+def test_background_merges_keep_every_row_once_while_writes_go_on(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Merges run on another thread and swap in under the write lock: whatever order they
+    and the writes take, every row is stored once, and once settled no level is due."""
+    monkeypatch.setattr(store_module, "COMPACT_AT", 4)
+    monkeypatch.setattr(store_module, "FANOUT", 2)
+    store, other = Store(tmp_path), Store(tmp_path)  # two writers, each merging
+    for b in range(60):
+        (store if b % 3 else other).write("prompts", batch(b), f"run{b % 3}")
+        if b % 7 == 0:
+            check_once(Store(tmp_path), range(b + 1))
+    store.settle()
+    other.settle()
+    check_once(store, range(60))
+    levels = Counter(level(p) for p in shards(store))
+    assert levels[0] < 4 and all(n < 2 for k, n in levels.items() if k > 0), levels
+    assert not strays(store)
+    assert store.write("prompts", batch(3), "run0").written == 0
 
 
 def test_a_store_of_the_run_folder_layout_is_moved_up(tmp_path: Path) -> None:
@@ -169,6 +192,7 @@ def test_kill_9_mid_compaction_loses_and_duplicates_nothing(tmp_path: Path) -> N
     written, killed, mid = 0, 0, 0
     for _ in range(8):
         fill(store, range(written, written + 24), rows=40, width=200)
+        store.settle()
         written += 24
         child = subprocess.Popen(
             [sys.executable, "-c", COMPACTOR, str(tmp_path)],
@@ -185,6 +209,7 @@ def test_kill_9_mid_compaction_loses_and_duplicates_nothing(tmp_path: Path) -> N
     print({"killed": killed, "mid_compaction": mid})
     assert killed >= 4 and mid >= 1, (killed, mid)
     store.write("prompts", batch(10_000), "run0")  # the next write clears what was left
+    store.settle()
     assert not strays(store)
     Store(tmp_path).compact("prompts")
     got = store.query("SELECT count(*) AS n, count(DISTINCT prompt_id) AS k FROM prompts")

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from flows.cli import user_errors
 from storage import Store, StoreError, StoreFull, sql
 from storage import store as store_module
+from storage.shards import STAGING_PREFIX, Staging
 from storage.store import TMP_GLOB, _is_lock_conflict
 from tests.unit.test_store import RUN, SAMPLES
 
@@ -98,14 +99,21 @@ def test_next_write_removes_only_this_tables_temp_files(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     store.write("prompts", [SAMPLES["prompts"]], RUN)
     store.write("evals", [SAMPLES["evals"]], RUN)
-    stale = store.root / "parquet" / "prompts" / "run_id=old" / ".part-dead.parquet.tmp"
-    other = store.root / "parquet" / "evals" / f"run_id={RUN}" / ".part-dead.parquet.tmp"
+    parquet = store.root / "parquet"
+    stale = parquet / "prompts" / ".part-dead.parquet.tmp"
+    other = parquet / "evals" / ".part-dead.parquet.tmp"
     for path in (stale, other):
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PAR1 half a shard")
+    dead = parquet / f"{STAGING_PREFIX}prompts-dead"  # a killed merge's staging folder
+    dead.mkdir()
+    (dead / "part-x-L1.parquet").write_bytes(b"PAR1")
+    live = Staging(parquet / "prompts")  # a merge going on (in another thread or process)
     store.write("prompts", [SAMPLES["prompts"]], RUN)  # skipped, but still cleans up
     assert not stale.exists() and other.exists()
+    assert not dead.exists() and live.path.is_dir()
     assert store.count("prompts") == 1
+    live.close()
+    assert not live.path.exists()
 
 
 # --- full disk -------------------------------------------------------------------------
