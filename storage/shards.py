@@ -57,8 +57,8 @@ TMP_SUFFIX = ".parquet.tmp"  # a shard being written; never matches the views' g
 # write() and its merges favour speed: LZ4 writes 100 rows 2x faster than zstd and reads
 # back 5-10x faster; a full compaction (by hand) favours size: zstd files are 1.5-2.5x smaller.
 FAST_CODEC, SMALL_CODEC = "lz4", "zstd"
-ROW_GROUP_ROWS = 65_536  # the most rows per row group of a merged shard
-STREAM_ROWS = 4_096  # a merge copies a piece this big as its own row group
+ROW_GROUP_ROWS = 65_536  # rows per row group of a merged shard
+ROW_GROUP_BYTES = 64 << 20  # ... or fewer, when they hold this much (long texts)
 _LEVEL = re.compile(r"-L(\d+)\.parquet$")
 _OLD_COMPACTED = "-compacted.parquet"  # a merged shard of the run-folder layout
 _AT_FDCWD = -100
@@ -286,30 +286,24 @@ def _keep(folder: Path, staging: Path, skip: set[Path]) -> None:
 def _merge(
     sources: list[str], target: Path, in_memory: Mapping[str, pa.Table], compression: str
 ) -> None:
-    """Stream `sources` into one Parquet file. Pieces of ROW_GROUP_ROWS or more (the row
-    groups of merged shards) are copied one at a time, so memory stays at one row group;
-    smaller ones (shards of a few writes) are gathered into row groups. Shards of older
-    schemas get null columns."""
+    """Stream `sources` into one Parquet file of row groups of about ROW_GROUP_ROWS rows
+    (DuckDB scans 1M pairs in row groups of 6,400 rows 2.4x slower than in 65,536), holding
+    about one row group in memory. Shards of older schemas get null columns."""
     schemas = [in_memory[p].schema if p in in_memory else pq.read_schema(p) for p in sources]
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     with open(target, "wb") as fh:
         with pq.ParquetWriter(fh, schema, compression=compression) as writer:
-            small: list[pa.Table] = []
-            gathered = 0
+            gathered: list[pa.Table] = []
+            rows = size = 0
             for piece in _pieces(sources, in_memory):
-                piece = _conform(piece, schema)
-                if piece.num_rows >= STREAM_ROWS:
-                    writer.write_table(piece, ROW_GROUP_ROWS)
+                gathered.append(_conform(piece, schema))
+                rows, size = rows + piece.num_rows, size + piece.nbytes
+                if rows >= ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
+                    writer.write_table(pa.concat_tables(gathered), rows)
                     _sync_some(fh)
-                    continue
-                small.append(piece)
-                gathered += piece.num_rows
-                if gathered >= ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(small), ROW_GROUP_ROWS)
-                    _sync_some(fh)
-                    small, gathered = [], 0
-            if small:
-                writer.write_table(pa.concat_tables(small), ROW_GROUP_ROWS)
+                    gathered, rows, size = [], 0, 0
+            if gathered:
+                writer.write_table(pa.concat_tables(gathered), rows)
         fh.flush()
         os.fsync(fh.fileno())
 
