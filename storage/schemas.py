@@ -189,17 +189,24 @@ def to_arrow(table: str, rows: Sequence[Mapping[str, Any]], run_id: str) -> pa.T
     Raises SchemaMismatch naming the table, column and problem.
     """
     schema = table_spec(table).schema
-    _reject_unknown_columns(table, schema, rows)
-    inferred = _inferred(rows)
+    alike = _alike(rows)
+    _reject_unknown_columns(table, schema, rows[:1] if alike else rows)
+    inferred = _inferred(rows) if alike else None
     columns = {f.name: _column(table, f, rows, run_id, inferred) for f in schema}
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def _alike(rows: Sequence[Mapping]) -> bool:
+    """Whether every row is a dict with the first row's columns."""
+    if not rows or type(rows[0]) is not dict:
+        return False
+    first = rows[0].keys()
+    return all(type(row) is dict and row.keys() == first for row in rows)
+
+
 def _inferred(rows: Sequence[Mapping]) -> pa.Table | None:
-    """The rows as Arrow infers them (fast, in C++), when every row has the same columns;
-    a column whose inferred type is the schema's needs no value-by-value check."""
-    if not rows or any(row.keys() != rows[0].keys() for row in rows):
-        return None
+    """The rows as Arrow infers them (fast, in C++), given rows with the same columns; a
+    column whose inferred type is the schema's needs no value-by-value check."""
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):

@@ -340,9 +340,13 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def write_durably(table: pa.Table, path: Path) -> None:
-    """Write a shard of level 0 and make it durable (not its name: fsync its folder)."""
+    """Write a shard of level 0 and make it durable (not its name: fsync its folder).
+    No dictionaries or statistics: they do not pay in a shard that is merged soon, and
+    the merge writes both."""
     with open(path, "wb") as fh:
-        pq.write_table(table, fh, compression=FAST_CODEC)
+        pq.write_table(
+            table, fh, compression=FAST_CODEC, use_dictionary=False, write_statistics=False
+        )
         fh.flush()
         os.fsync(fh.fileno())
 
