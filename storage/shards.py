@@ -59,6 +59,7 @@ TMP_SUFFIX = ".parquet.tmp"  # a shard being written; never matches the views' g
 FAST_CODEC, SMALL_CODEC = "lz4", "zstd"
 ROW_GROUP_ROWS = 65_536  # rows per row group of a merged shard
 ROW_GROUP_BYTES = 64 << 20  # ... or fewer, when they hold this much (long texts)
+PLAIN_ROWS = 4_096  # a write()'s shard smaller than this has no dictionaries or statistics
 _LEVEL = re.compile(r"-L(\d+)\.parquet$")
 _OLD_COMPACTED = "-compacted.parquet"  # a merged shard of the run-folder layout
 _AT_FDCWD = -100
@@ -341,11 +342,13 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def write_durably(table: pa.Table, path: Path) -> None:
     """Write a shard of level 0 and make it durable (not its name: fsync its folder).
-    No dictionaries or statistics: they do not pay in a shard that is merged soon, and
-    the merge writes both."""
+    A small one without dictionaries or statistics: they do not pay in a shard that is
+    merged soon (the merge writes both), while a large one may stay as it is for long, and
+    without them DuckDB filters its strings several times slower."""
+    small = table.num_rows < PLAIN_ROWS
     with open(path, "wb") as fh:
         pq.write_table(
-            table, fh, compression=FAST_CODEC, use_dictionary=False, write_statistics=False
+            table, fh, compression=FAST_CODEC, use_dictionary=not small, write_statistics=not small
         )
         fh.flush()
         os.fsync(fh.fileno())
