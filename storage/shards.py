@@ -20,9 +20,11 @@ atomic step (renameat2 RENAME_EXCHANGE):
    old folder and opens a merged-away shard after the swap fails, and is run again;
 3. delete the staging folder, which now holds the old shards.
 
-A kill -9 before step 2 leaves only an orphan staging folder, after it only the old shards
-in one; either is deleted by the next write or compaction (all of them hold the write lock,
-so any staging folder found then is an orphan).
+Step 1 may run without the write lock (write() has its merges built on a background thread);
+step 2 takes it and first checks that every source is still there. A merge in progress
+holds an flock on its staging folder. A kill -9 before step 2 leaves only an orphan staging
+folder, after it only the old shards in one; either is deleted by the next write or
+compaction, which deletes the staging folders no one holds.
 
 Levels keep the cost of a write flat: write() merges the small shards into one of level 1
 once there are COMPACT_AT of them, and FANOUT shards of a level into one of the next

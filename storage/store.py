@@ -232,7 +232,7 @@ class Store:
                 with self._index_mutex:
                     stored = self._index(table, list_table(self._table_dir(table))).keys
                     return {k for k in wanted if k in stored}
-            except FileNotFoundError:  # a compaction swapped a partition while we read it
+            except FileNotFoundError:  # a merge swapped the folder while we read it
                 if attempt == READ_RETRIES - 1:
                     raise
             except (OSError, pa.ArrowException) as e:
