@@ -48,7 +48,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,16 +92,9 @@ class Listing:
         """Shards written by write() and not compacted yet."""
         return [p for p in self.shards if self.levels[p] == 0]
 
-    def next_merge(self, full: bool, compact_at: int, fanout: int) -> tuple[list[str], int] | None:
-        """The shards to merge next and the merged shard's level, or None.
-
-        `full`: every shard into one. Otherwise the small shards once there are
-        `compact_at`, then the shards of the lowest level that has `fanout` of them.
-        """
-        if full:
-            if len(self.shards) < 2:
-                return None
-            return self.shards, max(self.levels.values()) + 1
+    def next_merge(self, compact_at: int, fanout: int) -> tuple[list[str], int] | None:
+        """The shards to merge next and the merged shard's level, or None: the small shards
+        once there are `compact_at`, then the shards of the lowest level with `fanout`."""
         small = self.small()
         if len(small) >= compact_at:
             return small, 1
@@ -114,7 +106,8 @@ class Listing:
 
 
 def list_table(folder: Path) -> Listing:
-    """Shards, orphans and old-layout folders of the table stored in `folder`."""
+    """Shards, orphans and old-layout folders of the table stored in `folder` (one scandir;
+    the staging folders beside it are `remove_orphans`' to find)."""
     levels: dict[str, int] = {}
     orphans: list[Path] = []
     legacy: list[Path] = []
@@ -130,16 +123,17 @@ def list_table(folder: Path) -> Listing:
             orphans.append(Path(entry.path))
         elif name.startswith(LEGACY_PREFIX) and entry.is_dir():
             legacy.append(Path(entry.path))
-    staging = f"{STAGING_PREFIX}{folder.name}-"
-    with suppress(FileNotFoundError):
-        orphans += [Path(e.path) for e in os.scandir(folder.parent) if e.name.startswith(staging)]
     return Listing(sorted(levels), levels, orphans, sorted(legacy))
 
 
-def remove_orphans(listing: Listing) -> None:
-    """Delete what killed writers and compactions left: temp files, and staging folders no
-    live `Staging` holds. Call with the write lock held."""
-    for path in listing.orphans:
+def remove_orphans(folder: Path, listing: Listing) -> None:
+    """Delete what killed writers and merges of the table in `folder` left: temp files, and
+    staging folders no live `Staging` holds. Call with the write lock held."""
+    staging = f"{STAGING_PREFIX}{folder.name}-"
+    beside: list[Path] = []
+    with suppress(FileNotFoundError):
+        beside = [Path(e.path) for e in os.scandir(folder.parent) if e.name.startswith(staging)]
+    for path in [*listing.orphans, *beside]:
         if not path.is_dir():
             path.unlink(missing_ok=True)
             continue
@@ -303,20 +297,11 @@ def _merge(
                 rows, size = rows + piece.num_rows, size + piece.nbytes
                 if rows >= ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
                     writer.write_table(pa.concat_tables(gathered), rows)
-                    _sync_some(fh)
                     gathered, rows, size = [], 0, 0
             if gathered:
                 writer.write_table(pa.concat_tables(gathered), rows)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _sync_some(fh: BinaryIO) -> None:
-    """Make what a merge wrote so far durable: a writer's fsync (ext4 data=ordered) flushes
-    every dirty page of the journal's transaction, so a merge that syncs once at the end
-    stalls the writes that sync meanwhile by the whole file."""
-    fh.flush()
-    os.fdatasync(fh.fileno())
 
 
 def _pieces(sources: list[str], in_memory: Mapping[str, pa.Table]) -> Iterator[pa.Table]:

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +58,6 @@ from storage.errors import (
 )
 from storage.schemas import DERIVED_VIEWS, TABLES, shard_view, table_spec, to_arrow
 from storage.shards import (
-    FAST_CODEC,
     SMALL_CODEC,
     ExchangeUnsupported,
     KeyIndex,
@@ -203,12 +202,11 @@ class Store:
             # this store last synced it may lack a view another process needed.
             if not (had_shards and self._synced_as_now()):
                 self._sync_views()
-            merge_due = path is not None and len(listing.small()) + 1 >= COMPACT_AT
-            if merge_due and not self.background:
-                with suppress(StoreFull):  # the rows are written; the next write merges
-                    self._compact(table, full=False)
-        if merge_due and self.background:
-            self._merge_soon(table)
+        if path is not None and len(listing.small()) + 1 >= COMPACT_AT:
+            if self.background:
+                self._merge_soon(table)
+            else:
+                self._merge_quietly(table)
         return WriteResult(table, path, new.num_rows, data.num_rows - new.num_rows)
 
     def settle(self) -> None:
@@ -252,7 +250,7 @@ class Store:
             table_spec(name)
         self.settle()
         with self._lock():
-            return [self._compact(name, full=True) for name in tables]
+            return [self._compact(name) for name in tables]
 
     def query(
         self, sql: str, params: Sequence[Any] | None = None, *, allow_external: bool = False
@@ -401,7 +399,7 @@ class Store:
         layout up. Call with `.lock` held."""
         folder = self._table_dir(table)
         listing = list_table(folder)
-        remove_orphans(listing)
+        remove_orphans(folder, listing)
         if listing.legacy:
             try:
                 migrate(folder, listing)
@@ -455,13 +453,18 @@ class Store:
                     self._merger = None
                     return
                 table = self._to_merge.pop()
-            try:
-                self._merge_levels(table)
-            except ExchangeUnsupported:
-                with self._merger_mutex:
-                    self._cannot_swap.add(table)
-            except Exception as e:  # the rows are stored; the next write tries again
-                _log.warning("Merging the %s shards under %s stopped: %s", table, self.root, e)
+            self._merge_quietly(table)
+
+    def _merge_quietly(self, table: str) -> None:
+        """`_merge_levels`; a failure is logged, as the rows are stored already and the
+        next write that finds a merge due tries again."""
+        try:
+            self._merge_levels(table)
+        except ExchangeUnsupported:
+            with self._merger_mutex:
+                self._cannot_swap.add(table)
+        except Exception as e:
+            _log.warning("Merging the %s shards under %s stopped: %s", table, self.root, e)
 
     def _merge_levels(self, table: str) -> None:
         """Merge by levels (see `Listing.next_merge`), each merge built outside the write
@@ -469,7 +472,7 @@ class Store:
         folder = self._table_dir(table)
         while True:
             with self._lock():
-                step = self._listed(table).next_merge(False, COMPACT_AT, FANOUT)
+                step = self._listed(table).next_merge(COMPACT_AT, FANOUT)
                 if step is None:
                     return
                 staging = Staging(folder)
@@ -494,32 +497,24 @@ class Store:
             if index is not None:
                 index.replace(sources, merged)
 
-    def _compact(self, table: str, full: bool) -> CompactResult:
-        """Merge shards while `Listing.next_merge` finds some to merge: all of them into one
-        when `full`, else by levels (small ones, then FANOUT of a level). Call with `.lock`
-        held."""
+    def _compact(self, table: str) -> CompactResult:
+        """Merge all of the table's shards into one, in zstd. Call with `.lock` held."""
         folder = self._table_dir(table)
         listing = self._listed(table)
-        before, merges = len(listing.shards), 0
-        while (step := listing.next_merge(full, COMPACT_AT, FANOUT)) is not None:
-            sources, merged_level = step
-            try:
-                codec = SMALL_CODEC if full else FAST_CODEC
-                merged = compact(folder, sources, merged_level, self._recent, codec)
-            except ExchangeUnsupported as e:
-                if not full:
-                    break
-                raise _no_exchange(table, self.root, e) from e
-            except OSError as e:
-                if not _is_no_space(e):
-                    raise
-                raise StoreFull(folder, f"a compacted {table} shard", "nothing changed") from e
-            merges += 1
-            self._merged(table, sources, merged)
-            listing = list_table(folder)
-            if full:
-                break
-        return CompactResult(table, merges, before, len(listing.shards))
+        shards = listing.shards
+        if len(shards) < 2:
+            return CompactResult(table, 0, len(shards), len(shards))
+        merged_level = max(listing.levels.values()) + 1
+        try:
+            merged = compact(folder, shards, merged_level, self._recent, SMALL_CODEC)
+        except ExchangeUnsupported as e:
+            raise _no_exchange(table, self.root, e) from e
+        except OSError as e:
+            if not _is_no_space(e):
+                raise
+            raise StoreFull(folder, f"a compacted {table} shard", "nothing changed") from e
+        self._merged(table, shards, merged)
+        return CompactResult(table, 1, len(shards), len(list_table(folder).shards))
 
     def _scan(self, table: str) -> str:
         return (
