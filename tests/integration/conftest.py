@@ -38,6 +38,15 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bf16_model(tiny_model: Path, tmp_path_factory) -> Path:
+    """The tiny model as a GPU user's checkpoint: bfloat16 weights, a generation config
+    with repetition_penalty 1.3 and two end tokens (tests/precision_models.py)."""
+    from tests.precision_models import bf16_checkpoint
+
+    return bf16_checkpoint(tiny_model, tmp_path_factory.mktemp("bf16") / "model")
+
+
+@pytest.fixture(scope="session")
 def policy_config() -> ModelConfig:
     """The engine settings every integration test uses, so they share one engine."""
     return ModelConfig(model="tiny", kv_cache_gib=0.5, max_model_len=1024)

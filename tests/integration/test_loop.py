@@ -10,7 +10,13 @@ import pytest
 from alignment import backends
 from flows.loop import current_incumbent, load_loop_config, self_improve
 from storage import Store
-from tests.integration.loop_helpers import run_until, shards, snapshot, write_loop_config
+from tests.integration.loop_helpers import (
+    assert_same_run,
+    run_until,
+    shards,
+    snapshot,
+    write_loop_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,4 +192,4 @@ def test_kill_9_during_sampling_judging_and_training_then_resume_equals_a_clean_
     assert shards(store, "preference_pairs") and not shards(store, "models")  # while training
 
     self_improve(config_path=str(config_path))  # the next run resumes the session
-    assert snapshot(store) == clean
+    assert_same_run(snapshot(store), clean)

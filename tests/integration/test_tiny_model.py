@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -19,8 +18,14 @@ PRINCIPLES = [
 PROMPTS = ["How do I boil an egg?", "What is a prime number?", "Plan a day in Rome."]
 
 
-def _digest(folder) -> str:
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+def _weights_close(first, second) -> bool:
+    """Equal up to float rounding: a build's reductions may round differently on another
+    CPU (AVX-512 vs AVX2) or thread count, so bitwise equality is not a promise."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
 
 
 def test_same_seed_same_model(tmp_path):
@@ -30,13 +35,13 @@ def test_same_seed_same_model(tmp_path):
     first = build_tiny_model(chats, config, cache_dir=tmp_path / "a")
     second = build_tiny_model(chats, config, cache_dir=tmp_path / "b")
     assert first.name == second.name  # the folder name is a hash of corpus and config
-    assert _digest(first) == _digest(second)
+    assert _weights_close(first, second)
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
     assert build_tiny_model(chats, config, cache_dir=tmp_path / "a") == first  # cached
     other = build_tiny_model(
         chats, TinyModelConfig(**{**config.__dict__, "seed": 1}), cache_dir=tmp_path / "a"
     )
-    assert other != first and _digest(other) != _digest(first)
+    assert other != first and not _weights_close(other, first)
 
 
 def test_embedded_model_loads_in_transformers_with_chat_template(tiny_model):

@@ -220,7 +220,7 @@ def test_token_kl_matches_the_closed_form_with_the_temperature_on_both_sides():
     assert token_kl(cand, base, 0.5).item() == pytest.approx(both, rel=1e-12)
     assert abs(both - one_side) > 0.1  # a temperature on one side only would be caught
     assert token_kl(cand, base, 0.0).item() == pytest.approx(closed_form_kl(c, b), rel=1e-12)
-    assert token_kl(cand, cand, 0.7).item() == 0.0
+    assert token_kl(cand, cand, 0.7).item() == pytest.approx(0, abs=1e-12)
 
 
 def test_token_kl_is_non_negative_and_zero_only_for_equal_distributions():
@@ -295,7 +295,8 @@ def test_sequence_kl_of_random_llamas_is_positive_zero_for_itself_and_batch_free
     prompts, responses, stopped = ["ab", "a", "dcba"], ["ca", "bbbdacd", "d"], [True, False, True]
     args = (CharTokenizer(), prompts, responses, stopped, 0.7)
     assert all(kl > 0 for kl, _ in sequence_kls(one, two, *args))
-    assert all(kl == 0 for kl, _ in sequence_kls(one, one, *args))
+    # Two forward passes of one model: 0 up to float rounding (exact on some CPUs only).
+    assert all(kl == pytest.approx(0, abs=1e-6) for kl, _ in sequence_kls(one, one, *args))
     # Right padding with a mask: a response's KL does not depend on its batch.
     batched = [kl for kl, _ in sequence_kls(one, two, *args, batch_size=3)]
     alone = [kl for kl, _ in sequence_kls(one, two, *args, batch_size=1)]
