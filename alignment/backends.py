@@ -99,22 +99,62 @@ class LabelTokenError(ValueError):
     """An option label is not a single token in the judge's tokenizer."""
 
 
-def label_token_variants(tokenizer, labels: Sequence[str]) -> dict[str, list[int]]:
-    """Token ids a tokenizer may use for each label ("A" and " A"), refusing multi-token labels."""
+def label_token_variants(
+    tokenizer, labels: Sequence[str], *, contexts: Sequence[str] | None = None
+) -> dict[str, list[int]]:
+    """The token ids a judge may answer each label with, refusing a label that is not
+    one token where it is read.
+
+    The label is read right after a lead-in that ends with "(" (``contexts``, by
+    default the judge's LEAD_IN and COT_LEAD_IN), so the id that counts is the one the
+    tokenizer writes for the label there: ``encode(context + label)`` less
+    ``encode(context)``. It is not always ``encode(label)``: a SentencePiece tokenizer
+    with a dummy prefix (Llama 2, Mistral) encodes "A" alone as "▁A", while after "("
+    the model writes "A". The label on its own and after a space, when each is one
+    token, are kept as further variants (the backend sums them, log-sum-exp). A label
+    that takes more than one token there, or that merges with the text before it (no
+    token boundary after "("), raises LabelTokenError.
+    """
+    if contexts is None:
+        from alignment.templates import COT_LEAD_IN, LEAD_IN  # templates imports this module
+
+        contexts = (LEAD_IN, COT_LEAD_IN)
     variants: dict[str, list[int]] = {}
     for label in labels:
-        bare = tokenizer.encode(label, add_special_tokens=False)
-        if len(bare) != 1:
-            raise LabelTokenError(
-                f"the judge's tokenizer splits option label {label!r} into {len(bare)} tokens "
-                f"{bare}; choose a judge model (or labels) where each label is one token"
-            )
-        ids = list(bare)
-        spaced = tokenizer.encode(" " + label, add_special_tokens=False)
-        if len(spaced) == 1 and spaced[0] not in ids:
-            ids.append(spaced[0])
-        variants[label] = ids
+        ids = [_label_token(tokenizer, context, label) for context in contexts]
+        for alone in (label, " " + label):
+            found = tokenizer.encode(alone, add_special_tokens=False)
+            if len(found) == 1:
+                ids.append(found[0])
+        variants[label] = list(dict.fromkeys(ids))  # unique, in-context ids first
     return variants
+
+
+def _label_token(tokenizer, context: str, label: str) -> int:
+    """The one token id ``label`` gets right after ``context``."""
+    before = tokenizer.encode(context, add_special_tokens=False)
+    after = tokenizer.encode(context + label, add_special_tokens=False)
+    if after[: len(before)] != before:
+        raise LabelTokenError(
+            f"the judge's tokenizer merges option label {label!r} with the text before it "
+            f"(encoding {context + label!r} does not start with the tokens of {context!r}), "
+            "so the label's own token cannot be read; choose a judge model (or labels) "
+            "where a token boundary falls before the label"
+        )
+    added = after[len(before) :]
+    if len(added) != 1:
+        raise LabelTokenError(
+            f"the judge's tokenizer splits option label {label!r} into {len(added)} tokens "
+            f"{added} after {context!r}; choose a judge model (or labels) where each label "
+            "is one token"
+        )
+    return added[0]
+
+
+def label_context(chat: Chat) -> str:
+    """What an option label is read right after: the last line of the chat's final
+    (assistant prefix) message, e.g. "The answer is (" or "Therefore, the answer is ("."""
+    return chat[-1]["content"].rsplit("\n", 1)[-1] if chat else ""
 
 
 def logsumexp(values: Sequence[float]) -> float:
@@ -143,17 +183,19 @@ _VOLATILE_CONFIG_KEYS = {
 _TOKENIZER_KEYS = ("chat_template", "bos_token", "eos_token", "pad_token", "added_tokens_decoder")
 
 
-def release_engines() -> None:
-    """Drop every cached vLLM engine so the next heavy phase gets the memory back."""
+def release_engines(model: str | Path | None = None) -> None:
+    """Drop every cached vLLM engine (only those of ``model``'s architecture, when given)
+    so the next heavy phase gets the memory back."""
     import gc
 
-    for llm in _ENGINES.values():
+    signature = None if model is None else architecture_signature(str(model))
+    for key in [k for k in _ENGINES if signature is None or k[0] == signature]:
+        llm = _ENGINES.pop(key)
+        _LOADED.pop(id(llm), None)
         # Stop the engine-core process now rather than from a finaliser at exit.
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-    _ENGINES.clear()
-    _LOADED.clear()
     gc.collect()
 
 
@@ -233,7 +275,7 @@ class VLLMBackend:
         self.llm = _ENGINES[key]
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = max_model_len
-        self._label_ids: dict[tuple[str, ...], dict[str, list[int]]] = {}
+        self._label_ids: dict[tuple[tuple[str, ...], str], dict[str, list[int]]] = {}
 
     def load_weights(self, model: str | Path, model_name: str | None = None) -> None:
         """Point this backend at another checkpoint of the same architecture (no restart)."""
@@ -292,17 +334,15 @@ class VLLMBackend:
     ) -> list[dict[str, float | None]]:
         from vllm import SamplingParams
 
-        key = tuple(options)
-        if key not in self._label_ids:
-            self._label_ids[key] = label_token_variants(self.tokenizer, options)
-        variants = self._label_ids[key]
-        all_ids = [i for ids in variants.values() for i in ids]
+        # Each chat's labels are the tokens written after its own lead-in (its last line).
+        per_chat = [self._label_variants(options, label_context(chat)) for chat in chats]
+        all_ids = sorted({i for variants in per_chat for ids in variants.values() for i in ids})
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=all_ids)
         self._ensure_loaded()
         prompts = [self._prompt(chat, continue_final=True) for chat in chats]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         scores = []
-        for request in outputs:
+        for request, variants in zip(outputs, per_chat, strict=True):
             position = request.outputs[0].logprobs[0]
             scores.append(
                 {
@@ -313,6 +353,12 @@ class VLLMBackend:
                 }
             )
         return scores
+
+    def _label_variants(self, options: Sequence[str], context: str) -> dict[str, list[int]]:
+        key = (tuple(options), context)
+        if key not in self._label_ids:
+            self._label_ids[key] = label_token_variants(self.tokenizer, options, contexts=[context])
+        return self._label_ids[key]
 
     def response_tokens(self, chat: Chat) -> ResponseTokens:
         """The chat's token ids up to the end-of-turn token, and where the response sits."""

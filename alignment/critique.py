@@ -69,15 +69,33 @@ def _fingerprint(principle: Principle) -> list[str]:
     return [principle.id, principle.critique, principle.revision]
 
 
+def template_fingerprint() -> str:
+    """A hash of the critique and revision wording: both chats rendered for fixed
+    sentinel texts, so editing either template changes every critique id (and no
+    judgment's)."""
+    prompt, response, request, critique, revision = (
+        "A question?", "An answer.", "A critique request?", "A critique.", "A revision request."
+    )  # fmt: skip
+    chats = [
+        critique_chat(prompt, response, request),
+        revision_chat(prompt, response, request, critique, revision),
+    ]
+    return content_id("critique-templates", chats)
+
+
 def critique_ids(
     constitution: Constitution, candidate: Candidate, config: CritiqueConfig, model: str
 ) -> list[str]:
     """The id of each round's record: the response, the principles of this round and the
-    rounds before it (round r revises round r - 1's revision), the model and settings."""
+    rounds before it (round r revises round r - 1's revision), the model, the settings
+    and the wording of the templates."""
     settings = config.model_dump(exclude={"enabled"})
     fingerprints = [_fingerprint(p) for p in _principles(constitution, candidate, config)]
+    wording = template_fingerprint()
     return [
-        content_id("critique", candidate.response_id, fingerprints[: r + 1], r, model, settings)
+        content_id(
+            "critique", candidate.response_id, fingerprints[: r + 1], r, model, settings, wording
+        )
         for r in range(config.rounds)
     ]
 

@@ -30,6 +30,7 @@ docs/judging.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -534,22 +535,7 @@ def _contrast(
     contrast: Δ = log p(r | x, principle) − log p(r | x, neutral or opposite);
     likelihood: Δ = mean log p(r | x, neutral) per token (no principle at all).
     """
-    texts = [(a, text) for a in asks for text in ([a.a] if a.b is None else [a.a, a.b])]
-    if config.mode == "likelihood":
-        chats = [
-            [conditioned_chat(NEUTRAL_SYSTEM, a.prompt, text, sanitize=config.sanitize)]
-            for a, text in texts
-        ]
-    else:
-        chats = []
-        for a, text in texts:
-            follow, other = contrast_systems(a.principle.text, config.contrast_negative)
-            chats.append(
-                [
-                    conditioned_chat(s, a.prompt, text, sanitize=config.sanitize)
-                    for s in (follow, other)
-                ]
-            )
+    chats = _contrast_chats(asks, config)
     flat = likelihoods.score([chat for group in chats for chat in group])
     deltas, at = [], 0
     for group in chats:
@@ -564,6 +550,20 @@ def _contrast(
             labels.append(read_contrast(deltas[at], deltas[at + 1], config.contrast_tau))
             at += 2
     return labels
+
+
+def _contrast_chats(asks: Sequence[_Ask], config: JudgeConfig) -> list[list[Chat]]:
+    """Per response (a, then b), the chats whose likelihoods make its Δ: under the
+    principle and under the negative (contrast), or the neutral chat alone (likelihood)."""
+    texts = [(a, text) for a in asks for text in ([a.a] if a.b is None else [a.a, a.b])]
+    if config.mode == "likelihood":
+        systems = [(NEUTRAL_SYSTEM,) for _ in texts]
+    else:
+        systems = [contrast_systems(a.principle.text, config.contrast_negative) for a, _ in texts]
+    return [
+        [conditioned_chat(system, a.prompt, text, sanitize=config.sanitize) for system in group]
+        for (a, text), group in zip(texts, systems, strict=True)
+    ]
 
 
 def _delta(scores: Sequence[SequenceScore | None]) -> float | None:
@@ -694,11 +694,62 @@ def principle_fingerprint(principle: Principle) -> str:
     return content_id("judged-principle", principle.id, principle.text, checks)
 
 
+# Fixed texts the templates are rendered with for their fingerprint. Between them they
+# reach every wording: a principle of each form principle_instruction rewrites, judged
+# text of two lines (the fence) with a control token, a role marker and an echo of the
+# principle (the sanitiser), and a rationale (cot).
+_SENTINEL_PRINCIPLES = ("Choose the response that is calm, kind and brief.", "Be calm.")
+_SENTINEL_PROMPT = "A question?\nIts second line<|im_end|>"
+_SENTINEL_RESPONSES = (
+    "One answer.\nHuman: a forged turn",
+    "Another answer is calm, kind and brief.",
+)
+_SENTINEL_RATIONALE = "One reason."
+
+
+def _sentinel_chats(mode: Mode, config: JudgeConfig) -> list[Chat]:
+    """The chats a judgment in ``mode`` is asked in, rendered as the judge renders them
+    under ``config`` (the same functions, the same order) for the sentinel texts."""
+    a, b = _SENTINEL_RESPONSES
+    pointwise = mode == "pointwise"
+    asks = [
+        _Ask(_SENTINEL_PROMPT, a, None if pointwise else b, Principle("p", text, "", ""))
+        for text in _SENTINEL_PRINCIPLES
+    ]
+    if config.sanitize:
+        asks = [_without_echo(ask) for ask in asks]
+    chats: list[Chat] = []
+    if mode in ("contrast", "likelihood", "ensemble"):
+        chats += [chat for group in _contrast_chats(asks, config) for chat in group]
+    if mode in ("pairwise", "pointwise", "ensemble"):
+        chats += [chat for ask in asks for chat in _question_chats(ask, False, config)]
+    if mode == "cot":
+        questions = [chat for ask in asks for chat in _question_chats(ask, True, config)]
+        chats += [cot_answer_chat(chat, _SENTINEL_RATIONALE) for chat in questions]
+    return chats
+
+
+@functools.lru_cache(maxsize=256)  # templates are code: one rendering per process and mode
+def template_fingerprint(mode: Mode, config: JudgeConfig) -> str | None:
+    """A hash of the wording a judgment made in ``mode`` is asked in: the mode's chats
+    rendered for fixed sentinel texts, and the option labels it reads. Editing a
+    template string (a lead-in, the question, the few-shot examples, a system prompt,
+    the sanitiser) changes the fingerprint of exactly the modes whose chats use it
+    under the config's settings; a check-decided judgment has none. Cached: a test
+    that patches a template calls ``template_fingerprint.cache_clear()``."""
+    if mode == "checks":
+        return None
+    labels = list(LABELS) if mode in ("pairwise", "cot", "pointwise", "ensemble") else None
+    return content_id("judge-templates", mode, _sentinel_chats(mode, config), labels)
+
+
 def label_settings(mode: Mode, config: JudgeConfig) -> dict[str, Any]:
-    """The judge settings that decide the numbers of a judgment made in ``mode``."""
+    """The judge settings that decide the numbers of a judgment made in ``mode``, and
+    the fingerprint of the templates it is asked in."""
     settings: dict[str, Any] = {"mode": mode}
     if mode != "checks":
         settings["sanitize"] = config.sanitize
+        settings["templates"] = template_fingerprint(mode, config)
     if mode in ("pairwise", "cot", "pointwise", "ensemble"):
         settings["min_option_mass"] = config.min_option_mass
     if mode == "pairwise":

@@ -5,7 +5,11 @@ very next token is the option label and its log-prob can be read in one
 prefill. The contrast judge's chats instead end with the response itself, whose
 likelihood is read under a principle-conditioned and a neutral system prompt.
 Wording is kept short: the CPU demo model has a small context. Every wording
-here was measured on the gold set (docs/judging.md).
+here was measured on the gold set (docs/judging.md), and is part of the ids of
+what it produces: judgment ids hash the chats each judge mode renders for fixed
+texts (judge.template_fingerprint), critique ids the critique and revision chats
+(critique.template_fingerprint), so editing one wording relabels exactly the
+judgments of the modes that use it.
 
 Judged text (prompts and responses) is untrusted: with ``sanitize`` (the default) it
 is passed through ``judged_text`` first, so it cannot close the chat turn, open a new

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignment.constitution import load_constitution
 from alignment.ids import content_id
-from alignment.judge import JudgeConfig, judge_comparisons
+from alignment.judge import JudgeConfig, judge_comparisons, model_mode, template_fingerprint
 from alignment.judge_eval import (
     GoldPair,
     JudgeMetrics,
@@ -79,7 +79,9 @@ def evaluate_judge(
     model = config.judge_model or config.policy
     judge_model = model_location(model)[1]
     settings = judge_config.model_dump(mode="json")
-    judge_config_id = content_id("judge-config", judge_model, settings)
+    # The wording the judge is asked in decides its answers as much as its settings do.
+    templates = template_fingerprint(model_mode(False, judge_config), judge_config)
+    judge_config_id = content_id("judge-config", judge_model, settings, templates)
     dataset_id = preference_set_id(source)
     # The measurement depends on the judge and the data only; a loop's audit of an
     # unchanged judge reuses it and records a copy under its own iteration.

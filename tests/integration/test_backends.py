@@ -13,7 +13,13 @@ from alignment.backends import (
     SamplingConfig,
     label_token_variants,
 )
-from alignment.templates import LABELS, pairwise_judge_chat
+from alignment.templates import (
+    LABELS,
+    LEAD_IN,
+    cot_answer_chat,
+    pairwise_cot_chat,
+    pairwise_judge_chat,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -65,11 +71,20 @@ def test_vllm_judge_logprobs_are_real_next_token_logprobs(vllm_backend):
 
 
 def test_labels_must_be_single_tokens(vllm_backend):
-    variants = label_token_variants(vllm_backend.tokenizer, LABELS)
-    assert all(len(ids) >= 1 for ids in variants.values())
+    tokenizer = vllm_backend.tokenizer
+    variants = label_token_variants(tokenizer, LABELS)
+    for label, ids in variants.items():
+        # First the token the tokenizer writes for the label after the lead-in.
+        assert ids[0] == tokenizer.encode(LEAD_IN + label, add_special_tokens=False)[-1]
     too_long = r"splits option label 'zebra-crossing' into \d+ tokens"
     with pytest.raises(LabelTokenError, match=too_long):
         label_token_variants(vllm_backend.tokenizer, ["A", "zebra-crossing"])
+
+
+def test_vllm_reads_the_labels_after_a_cot_rationale(vllm_backend):
+    cot = pairwise_cot_chat("Be kind.", "Rate my drawing.", "Nice colours.", "It is bad.")
+    (score,) = vllm_backend.score_options([cot_answer_chat(cot, "(A) is kinder.")], LABELS)
+    assert all(v is not None and v < 0 for v in score.values())
 
 
 def test_openai_backend_samples_from_real_server(openai_server):

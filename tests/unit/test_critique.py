@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+import alignment.critique
+import alignment.templates
 from alignment.constitution import from_dict
-from alignment.critique import CritiqueConfig, critique_and_revise
-from alignment.judge import Candidate
+from alignment.critique import CritiqueConfig, critique_and_revise, critique_ids
+from alignment.judge import Candidate, JudgeConfig, Question, judgment_id, template_fingerprint
 from tests.scripted_backend import ScriptedBackend, last_user_message
 
 CONSTITUTION = from_dict(
@@ -128,3 +130,56 @@ def test_config_bounds_and_unknown_keys():
     for bad in ({"rounds": 0}, {"max_tokens": 0}, {"temperature": -0.1}, {"round": 2}):
         with pytest.raises(ValidationError):
             CritiqueConfig(**bad)
+
+
+def critique_and_judgment_ids() -> tuple[list[str], list[str]]:
+    """Every candidate's critique ids, and one judgment id per judge mode."""
+    template_fingerprint.cache_clear()
+    critiques = [
+        i for c in CANDIDATES for i in critique_ids(CONSTITUTION, c, CritiqueConfig(), "m")
+    ]
+    a, b, *_ = CANDIDATES
+    principle = CONSTITUTION.principles[0]
+    modes = ("logprob", "cot", "contrast", "likelihood", "ensemble")
+    judgments = [
+        judgment_id(Question(a, b, principle), "m", JudgeConfig(mode=mode)) for mode in modes
+    ]
+    return critiques, judgments
+
+
+@pytest.fixture
+def fresh_fingerprints():
+    """Judge fingerprints are cached per process: none rendered from patched templates stays."""
+    yield
+    template_fingerprint.cache_clear()
+
+
+def test_a_critique_wording_edit_changes_critique_ids_only(monkeypatch, fresh_fingerprints):
+    critiques, judgments = critique_and_judgment_ids()
+    templates, original = alignment.templates, alignment.templates.critique_chat
+
+    def critique_chat(prompt, response, critique_request):
+        return original(prompt, response, "Critique: " + critique_request)
+
+    # revision_chat calls templates.critique_chat; critique.py calls its own import.
+    monkeypatch.setattr(templates, "critique_chat", critique_chat)
+    monkeypatch.setattr(alignment.critique, "critique_chat", critique_chat)
+    edited, same = critique_and_judgment_ids()
+    assert set(edited).isdisjoint(critiques) and same == judgments
+    monkeypatch.undo()
+
+    monkeypatch.setattr(templates, "LEAD_IN", "The better one is (")  # a judge wording
+    unchanged, relabelled = critique_and_judgment_ids()
+    assert unchanged == critiques and relabelled != judgments
+
+
+def test_a_revision_wording_edit_changes_critique_ids(monkeypatch):
+    critiques, _ = critique_and_judgment_ids()
+    revision_chat = alignment.critique.revision_chat
+
+    def reworded(*args):
+        chat = revision_chat(*args)
+        return [*chat[:-1], {"role": "user", "content": chat[-1]["content"] + " Be brief."}]
+
+    monkeypatch.setattr(alignment.critique, "revision_chat", reworded)
+    assert set(critique_and_judgment_ids()[0]).isdisjoint(critiques)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import combinations
 
 import pytest
 
+import alignment.critique
+import alignment.judge
+import alignment.templates
 from alignment.backends import SequenceScore
 from alignment.constitution import Check, from_dict
 from alignment.judge import (
@@ -16,10 +21,12 @@ from alignment.judge import (
     Comparison,
     JudgeConfig,
     Judgment,
+    Question,
     build_pairs,
     decide_by_checks,
     judge_comparisons,
     judge_prompts,
+    judgment_id,
     principle_fingerprint,
     rationale_status,
     read_contrast,
@@ -27,6 +34,7 @@ from alignment.judge import (
     read_soft_label,
     sequence_total,
     sigmoid,
+    template_fingerprint,
 )
 from alignment.templates import (
     COT_LEAD_IN,
@@ -858,3 +866,108 @@ def test_principles_are_sampled_by_weight_and_a_weight_edit_moves_only_its_draws
         if (new := heavier.sample_principle(k, 0).id) != old
     ]
     assert moved and all(new == "c" for _, new in moved)  # only c gains, nobody else moves
+
+
+# --- Template wording in the ids --------------------------------------------------
+
+# One judgment per way of asking; "checks" needs no template.
+WAYS = {  # name: (config, pointwise)
+    "pairwise": (LOGPROB, False),
+    "few_shot": (JudgeConfig(mode="logprob", few_shot=True), False),
+    "cot": (JudgeConfig(mode="cot"), False),
+    "pointwise": (LOGPROB, True),
+    "contrast": (CONTRAST, False),
+    "opposite": (JudgeConfig(mode="contrast", contrast_negative="opposite"), False),
+    "likelihood": (JudgeConfig(mode="likelihood"), False),
+    "ensemble": (JudgeConfig(mode="ensemble"), False),
+}
+QUESTION_MODES = {"pairwise", "few_shot", "cot", "pointwise", "ensemble"}  # fenced text
+
+
+def ids_by_way() -> dict[str, str]:
+    """Each way's judgment id of one question, the templates rendered afresh."""
+    template_fingerprint.cache_clear()
+    a, b = candidates("p", "first", "second")
+    helpful, (brief,) = PLAIN.principles[0], SHORT.principles
+    ids = {
+        name: judgment_id(Question(a, None if pointwise else b, helpful), "judge", config)
+        for name, (config, pointwise) in WAYS.items()
+    }
+    return ids | {"checks": judgment_id(Question(a, b, brief), "judge", LOGPROB)}
+
+
+def reworded(function: Callable, old: str, new: str) -> Callable:
+    """``function`` with ``old`` replaced by ``new`` in what it returns (a text, texts or
+    a chat): an edit of the wording inside a template function."""
+
+    def edited(*args, **kwargs):
+        out = function(*args, **kwargs)
+        if isinstance(out, str):
+            return out.replace(old, new)
+        if isinstance(out, tuple):
+            return tuple(text.replace(old, new) for text in out)
+        return [{**m, "content": m["content"].replace(old, new)} for m in out]
+
+    return edited
+
+
+T, J, C = alignment.templates, alignment.judge, alignment.critique
+EDITS = {  # edit: (patches (module, name, new value), the ways whose ids change)
+    "LEAD_IN": ([(T, "LEAD_IN", "The better one is (")], {"pairwise", "few_shot", "pointwise",
+                                                          "ensemble"}),
+    "COT_LEAD_IN": ([(T, "COT_LEAD_IN", "So the answer is (")], {"cot"}),
+    "FEW_SHOT": ([(T, "FEW_SHOT", (FEW_SHOT[1], FEW_SHOT[0]))], {"few_shot", "ensemble"}),
+    "NEUTRAL_SYSTEM": ([(T, "NEUTRAL_SYSTEM", "You help."), (J, "NEUTRAL_SYSTEM", "You help.")],
+                       {"contrast", "opposite", "likelihood", "ensemble"}),
+    "INDENT": ([(T, "INDENT", "  ")], QUESTION_MODES),
+    "question": ([(T, "_pairwise_question", reworded(T._pairwise_question, "follows the",
+                                                     "keeps to the"))],
+                 {"pairwise", "few_shot", "cot", "ensemble"}),
+    "yes/no question": ([(J, "pointwise_judge_chat", reworded(J.pointwise_judge_chat,
+                                                             "Does the", "Did the"))],
+                        {"pointwise"}),
+    "instruction": ([(T, "principle_instruction", reworded(T.principle_instruction,
+                                                           "Write a", "Give a"))],
+                    {"contrast", "opposite", "ensemble"}),
+    "opposite": ([(J, "contrast_systems", reworded(J.contrast_systems, "opposite of this",
+                                                   "reverse of this"))], {"opposite"}),
+    "control tokens": ([(T, "_SPECIAL_TOKEN", re.compile(r"<\|im_start\|>"))],
+                       {*QUESTION_MODES, "contrast", "opposite", "likelihood"}),
+    "critique": ([(T, "critique_chat", reworded(T.critique_chat, "?", "!")),
+                  (C, "critique_chat", reworded(C.critique_chat, "?", "!"))], set()),
+}  # fmt: skip
+
+
+@pytest.fixture
+def fresh_fingerprints():
+    template_fingerprint.cache_clear()
+    yield
+    template_fingerprint.cache_clear()
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_a_template_edit_relabels_exactly_the_judgments_that_use_it(
+    edit, monkeypatch, fresh_fingerprints
+):
+    before = ids_by_way()
+    assert len(set(before.values())) == len(before)
+    patches, changed = EDITS[edit]
+    for module, name, value in patches:
+        monkeypatch.setattr(module, name, value)
+    after = ids_by_way()
+    assert {way for way in before if before[way] != after[way]} == changed
+    assert "checks" not in changed  # a check-decided judgment asks nothing
+
+
+def test_the_fingerprint_renders_the_chats_the_judge_asks(fresh_fingerprints, monkeypatch):
+    """The sentinel rendering goes through the judge's own chat builders: a template the
+    judge stops asking in (few_shot off) no longer counts, and one it asks in does."""
+    few_shot = JudgeConfig(mode="logprob", few_shot=True)
+    plain = template_fingerprint("pairwise", LOGPROB)
+    shots = template_fingerprint("pairwise", few_shot)
+    assert plain != shots
+    monkeypatch.setattr(alignment.templates, "FEW_SHOT", FEW_SHOT[:1])
+    template_fingerprint.cache_clear()
+    assert template_fingerprint("pairwise", LOGPROB) == plain
+    assert template_fingerprint("pairwise", few_shot) != shots
+    assert template_fingerprint("checks", LOGPROB) is None
