@@ -55,7 +55,7 @@ class Incumbent:
     """The policy that samples an iteration: a registered model, or the starting model."""
 
     model: str  # what training starts from: a model_id, or the config's policy.model
-    name: str  # the name in lineage (model_id, or e.g. tiny-1c6521e8ec56)
+    name: str  # the name in lineage: model_id, or e.g. tiny-1c6521e8ec56, my-model@<12 hex>
     path: str  # the folder vLLM and transformers load
 
 

@@ -1,17 +1,46 @@
-"""Turn a ModelConfig into a backend; build an embedded model (tiny, smollm2) when it is named."""
+"""Turn a ModelConfig into a backend; build an embedded model (tiny, smollm2) when it is named.
+
+A model is known by its content, not by where it lies. The name recorded in lineage,
+and hashed into every response, critique, judgment, run and judge-audit id, is
+``<label>@<12 hex>``: the label is the config's ``name`` (else a folder's own name, or
+the hub id), the hex its identity, which ``model_identity`` says:
+
+- a local folder: a hash of its config, tokenizer and chat template files and of each
+  weight file's name, size and sha256 (sha256s cached by path, size and mtime, so a
+  14 GB checkpoint is read once);
+- a hub id: the commit the local Hugging Face cache resolves ``main`` to, or
+  ``unresolved`` when it has none offline (vLLM will download whatever ``main`` is);
+- an embedded model (tiny, smollm2): its folder is already named by the hash of its
+  recipe, so its name stays the folder's name (e.g. ``tiny-329b297ff38d``);
+- a model the store registered (a trained candidate, named by its model_id, in the
+  folder ``<stage>-<12 hex of that id>`` it was written to once): its model_id, which
+  hashes its base model, data and settings.
+
+Retraining into the same folder, or a new revision of a hub model, therefore makes new
+samples, judgments and audits; moving a folder does not. An openai server's model is
+its name (the run id also hashes its base_url).
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from alignment.backends import Backend, OpenAIBackend, VLLMBackend
 from alignment.constitution import load_constitution
+from alignment.ids import content_id
 from alignment.prompts import load_prompts
 from alignment.smollm2 import build_smollm2
-from alignment.tiny_model import TinyModelConfig, build_tiny_model, corpus_chats
-from flows.config import SMOLLM2, TINY, ModelConfig
+from alignment.tiny_model import TinyModelConfig, build_tiny_model, corpus_chats, default_cache_dir
+from flows.config import HUB_ID, SMOLLM2, TINY, ModelConfig, hub_config_file, weight_files
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The tiny model learns from the shipped text only, so editing your own
@@ -59,12 +88,174 @@ def embedded_model_path(name: str) -> Path | None:
 
 
 def model_location(config: ModelConfig) -> tuple[str, str]:
-    """(what the engine loads, the name recorded in lineage)."""
+    """(what the engine loads, the name recorded in lineage and hashed into ids)."""
+    location, label, identity = _resolve(config)
+    label = config.name or label
+    # A label that already holds the identity (an embedded model's folder name, a
+    # registered model's id, a name made here) is kept as it is.
+    return location, label if identity is None or identity in label else f"{label}@{identity}"
+
+
+def model_identity(config: ModelConfig) -> str | None:
+    """What the lineage name says about the model's content (see the module's notes):
+    12 hex of a folder's content or of a hub commit, ``unresolved``, or None for a model
+    an openai server names."""
+    return _resolve(config)[2]
+
+
+def _resolve(config: ModelConfig) -> tuple[str, str, str | None]:
+    """(what the engine loads, the label it gets without a configured name, identity)."""
+    if config.backend == "openai":
+        return config.model, config.model, None
     path = embedded_model_path(config.model)
-    if path is not None:
-        return str(path), config.name or path.name  # the folder name is a content hash
+    if path is not None:  # the folder name ends with the hash of the model's recipe
+        return str(path), path.name, path.name.rsplit("-", 1)[-1]
     location = Path(config.model).expanduser()
-    return str(location) if location.exists() else config.model, config.name or config.model
+    if location.is_dir() and _registered(location, config.name):
+        return str(location), location.name, location.name.rsplit("-", 1)[-1]
+    if location.is_dir():
+        return str(location), location.resolve().name, folder_identity(location)[:ID_CHARS]
+    if HUB_ID.match(config.model):
+        return config.model, config.model, hub_identity(config.model)
+    return str(location) if location.exists() else config.model, config.model, None
+
+
+ID_CHARS = 12  # of an identity in a lineage name: a folder's 32-hex content id, or a commit
+UNRESOLVED = "unresolved"
+
+
+MODEL_ID = re.compile(r"[0-9a-f]{32}")  # a registered model's id (alignment.ids.content_id)
+
+
+def _registered(folder: Path, name: str | None) -> bool:
+    """Whether ``folder`` is a model the store registered, named by its model_id: the
+    training stage writes each one once, to ``<stage>-<first 12 hex of its id>``, and the
+    id hashes its base model, its data and its settings, so the id is its identity (as
+    an embedded model's recipe hash is). The loop and the evaluation name it so."""
+    return (
+        name is not None
+        and MODEL_ID.fullmatch(name) is not None
+        and folder.name.endswith(f"-{name[:ID_CHARS]}")
+    )
+
+
+def hub_identity(model: str) -> str:
+    """The first 12 hex of the commit the local hub cache resolves ``main`` to, else
+    ``unresolved``."""
+    config = hub_config_file(model)  # <cache>/models--org--name/snapshots/<commit>/config.json
+    return config.parent.name[:ID_CHARS] if config is not None else UNRESOLVED
+
+
+# Besides the weights, the files that change what the model writes: its config, its
+# tokenizer and chat template (they turn chats into tokens), and generation defaults.
+IDENTITY_FILES = frozenset(
+    {"config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
+     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+     "chat_template.json", "preprocessor_config.json", "processor_config.json"}
+)  # fmt: skip
+
+
+def identity_files(folder: Path) -> list[Path]:
+    """The files a folder's identity hashes, by name."""
+    named = [p for p in folder.iterdir() if p.name in IDENTITY_FILES and p.is_file()]
+    return sorted({*named, *weight_files(folder)})
+
+
+def folder_identity(folder: Path) -> str:
+    """32 hex: a hash of each identity file's name, size and sha256. The folder's own
+    name and place do not count, so a moved or renamed copy is the same model."""
+    files = identity_files(folder)
+    digests = file_digests(files)
+    return content_id(
+        "model-folder",
+        [[p.name, p.stat().st_size, digest] for p, digest in zip(files, digests, strict=True)],
+    )
+
+
+# --- File hashes, cached ------------------------------------------------------------------
+
+HASH_CACHE_VERSION = 1
+# File times are coarse (a clock tick): a file written again within the tick it was hashed
+# in keeps its size and mtime. A hash taken this soon after the file's mtime is not
+# trusted later (git's "racy" rule), so a model retrained in place is always seen.
+RACY_NS = 100_000_000
+_MEMORY: dict[str, dict[str, Any]] = {}  # this process's view of the cache file
+
+
+def hash_cache_path() -> Path:
+    """The JSON file of cached file hashes, beside the embedded models' cache."""
+    return default_cache_dir().parent / "file-hashes.json"
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fresh(entry: dict[str, Any] | None, stat: os.stat_result) -> bool:
+    return (
+        entry is not None
+        and (entry.get("size"), entry.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+        and entry.get("hashed_at_ns", 0) - stat.st_mtime_ns > RACY_NS
+    )
+
+
+def file_digests(paths: Iterable[Path]) -> list[str]:
+    """The sha256 of each file, from the cache where its (path, size, mtime_ns) match;
+    the cache file is read only on a miss and written once for all new hashes."""
+    stats = [(str(p.resolve()), p.stat()) for p in paths]
+    on_disk: dict[str, dict[str, Any]] | None = None
+    new: dict[str, dict[str, Any]] = {}
+    digests = []
+    for key, stat in stats:
+        entry = _MEMORY.get(key)
+        if not _fresh(entry, stat):
+            if on_disk is None:
+                on_disk = _read_hash_cache()
+            entry = on_disk.get(key)
+        if not _fresh(entry, stat):
+            hashed_at = time.time_ns()
+            entry = {
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "hashed_at_ns": hashed_at,
+                "sha256": file_sha256(Path(key)),
+            }
+            new[key] = entry
+        assert entry is not None
+        _MEMORY[key] = entry
+        digests.append(entry["sha256"])
+    if new:
+        _write_hash_cache(new)
+    return digests
+
+
+def _read_hash_cache() -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != HASH_CACHE_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _write_hash_cache(new: dict[str, dict[str, Any]]) -> None:
+    """Merge ``new`` into the cache file (atomically; entries of files that are gone are
+    dropped). The cache only saves time: a file it cannot write is no error."""
+    path = hash_cache_path()
+    files = {key: entry for key, entry in _read_hash_cache().items() if os.path.exists(key)}
+    files.update(new)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".file-hashes-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            json.dump({"version": HASH_CACHE_VERSION, "files": files}, out)
+        os.replace(temp, path)
+    except OSError:
+        pass
 
 
 def engine_dtype(config: ModelConfig) -> str:
@@ -85,7 +276,12 @@ def engine_dtype(config: ModelConfig) -> str:
 def make_backend(config: ModelConfig, seed: int) -> Backend:
     if config.backend == "openai":
         assert config.base_url is not None  # the config validator guarantees it
-        return OpenAIBackend(config.base_url, config.model, max_concurrency=config.max_concurrency)
+        return OpenAIBackend(
+            config.base_url,
+            config.model,
+            max_concurrency=config.max_concurrency,
+            model_name=model_location(config)[1],  # the name the flows' ids use
+        )
     location, name = model_location(config)
     return VLLMBackend(
         location,

@@ -61,10 +61,17 @@ def config_naming(tmp_path: Path, file: Path, via: str) -> str:
         "constitution": f"constitution: {file}\n",
         "prompts": f"constitution: {CONSTITUTION}\nprompts:\n  source: {file}\n",
         "judge-audit": f"constitution: {CONSTITUTION}\nloop:\n  judge_audit: {file}\n",
+        "policy-model": f"constitution: {CONSTITUTION}\npolicy:\n  model: {file}\n",
+        "judge-model": f"constitution: {CONSTITUTION}\njudge:\n  mode: logprob\n"
+        f"judge_model:\n  model: {file}\n",
     }[via]
     path = tmp_path / "config.yaml"
     path.write_text(text)
     return str(path)
+
+
+# The inputs that are model folders: the message names the config that names them.
+MODEL_VIAS = ("policy-model", "judge-model")
 
 
 def invoke(via: str, file: Path, tmp_path: Path) -> Result:
@@ -103,7 +110,8 @@ def test_refused_before_any_work(name: str, tmp_path: Path) -> None:
     entry = MANIFEST[name]
     file = CORPUS / name
     result = invoke(entry["via"], file, tmp_path)
-    assert_refused(result, file, entry["line"], entry["says"], tmp_path / "store")
+    named = tmp_path / "config.yaml" if entry["via"] in MODEL_VIAS else file
+    assert_refused(result, named, entry["line"], entry["says"], tmp_path / "store")
 
 
 # --- too big to commit ------------------------------------------------------------------
@@ -129,6 +137,41 @@ def test_a_1mb_prompt_is_refused_at_its_line(tmp_path: Path) -> None:
     result = invoke("prompts", file, tmp_path)
     says = f"field 'text' is 1,048,576 characters; a prompt must be at most {MAX_PROMPT_CHARS:,}"
     assert_refused(result, file, 2, says, tmp_path / "store")
+
+
+# --- a judge that cannot answer in its mode, by every command that judges ---------------
+
+JUDGE = CORPUS / "judge-labels-merge-with-paren"  # its tokenizer reads "(A" as one word
+
+
+@pytest.mark.parametrize("command", ["run", "self-improve", "judge eval"])
+def test_a_judge_without_single_token_labels_is_refused_by_every_command(
+    command: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    store = str(tmp_path / "store")
+    if command == "judge eval":  # the mode comes from --mode, over the config's contrast
+        config.write_text(f"constitution: {CONSTITUTION}\njudge_model:\n  model: {JUDGE}\n")
+        args = ["judge", "eval", "builtin", "--config", str(config), "--mode", "logprob"]
+        line = 3
+    else:
+        mode = "judge:\n  mode: cot\n"
+        config.write_text(f"constitution: {CONSTITUTION}\n{mode}judge_model:\n  model: {JUDGE}\n")
+        args = [command, "--config", str(config)]
+        line = 5
+    result = rlaif(*args, "--store", store)
+    says = "reads the option labels A and B as one token each"
+    assert_refused(result, config, line, says, tmp_path / "store")
+
+
+@pytest.mark.parametrize("mode", ["contrast", "likelihood"])
+def test_a_judge_mode_that_reads_no_labels_takes_that_judge(mode: str, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"constitution: {CONSTITUTION}\njudge:\n  mode: {mode}\njudge_model:\n  model: {JUDGE}\n"
+    )
+    result = rlaif("run", "--config", str(config), "--store", str(tmp_path / "store"))
+    assert isinstance(result.exception, Reached), result.output
 
 
 # --- not an error -----------------------------------------------------------------------

@@ -267,3 +267,184 @@ def test_several_problems_reported_together_sorted_by_line(tmp_path: Path) -> No
         "unable to parse string as an integer (got 'many')",
         f"{path}:7: policy.model: model path './nope' does not exist",
     ]
+
+
+# --- What a model folder must hold, before any work ---------------------------------------
+
+
+def model_dir(tmp_path: Path, name: str = "m", weights: tuple[str, ...] = ("model.safetensors",),
+              **config: object) -> Path:  # fmt: skip
+    """A folder with config.json (``config``) and weight files; nothing loads them here."""
+    import json
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    for weight in weights:
+        (folder / weight).write_bytes(b"")
+    return folder
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    path, error = refusal(tmp_path, f"seed: 1\npolicy:\n  model: {folder}\n")
+    assert error == (
+        f"{path}:3: policy.model: model folder '{folder}' holds no model: it has no config.json "
+        "(a model folder has config.json and weights: *.safetensors, *.bin, *.pt or a sharded "
+        "*.index.json)"
+    )
+    (folder / "adapter_config.json").write_text("{}")
+    path, error = refusal(tmp_path, f"seed: 1\npolicy:\n  model: {folder}\n")
+    assert error == (
+        f"{path}:3: policy.model: model folder '{folder}' holds a LoRA adapter "
+        "(adapter_config.json), not a model: merge it into its base model and name that folder"
+    )
+
+
+def test_a_folder_whose_only_bin_is_trainer_state_has_no_weights(tmp_path: Path) -> None:
+    folder = model_dir(tmp_path, weights=("training_args.bin", "optimizer.pt"))
+    path, error = refusal(tmp_path, f"judge_model:\n  model: {folder}\n")
+    assert error.startswith(
+        f"{path}:2: judge_model.model: model folder '{folder}' holds no model: it has "
+        "config.json but no weight files"
+    )
+
+
+def test_a_sharded_index_needs_its_shards(tmp_path: Path) -> None:
+    import json
+
+    folder = model_dir(tmp_path, weights=("model-00001-of-00002.safetensors",))
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    path, error = refusal(tmp_path, f"policy:\n  model: {folder}\n")
+    assert error == (
+        f"{path}:2: policy.model: model folder '{folder}': model.safetensors.index.json names "
+        "1 shard(s) that are not there (first: model-00002-of-00002.safetensors); the download "
+        "or copy is unfinished"
+    )
+    (folder / shards["b"]).write_bytes(b"")
+    assert load_config_text(tmp_path, f"policy:\n  model: {folder}\n").policy.model == str(folder)
+
+
+def load_config_text(tmp_path: Path, text: str) -> PipelineConfig:
+    path = tmp_path / "ok.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_max_model_len_above_the_context_is_refused_at_its_line(tmp_path: Path) -> None:
+    folder = model_dir(tmp_path, max_position_embeddings=2048)
+    text = f"policy:\n  model: {folder}\n  max_model_len: 4096\n"
+    path, error = refusal(tmp_path, text)
+    assert error == (
+        f"{path}:3: policy.max_model_len: max_model_len 4096 is above the model's context of "
+        f"2048 tokens (max_position_embeddings in {folder}/config.json); set max_model_len to "
+        "at most 2048"
+    )
+    assert load_config_text(tmp_path, text.replace("4096", "2048")).policy.max_model_len == 2048
+
+
+def test_the_tiny_models_context_is_known_without_building_it(tmp_path: Path) -> None:
+    path, error = refusal(tmp_path, "policy:\n  model: tiny\n  max_model_len: 1025\n")
+    assert error == (
+        f"{path}:3: policy.max_model_len: max_model_len 1025 is above the model's context of "
+        "1024 tokens (the tiny model's max_position_embeddings); set max_model_len to at most 1024"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "context"),
+    [
+        ({"max_position_embeddings": 4096}, 4096),
+        ({"n_positions": 1024}, 1024),  # GPT-2
+        ({"max_position_embeddings": 8192, "seq_length": 4096}, 4096),  # the smallest
+        ({"text_config": {"max_position_embeddings": 2048}, "max_position_embeddings": 99}, 2048),
+        ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}},
+         8192),
+        ({"max_position_embeddings": 32768, "rope_scaling": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}, 32768),
+        ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3",
+                                                               "factor": 8.0}}, 131072),
+        ({"hidden_size": 8}, None),  # not written: not checked
+    ],
+)  # fmt: skip
+def test_context_length_is_read_as_vllm_reads_it(config: dict, context: int | None) -> None:
+    from flows.config import context_length
+
+    found = context_length(config)
+    assert (found[0] if found else None) == context
+
+
+def test_vllms_long_context_switch_lets_max_model_len_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = model_dir(tmp_path, max_position_embeddings=512)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert load_config_text(tmp_path, f"policy:\n  model: {folder}\n").policy.max_model_len == 1024
+
+
+def test_a_cached_hub_models_context_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "hub" / "models--org--small" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"max_position_embeddings": 512}')
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path, error = refusal(tmp_path, "policy:\n  model: org/small\n")
+    assert error.startswith(
+        f"{path}:2: policy.model: max_model_len 1024 (the default) is above the model's "
+        f"context of 512 tokens (max_position_embeddings in {snapshot}/config.json)"
+    )
+
+
+# --- A judge that must read the labels A and B ----------------------------------------------
+
+
+def word_level_judge(tmp_path: Path, words: list[str]) -> Path:
+    """A model folder whose tokenizer knows only ``words`` (split at spaces)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = model_dir(tmp_path, "judge")
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["logprob", "cot", "ensemble"])
+def test_a_judge_whose_tokenizer_merges_the_label_is_refused(tmp_path: Path, mode: str) -> None:
+    folder = word_level_judge(tmp_path, ["The", "answer", "is", "(", "Therefore,", "the"])
+    path, error = refusal(tmp_path, f"judge:\n  mode: {mode}\npolicy:\n  model: {folder}\n")
+    assert error.startswith(
+        f"{path}:4: policy.model: judge mode '{mode}' reads the option labels A and B as one "
+        f"token each, and '{folder}' cannot give them: the judge's tokenizer merges option "
+        "label 'A' with the text before it"
+    )
+    assert error.endswith("(judge modes contrast and likelihood read no labels)")
+    assert "\n" not in error
+
+
+@pytest.mark.parametrize("mode", ["contrast", "likelihood"])
+def test_a_mode_without_labels_does_not_read_the_judges_tokenizer(
+    tmp_path: Path, mode: str
+) -> None:
+    folder = model_dir(tmp_path, "judge")  # no tokenizer at all
+    text = f"judge:\n  mode: {mode}\njudge_model:\n  model: {folder}\n"
+    assert load_config_text(tmp_path, text).judge.mode == mode
+
+
+def test_a_judge_whose_tokenizer_does_not_load_is_refused(tmp_path: Path) -> None:
+    folder = model_dir(tmp_path, "judge")
+    (folder / "tokenizer.json").write_text("not json")
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    path, error = refusal(tmp_path, f"judge:\n  mode: logprob\njudge_model:\n  model: {folder}\n")
+    assert error.startswith(f"{path}:4: judge_model.model: judge mode 'logprob' reads the option ")
+    assert "its tokenizer does not load (" in error and "\n" not in error
