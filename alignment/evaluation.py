@@ -363,8 +363,10 @@ def kl_to_baseline(
             "them is undefined; evaluate against a baseline of the same tokenizer"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float32 whatever the checkpoints' dtype: two close policies differ by less than bf16's
+    # rounding of their logits, and the KL between them would be that rounding.
     candidate, baseline = (
-        AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         for path in (candidate_path, baseline_path)
     )
     return sequence_kls(

@@ -32,7 +32,7 @@ from alignment.evaluation import (
 from alignment.ids import content_id
 from alignment.judge import Candidate
 from alignment.prompts import load_prompts
-from alignment.training.reward import score
+from alignment.training.reward import RewardScorer
 from flows.config import PipelineConfig
 from flows.models import model_location
 from flows.pipeline import judge_model, judge_stage, prompt_rows, sample_stage, store_prompt_rows
@@ -171,13 +171,18 @@ def _reward_scores(
     baseline: list[str],
 ) -> list[Metric]:
     """Normalised scores of both sides by the reward model the candidate was trained
-    with; none without one (another loop's reward model says nothing about this one)."""
+    with; none without one (another loop's reward model says nothing about this one).
+
+    Each answer is scored as the conversation it was sampled in: the prompt as the one
+    user turn ``sample_stage`` sent, the answer as the assistant turn, on the chat template.
+    """
     if not reward_model:
         return []
-    path = resolve_base(store, reward_model)[0]
+    scorer = RewardScorer(resolve_base(store, reward_model)[0])
+    chats = [[{"role": "user", "content": prompt}] for prompt in prompts]
     return [
-        *mean_metric("reward", score(path, list(zip(prompts, candidate, strict=True)))),
-        *mean_metric("baseline/reward", score(path, list(zip(prompts, baseline, strict=True)))),
+        *mean_metric("reward", scorer(chats, candidate)),
+        *mean_metric("baseline/reward", scorer(chats, baseline)),
     ]
 
 

@@ -1,25 +1,146 @@
-"""What every TRL-based stage shares: CPU-safe trainer arguments, LoRA, saving for vLLM."""
+"""What every training stage shares: loading with float32 master weights, mixed-precision
+trainer arguments, LoRA, distributed ranks, and saving for vLLM in the checkpoint's dtype.
+
+Why float32 masters: transformers 5 loads a checkpoint in its own dtype (``dtype=None``
+means "auto"), and real checkpoints ship bfloat16. Adam updates of about 1e-6 on bf16
+weights (relative resolution about 4e-3) mostly round to nothing, so every stage loads
+float32 weights and trains under bf16 *autocast* where the device has it (CUDA with bf16),
+never on CPU. The saved model is cast back to the checkpoint's dtype, so the next
+iteration's engine loads what it loaded before.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
+
+MASTER_DTYPE = torch.float32
+T = TypeVar("T")
+
+
+# --- precision --------------------------------------------------------------------------------
+
+
+def checkpoint_dtype(model_path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint is stored in (config.json ``dtype`` / ``torch_dtype``); float32
+    when the folder does not say."""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.exists():
+        return torch.float32
+    config = json.loads(config_file.read_text())
+    text_config = config.get("text_config") or {}
+    name = (
+        config.get("dtype")
+        or config.get("torch_dtype")
+        or text_config.get("dtype")
+        or text_config.get("torch_dtype")
+    )
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def bf16_autocast() -> bool:
+    """Whether training runs under bf16 autocast: on a CUDA device with bf16, never on CPU."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def precision_args() -> dict[str, Any]:
+    """The trainer fields that decide precision and device (TRL defaults to bf16=True,
+    an error on CPU)."""
+    return {"bf16": bf16_autocast(), "fp16": False, "use_cpu": not torch.cuda.is_available()}
+
+
+def load_for_training(model_class, model_path: str | Path, **kwargs: Any):
+    """``model_class.from_pretrained`` with float32 master weights, whatever the
+    checkpoint's dtype (e.g. ``AutoModelForCausalLM``)."""
+    return model_class.from_pretrained(model_path, dtype=MASTER_DTYPE, **kwargs)
+
+
+def master_dtype(model) -> str:
+    """The dtype of the trainable parameters (what the optimizer steps on); of every
+    parameter when none is trainable."""
+    params = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
+
+
+def precision_record(model, saved_dtype: torch.dtype) -> dict[str, Any]:
+    """What a registration says about precision: master weights, autocast, saved dtype."""
+    return {
+        "master_dtype": master_dtype(model),
+        "autocast": "bf16" if bf16_autocast() else None,
+        "saved_dtype": str(saved_dtype).removeprefix("torch."),
+        "world_size": world_size(),
+    }
+
+
+# --- ranks ------------------------------------------------------------------------------------
+
+
+def world_size() -> int:
+    """Processes training together (torchrun / accelerate launch); 1 for a plain process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def local_device() -> str:
+    """This process's device: its own GPU under torchrun (``LOCAL_RANK``), else CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def from_main_process(value: T) -> T:
+    """Rank 0's ``value`` on every rank (``value`` itself in a plain process): metrics that
+    each rank computes from the same weights and rows then agree to the bit."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- TRL --------------------------------------------------------------------------------------
 
 
 def trainer_args(config_class: type, output_dir: str, **fields: Any):
-    """A TRL config for a stage: no checkpoints, no reporting, and runnable on CPU."""
-    import torch
-
+    """A TRL config for a stage: no checkpoints, no reporting, mixed precision where the
+    device has it."""
     return config_class(
         output_dir=output_dir,
-        bf16=False,  # every TRL config defaults to bf16, an error on CPU
-        use_cpu=not torch.cuda.is_available(),
         report_to="none",
         save_strategy="no",
         logging_steps=1,
+        **precision_args(),
         **fields,
     )
 
@@ -35,6 +156,18 @@ def loss_summary(trainer, output) -> dict[str, Any]:
     }
 
 
+def train_in_scratch(
+    trainer_class: type, config_class: type, fields: dict[str, Any], **kwargs: Any
+):
+    """``trainer_class(args=trainer_args(config_class, scratch, **fields), **kwargs)``, trained
+    in a scratch output folder that is deleted after (no checkpoints are kept; the stage
+    saves the model itself). Returns ``(trainer, train_output)``."""
+    with tempfile.TemporaryDirectory(prefix="rlaif-trl-") as scratch:
+        trainer = trainer_class(args=trainer_args(config_class, scratch, **fields), **kwargs)
+        output = trainer.train()
+    return trainer, output
+
+
 def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
@@ -43,17 +176,75 @@ def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
     )
 
 
-def save_for_vllm(model, tokenizer, output_dir: Path, extra: dict[str, Any]) -> Path:
-    """Merge any LoRA adapter and save a plain model folder that vLLM and transformers load."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    # Saved beside the target and renamed into place: a killed run leaves no half model.
-    staging = output_dir.parent / f".{output_dir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "rlaif_stage.json").write_text(json.dumps(extra, indent=2, default=str))
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
+def peft_config(config, task_type: str = "CAUSAL_LM"):
+    """The LoRA config of a stage config with ``use_lora``/``lora_r``/``lora_alpha``; None
+    without LoRA (full fine-tuning)."""
+    return lora_config(config.lora_r, config.lora_alpha, task_type) if config.use_lora else None
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+
+def merged(model):
+    """The plain model: a LoRA adapter merged into its base (the model itself otherwise)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_for_vllm(
+    model,
+    tokenizer,
+    output_dir: Path,
+    extra: dict[str, Any],
+    dtype: torch.dtype | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Merge any LoRA adapter and save a plain model folder that vLLM and transformers load.
+
+    ``dtype`` (the checkpoint's, from ``checkpoint_dtype``) is the dtype written; the model
+    is cast to it, so call this last. Under torchrun only rank 0 writes; every rank returns
+    the folder once it exists. ``extra`` lands in ``rlaif_stage.json`` with the precision
+    record; ``files`` (name -> text) are written beside it, in the same atomic rename.
+    """
+    output_dir = Path(output_dir)
+    record = precision_record(model, dtype or MASTER_DTYPE)  # before the merge: trained params
+    model = merged(model)
+    if is_main_process():
+        if dtype is not None:
+            model = model.to(dtype)
+        # Saved beside the target and renamed into place: a killed run leaves no half model.
+        staging = output_dir.parent / f".{output_dir.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        stage_record = {**extra, "precision": record}
+        (staging / "rlaif_stage.json").write_text(json.dumps(stage_record, indent=2, default=str))
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        os.replace(staging, output_dir)
+    wait_for_everyone()
     return output_dir
+
+
+def save_stage(
+    model,
+    tokenizer,
+    output_dir: str | Path,
+    base_path: str | Path,
+    stage: str,
+    config,
+    metrics: dict[str, Any],
+    files: dict[str, str] | None = None,
+) -> Path:
+    """``save_for_vllm`` for a training stage: in the dtype of the checkpoint it started from
+    (``base_path``), with the stage's name, config and metrics in ``rlaif_stage.json``."""
+    extra = {"stage": stage, "config": config.model_dump(), "metrics": metrics}
+    dtype = checkpoint_dtype(base_path)
+    return save_for_vllm(model, tokenizer, Path(output_dir), extra, dtype=dtype, files=files)
+
+
+def saved_precision(output_dir: str | Path) -> dict[str, Any]:
+    """The precision record a saved stage folder carries (empty if none)."""
+    record = Path(output_dir) / "rlaif_stage.json"
+    return json.loads(record.read_text()).get("precision", {}) if record.exists() else {}

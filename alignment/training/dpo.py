@@ -2,7 +2,8 @@
 
 Rows are preference pairs as in ``reward.py`` (conversational or standard, plus
 ``p_chosen``). The reference is the starting policy: a second, frozen copy
-loaded from ``policy_path``; under LoRA the same weights with the adapter off;
+loaded from ``policy_path`` in float32, like the policy's master weights (so the
+two agree exactly at step 0); under LoRA the same weights with the adapter off;
 with ``precompute_ref_log_probs`` its log-probs are computed once before the
 first step, so no copy is kept.
 
@@ -20,7 +21,6 @@ implicit reward margin β·(Δπ − Δref) is positive.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.training.common import lora_config, loss_summary, save_for_vllm, trainer_args
+from alignment.training.common import (
+    load_for_training,
+    loss_summary,
+    peft_config,
+    save_stage,
+    train_in_scratch,
+)
 from alignment.training.losses import soft_dpo_loss
 from alignment.training.reward import WithPChosen, pair_rows, split_eval
 
@@ -165,7 +171,8 @@ def _soft_label_trainer_class():
 
 
 def heldout_margins(trainer, beta: float) -> list[float]:
-    """Implicit reward margins β·(Δπ − Δref) of the trainer's eval pairs."""
+    """Implicit reward margins β·(Δπ − Δref) of the trainer's eval pairs (all of them on
+    every rank: under torchrun each rank scores its shard and the shards are gathered)."""
     import torch
 
     margins: list[float] = []
@@ -176,7 +183,7 @@ def heldout_margins(trainer, beta: float) -> list[float]:
             chosen, rejected = completion_logps(trainer.model, batch).chunk(2)
             ref_chosen, ref_rejected = reference_logps(trainer, batch)
             margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-            margins += margin.float().tolist()
+            margins += trainer.accelerator.gather_for_metrics(margin).float().tolist()
     return margins
 
 
@@ -201,36 +208,30 @@ def train_dpo(
     if not train:
         raise ValueError("need at least one training pair")
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    model = AutoModelForCausalLM.from_pretrained(policy_path)
-    # A frozen copy of the starting policy; none under LoRA (adapter off) or when the
-    # reference log-probs are precomputed from the policy before its first step.
+    # A frozen float32 copy of the starting policy; none under LoRA (adapter off) or when
+    # the reference log-probs are precomputed from the policy before its first step.
     needs_copy = not (config.use_lora or config.precompute_ref_log_probs)
-    ref_model = AutoModelForCausalLM.from_pretrained(policy_path) if needs_copy else None
-    trainer_class = _soft_label_trainer_class() if config.soft_labels else DPOTrainer
-
-    with tempfile.TemporaryDirectory(prefix="rlaif-dpo-") as scratch:  # no checkpoints
-        args = trainer_args(
-            DPOConfig,
-            scratch,
-            beta=config.beta,
-            loss_type=[config.loss_type],
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.num_train_epochs,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            max_length=config.max_length,
-            precompute_ref_log_probs=config.precompute_ref_log_probs,
-            seed=config.seed,
-        )
-        trainer = trainer_class(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(train),
-            eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,
-            processing_class=tokenizer,
-            peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
-        )
-        output = trainer.train()
+    ref_model = load_for_training(AutoModelForCausalLM, policy_path) if needs_copy else None
+    trainer, output = train_in_scratch(
+        _soft_label_trainer_class() if config.soft_labels else DPOTrainer,
+        DPOConfig,
+        {
+            "beta": config.beta,
+            "loss_type": [config.loss_type],
+            "learning_rate": config.learning_rate,
+            "num_train_epochs": config.num_train_epochs,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "max_length": config.max_length,
+            "precompute_ref_log_probs": config.precompute_ref_log_probs,
+            "seed": config.seed,
+        },
+        model=load_for_training(AutoModelForCausalLM, policy_path),
+        ref_model=ref_model,
+        train_dataset=datasets.Dataset.from_list(train),
+        eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    )
 
     margins = heldout_margins(trainer, config.beta) if held_out else []
     metrics = {
@@ -240,10 +241,5 @@ def train_dpo(
         "train_pairs": len(trainer.train_dataset),  # after TRL drops prompts over max_length
         "eval_pairs": len(margins),
     }
-    path = save_for_vllm(
-        trainer.model,
-        tokenizer,
-        Path(output_dir),
-        {"stage": "dpo", "config": config.model_dump(), "metrics": metrics},
-    )
+    path = save_stage(trainer.model, tokenizer, output_dir, policy_path, "dpo", config, metrics)
     return DPOResult(path, metrics)

