@@ -2,14 +2,20 @@
 
 TRL removed its PPOTrainer, so the project owns this one. Per rollout batch:
 
-1. sample a response to each prompt from the policy (temperature sampling, stop at EOS);
-2. score (prompt, response) with ``reward_fn``; penalise responses that never reached EOS;
+1. sample a response to each prompt from the policy (pure temperature sampling, stop at any
+   end token);
+2. score (prompt, response) with ``reward_fn``; penalise responses that never reached an end;
 3. per-token log-probs of the policy and of the frozen reference, and the policy's values;
 4. per-token reward: ``-kl_coef * kl_t``, plus the score at the last response token;
 5. GAE advantages and returns;
 6. ``ppo_epochs`` passes of minibatches: clipped policy loss + ``vf_coef`` * clipped value loss;
 7. adapt ``kl_coef`` toward ``target_kl`` (Ziegler et al. 2019);
 8. log one metrics dict.
+
+Precision: float32 master weights whatever the checkpoint's dtype, bf16 autocast only on a CUDA
+device with bf16, the policy saved in the checkpoint's dtype (``alignment.training.common``).
+Under ``torchrun`` / ``accelerate launch`` every statistic that steers training (whitening
+moments, the KL fed to the controller) is taken over all processes, and DDP averages gradients.
 
 Metrics (one dict per batch, means over the batch, gathered across processes):
 ``env/reward_mean``, ``env/reward_std`` (score after the EOS penalty), ``env/response_length``
@@ -18,8 +24,7 @@ response, nats), ``objective/kl_coef`` (beta used for this batch), ``objective/e
 per-token entropy of the sampling distribution), ``objective/non_score_reward`` (-beta * KL),
 ``objective/rlhf_reward`` (score - beta * KL); ``policy/loss``, ``policy/clipfrac`` (share of
 tokens whose ratio was clipped), ``policy/approxkl`` (KL of old to new policy, k3 estimate);
-``val/loss``, ``val/clipfrac``, ``val/explained_variance`` (of the returns by the rollout values;
-this process only).
+``val/loss``, ``val/clipfrac``, ``val/explained_variance`` (of the returns by the rollout values).
 
 References: Schulman et al. 2017 (PPO), 2016 (GAE); Ziegler et al. 2019 (KL penalty, adaptive
 controller); Huang et al. 2023, "The N Implementation Details of RLHF with PPO"; Schulman 2020,
@@ -28,9 +33,10 @@ controller); Huang et al. 2023, "The N Implementation Details of RLHF with PPO";
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
-import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +47,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alignment.training.common import (
+    MASTER_DTYPE,
+    bf16_autocast,
+    checkpoint_dtype,
+    is_main_process,
+    load_for_training,
+    save_for_vllm,
+    wait_for_everyone,
+)
+
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> (batch,)
+SumFn = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 
 
 class PPOConfig(BaseModel):
@@ -75,7 +92,9 @@ class PPOConfig(BaseModel):
     kl_horizon: int = Field(10000, gt=0, description="Controller horizon, rollouts (Ziegler: 1e4).")
     whiten_rewards: bool = Field(False, description="Unit-variance per-token rewards before GAE.")
     missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtracted from the score of a response without EOS; null: none."
+        None,
+        ge=0,
+        description="Subtracted from the score of a response without an end token; null: none.",
     )
     # --- PPO ---
     learning_rate: float = Field(1e-5, gt=0, description="Adam learning rate (eps 1e-5).")
@@ -85,7 +104,7 @@ class PPOConfig(BaseModel):
     cliprange_value: float = Field(0.2, gt=0, description="Value clip around the rollout values.")
     clip_vloss: bool = Field(True, description="Clip the value loss like the policy loss.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (TRL: 0.1).")
-    norm_adv: bool = Field(True, description="Whiten advantages over the batch.")
+    norm_adv: bool = Field(True, description="Whiten advantages over the batch (all processes).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     # --- model ---
     use_lora: bool = Field(False, description="Train a LoRA adapter; the reference is adapter-off.")
@@ -116,14 +135,34 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+def local_sum(x: torch.Tensor) -> torch.Tensor:
+    """The SumFn of a single process: nothing to add."""
+    return x
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Mean 0 (or unchanged mean if not shift_mean), std 1 over the masked entries; 0 elsewhere."""
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, sum_all: SumFn = local_sum
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance over the masked entries of every process.
+
+    ``sum_all`` adds a tensor up over processes (an all-reduce); sums and counts are reduced,
+    never per-process means, so processes with more response tokens weigh more, as if the
+    whole batch sat on one process.
+    """
+    total = sum_all(torch.stack([(x * mask).sum(), mask.sum()]).float())
+    count = total[1].clamp(min=1)
+    mean = total[0] / count
+    var = sum_all((((x - mean) ** 2) * mask).sum().float()) / count
+    return mean, var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_all: SumFn = local_sum
+) -> torch.Tensor:
+    """Mean 0 (or unchanged mean if not shift_mean), std 1 over the masked entries of every
+    process (``masked_moments``); 0 elsewhere."""
+    mean, var = masked_moments(x, mask, sum_all)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
@@ -193,10 +232,13 @@ def value_loss(
     return loss, masked_mean((clipped > unclipped).float(), mask).detach()
 
 
-def explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sum_all: SumFn = local_sum
+) -> float:
     """1 - Var(target - pred) / Var(target): 1 is perfect, 0 no better than the mean."""
-    var = masked_var(target, mask)
-    return float("nan") if var == 0 else (1 - masked_var(target - pred, mask) / var).item()
+    var = masked_moments(target, mask, sum_all)[1]
+    residual = masked_moments(target - pred, mask, sum_all)[1]
+    return float("nan") if var == 0 else (1 - residual / var).item()
 
 
 class AdaptiveKLController:
@@ -220,7 +262,10 @@ class AdaptiveKLController:
 
 
 class PolicyWithValue(torch.nn.Module):
-    """A causal LM plus a scalar value head on its last hidden state (one shared trunk)."""
+    """A causal LM plus a scalar value head on its last hidden state (one shared trunk).
+
+    Logits and values come out in float32 whatever autocast computed them in.
+    """
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
@@ -238,7 +283,7 @@ class PolicyWithValue(torch.nn.Module):
             output_hidden_states=True,
             use_cache=False,
         )
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits.float(), self.value_head(out.hidden_states[-1]).squeeze(-1).float()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -261,6 +306,13 @@ def lora_policy(lm, r: int, alpha: int):
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     return get_peft_model(lm, config)
+
+
+def autocast():
+    """bf16 autocast where training has it (a CUDA device with bf16), nothing elsewhere."""
+    if bf16_autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def free_memory() -> None:
@@ -309,9 +361,55 @@ def encode_prompts(tokenizer, prompts: list[str], config: PPOConfig, pad_id: int
     return ids, mask
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """Pad everything after the first EOS; mask is 1 up to and including it."""
-    is_eos = responses == eos_id
+def end_token_ids(tokenizer, lm) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the model's
+    ``generation_config.eos_token_id`` (an id or a list: Qwen2.5-Instruct ends at both
+    <|im_end|> and <|endoftext|>), in that order, without repeats."""
+    ids = [tokenizer.eos_token_id]
+    config_ids = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids += config_ids if isinstance(config_ids, list) else [config_ids]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if not ids:
+        raise ValueError("PPO needs an end token: the tokenizer and the model name none")
+    return ids
+
+
+def sampling_config(config: PPOConfig, end_ids: list[int], pad_id: int):
+    """The rollout's whole generation config: pure temperature sampling (top_k 0, top_p 1.0,
+    repetition_penalty 1.0, no other logits processor), stopping at any end token."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=end_ids,
+        pad_token_id=pad_id,
+    )
+
+
+@contextlib.contextmanager
+def only_generation_config(lm, generation_config):
+    """``generate`` fills every field its config leaves unset from the model's own
+    ``generation_config`` (the checkpoint's generation_config.json: repetition_penalty,
+    top_k, min_p, suppress_tokens, ...). Swapping that for ``generation_config`` while
+    sampling leaves nothing of the checkpoint's to fill in."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under a LoRA wrapper
+    saved = base.generation_config
+    base.generation_config = generation_config
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def truncate_after_eos(responses: torch.Tensor, end_ids: list[int], pad_id: int):
+    """Pad everything after the first end token (any of end_ids); mask is 1 up to and
+    including it."""
+    is_eos = torch.isin(responses, torch.tensor(end_ids, device=responses.device))
     after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     return responses.masked_fill(after, pad_id), (~after).long(), is_eos.any(1)
 
@@ -334,40 +432,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def reward_model_fn(
-    path: str | Path,
-    tokenizer=None,
-    mean: float | None = None,
-    std: float | None = None,
-    batch_size: int = 16,
-) -> RewardFn:
-    """A reward_fn from a saved sequence-classification folder: (score - mean) / std.
+def reward_model_fn(path: str | Path, normalise: bool = True, batch_size: int = 16) -> RewardFn:
+    """A reward_fn from a saved reward model: ``alignment.training.reward.RewardScorer`` (pairs
+    on the chat template, scores normalised by the statistics stored with the model), as a
+    tensor. Under a launcher each process scores on its own GPU."""
+    from alignment.training.reward import RewardScorer
 
-    mean and std come from the arguments, else from ``<path>/rlaif_reward_stats.json``, else 0, 1.
-    Pairs are tokenised as the reward model was trained (``reward.raw_scores``): as a user and
-    an assistant turn when the tokenizer has a chat template.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from alignment.training.reward import STATS_FILE, raw_scores
-
-    path = Path(path)
-    stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).exists() else {}
-    mean = stats.get("mean", 0.0) if mean is None else mean
-    std = stats.get("std", 1.0) if std is None else std
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    chat = tokenizer.chat_template is not None
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    scorer = RewardScorer(path, normalise=normalise, batch_size=batch_size, device=device)
 
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        pairs = [
-            ([{"role": "user", "content": p}], [{"role": "assistant", "content": r}])
-            if chat
-            else (p, r)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        return (torch.tensor(raw_scores(model, tokenizer, pairs, batch_size)) - mean) / std
+        return torch.tensor(scorer(prompts, responses), dtype=torch.float32)
 
     return score
 
@@ -378,7 +453,8 @@ def reward_model_fn(
 
 
 class PPOTrainer:
-    """policy: a model folder or a causal LM (trained in place); prompts: plain user texts."""
+    """policy: a model folder or a causal LM (trained in place, as float32); prompts: plain
+    user texts."""
 
     def __init__(
         self, config: PPOConfig, policy, tokenizer, reward_fn: RewardFn, prompts: list[str]
@@ -390,17 +466,23 @@ class PPOTrainer:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
-        self.accelerator = Accelerator()
+        # cpu=True on a machine without CUDA: else a launcher's 2 processes run as 2 rank-0 copies
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         set_seed(config.seed, device_specific=True)  # each process samples differently
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
-        lm = (
-            AutoModelForCausalLM.from_pretrained(policy)
-            if isinstance(policy, str | Path)
-            else policy
-        )
+        # float32 master weights whatever the checkpoint's dtype; saved back in that dtype
+        if isinstance(policy, str | Path):
+            self.save_dtype = checkpoint_dtype(policy)
+            lm = load_for_training(AutoModelForCausalLM, policy)
+        else:
+            self.save_dtype = policy.dtype
+            lm = policy.to(MASTER_DTYPE)
         disable_dropout(lm)
+        self.end_ids = end_token_ids(tokenizer, lm)
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_ids[0]
+        )
+        self.generation_config = sampling_config(config, self.end_ids, self.pad_id)
         # LoRA: the reference is the same model with its adapter off; else a frozen copy.
         self.ref = None if config.use_lora else frozen_copy(lm).to(self.accelerator.device)
         if config.use_lora:
@@ -417,29 +499,31 @@ class PPOTrainer:
     def _gathered_mean(self, x: torch.Tensor) -> float:
         return self.accelerator.gather(x.detach().float().reshape(-1)).mean().item()
 
+    def _sum_all(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over processes (an all-reduce; x itself on one process)."""
+        return self.accelerator.reduce(x, reduction="sum")
+
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         cfg, device = self.config, self.accelerator.device
         policy = self.accelerator.unwrap_model(self.model)
-        # 1. sample responses (left-padded prompts; pure temperature sampling)
+        # 1. sample responses (left-padded prompts): softmax(logits / T), nothing of the
+        #    checkpoint's generation_config.json, stop at any end token
         queries, query_mask = (
             t.to(device) for t in encode_prompts(self.tokenizer, prompts, cfg, self.pad_id)
         )
         context = queries.shape[1]
-        output = policy.lm.generate(
-            input_ids=queries,
-            attention_mask=query_mask,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
+        with only_generation_config(policy.lm, self.generation_config), autocast():
+            output = policy.lm.generate(
+                input_ids=queries,
+                attention_mask=query_mask,
+                generation_config=self.generation_config,
+            )
+        responses, mask, has_eos = truncate_after_eos(
+            output[:, context:], self.end_ids, self.pad_id
         )
-        responses, mask, has_eos = truncate_after_eos(output[:, context:], self.eos_id, self.pad_id)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        # 2. score; a response cut off before EOS loses missing_eos_penalty
+        # 2. score; a response cut off before an end token loses missing_eos_penalty
         scores = self.reward_fn(prompts, texts).to(device=device, dtype=torch.float32)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
@@ -447,17 +531,19 @@ class PPOTrainer:
         input_ids = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, mask], 1)
         positions = position_ids(attention_mask)
-        logits, values = policy(input_ids, attention_mask, positions)
-        logits = logits[:, context - 1 : -1] / cfg.temperature
-        if self.ref is None:
-            with policy.lm.disable_adapter():
-                ref_logits = policy.lm(
+        with autocast():
+            logits, values = policy(input_ids, attention_mask, positions)
+            # LoRA: the reference is the policy with its adapter off
+            ref, adapter_off = (
+                (self.ref, contextlib.nullcontext())
+                if self.ref is not None
+                else (policy.lm, policy.lm.disable_adapter())
+            )
+            with adapter_off:
+                ref_logits = ref(
                     input_ids, attention_mask=attention_mask, position_ids=positions
-                ).logits
-        else:
-            ref_logits = self.ref(
-                input_ids, attention_mask=attention_mask, position_ids=positions
-            ).logits
+                ).logits.float()
+        logits = logits[:, context - 1 : -1] / cfg.temperature
         ref_logits = ref_logits[:, context - 1 : -1] / cfg.temperature
         return {
             "input_ids": input_ids,
@@ -468,7 +554,7 @@ class PPOTrainer:
             "has_eos": has_eos.float(),
             "logp": response_logprobs(logits, responses),
             "ref_logp": response_logprobs(ref_logits, responses),
-            "values": values[:, context - 1 : -1].float(),
+            "values": values[:, context - 1 : -1],
             "entropy": masked_mean(entropy(logits), mask.float(), dim=1),
         }
 
@@ -482,7 +568,8 @@ class PPOTrainer:
                 idx = order[start : start + cfg.mini_batch_size].to(self.accelerator.device)
                 mb = {key: value[idx] for key, value in b.items() if value.dim()}
                 mb_positions = position_ids(mb["attention_mask"])
-                logits, values = self.model(mb["input_ids"], mb["attention_mask"], mb_positions)
+                with autocast():
+                    logits, values = self.model(mb["input_ids"], mb["attention_mask"], mb_positions)
                 logits = logits[:, context - 1 : -1] / cfg.temperature
                 new_logp = response_logprobs(logits, mb["input_ids"][:, context:])
                 new_v = values[:, context - 1 : -1]
@@ -521,15 +608,16 @@ class PPOTrainer:
             rewards = -kl_coef * kl
             last = b["mask"].sum(1).long() - 1
             rewards[torch.arange(len(last)), last] += b["scores"]
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, b["mask"], shift_mean=False)
+            if cfg.whiten_rewards:  # moments over every process's tokens
+                rewards = masked_whiten(rewards, b["mask"], False, self._sum_all)
             # 5. GAE advantages and returns
             b["advantages"], b["returns"] = gae(rewards, b["values"], b["mask"], cfg.gamma, cfg.lam)
             if cfg.norm_adv:
-                b["advantages"] = masked_whiten(b["advantages"], b["mask"])
+                b["advantages"] = masked_whiten(b["advantages"], b["mask"], True, self._sum_all)
             # 6. ppo_epochs passes of clipped policy and value updates
             update_stats = self.ppo_update(b)
-            # 7. adaptive KL controller, on the KL summed over each response
+            # 7. adaptive KL controller, on the KL summed over each response of every process,
+            #    so every process holds the same beta
             kl_mean = self._gathered_mean(kl.sum(1))
             if cfg.adaptive_kl:
                 self.kl_ctl.update(kl_mean, cfg.batch_size * self.accelerator.num_processes)
@@ -548,7 +636,9 @@ class PPOTrainer:
                 "objective/non_score_reward": -kl_coef * kl_mean,
                 "objective/rlhf_reward": reward_mean - kl_coef * kl_mean,
                 **update_stats,
-                "val/explained_variance": explained_variance(b["values"], b["returns"], b["mask"]),
+                "val/explained_variance": explained_variance(
+                    b["values"], b["returns"], b["mask"], self._sum_all
+                ),
                 "time/batch_seconds": time.monotonic() - started,
             }
             history.append(metrics)
@@ -559,15 +649,21 @@ class PPOTrainer:
         return history
 
     def save(self, output_dir: str | Path) -> Path:
-        """The policy (LoRA merged, no value head) and tokenizer, plus ppo_config.json."""
+        """The policy (LoRA merged, no value head) in the checkpoint's dtype, the tokenizer,
+        ``rlaif_stage.json`` (config and precision record) and ppo_config.json.
+
+        A copy is merged and cast, so training can go on after ``save()``. Only the main
+        process writes; every process returns once the folder is complete.
+        """
         output_dir = Path(output_dir)
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            lm = self.accelerator.unwrap_model(self.model).lm
-            if self.config.use_lora:
-                lm = copy.deepcopy(lm).merge_and_unload()  # a copy: training can go on
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lm.save_pretrained(output_dir)
-            self.tokenizer.save_pretrained(output_dir)
+        if is_main_process():
+            lm = copy.deepcopy(self.accelerator.unwrap_model(self.model).lm)
+            extra = {"stage": "ppo", "config": self.config.model_dump()}
+            save_for_vllm(lm, self.tokenizer, output_dir, extra, dtype=self.save_dtype)
+            del lm
             (output_dir / "ppo_config.json").write_text(self.config.model_dump_json(indent=2))
+        else:
+            wait_for_everyone()  # the barrier save_for_vllm ends with on the main process
+        self.accelerator.wait_for_everyone()
         return output_dir

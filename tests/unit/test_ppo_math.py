@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from pydantic import ValidationError
 from alignment.training.ppo import (
     AdaptiveKLController,
     PPOConfig,
+    explained_variance,
     gae,
     kl_penalty,
     masked_mean,
+    masked_moments,
     masked_whiten,
     policy_loss,
     truncate_after_eos,
@@ -111,10 +114,101 @@ def test_adaptive_kl_controller_moves_by_the_documented_amount():
 
 def test_truncate_after_eos():
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])
-    out, mask, has_eos = truncate_after_eos(responses, eos_id=2, pad_id=0)
+    out, mask, has_eos = truncate_after_eos(responses, [2], pad_id=0)
     assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert has_eos.tolist() == [True, False]
+
+
+def test_truncate_after_the_first_of_any_end_token():
+    # end tokens 2 (the tokenizer's EOS) and 4 (a second one, as Qwen's <|endoftext|>)
+    responses = torch.tensor([[5, 4, 7, 2], [5, 2, 4, 8], [4, 6, 7, 8], [5, 6, 7, 8]])
+    out, mask, has_eos = truncate_after_eos(responses, [2, 4], pad_id=0)
+    assert out.tolist() == [[5, 4, 0, 0], [5, 2, 0, 0], [4, 0, 0, 0], [5, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, True, True, False]
+
+
+def all_reduce_among_threads(world: int):
+    """sum_all for each of ``world`` threads: what torch.distributed.all_reduce(SUM) does
+    among processes, so the distributed statistics run here without a process group."""
+    barrier, slots = threading.Barrier(world, timeout=10), [None] * world
+
+    def for_rank(rank: int):
+        def sum_all(x: torch.Tensor) -> torch.Tensor:
+            slots[rank] = x.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()  # everyone has read the slots before they are reused
+            return total
+
+        return sum_all
+
+    return for_rank
+
+
+def on_two_ranks(fn, tensors: list[torch.Tensor], rows: int) -> list:
+    """fn(*rank's rows of tensors, sum_all) with rows [:rows] on rank 0 and [rows:] on rank 1,
+    each rank in its own thread."""
+    sums, results, errors = all_reduce_among_threads(2), [None, None], []
+    shares = [[t[:rows] for t in tensors], [t[rows:] for t in tensors]]
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(*shares[rank], sums(rank))
+        except Exception as error:  # raised again in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(rank,), daemon=True) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_distributed_whitening_equals_whitening_the_whole_batch():
+    # Two ranks with different value ranges and different token counts: the whitening must use
+    # the moments of all tokens of both ranks, as if the batch sat on one process.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(3, 6, generator=gen), 5 + 3 * torch.randn(2, 6, generator=gen)])
+    mask = (torch.arange(6) < torch.tensor([[6], [2], [4], [6], [5]])).float()
+    whole_mean, whole_var = masked_moments(x, mask)
+    assert whole_mean.item() == pytest.approx(masked_mean(x, mask).item(), rel=1e-5)
+    assert whole_var.item() == pytest.approx(
+        masked_mean((x - whole_mean) ** 2, mask).item(), rel=1e-5
+    )
+    for shift_mean in (True, False):
+        whole = masked_whiten(x, mask, shift_mean)
+        parts = on_two_ranks(
+            lambda xr, mr, sum_all, shift=shift_mean: masked_whiten(xr, mr, shift, sum_all),
+            [x, mask],
+            rows=3,
+        )
+        assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
+        per_rank = torch.cat(
+            [masked_whiten(x[:3], mask[:3], shift_mean), masked_whiten(x[3:], mask[3:], shift_mean)]
+        )
+        assert not torch.allclose(per_rank, whole, atol=0.1)  # per-process whitening differs
+
+    moments = on_two_ranks(masked_moments, [x, mask], rows=3)
+    for mean, var in moments:  # every rank holds the same moments
+        assert mean.item() == pytest.approx(whole_mean.item(), rel=1e-5)
+        assert var.item() == pytest.approx(whole_var.item(), rel=1e-5)
+
+
+def test_distributed_explained_variance_equals_the_whole_batch():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randn(4, 5, generator=gen)
+    pred = (
+        target + 0.5 * torch.randn(4, 5, generator=gen) + torch.tensor([[0.0], [0.0], [1.0], [1.0]])
+    )
+    mask = (torch.arange(5) < torch.tensor([[5], [3], [4], [2]])).float()
+    whole = explained_variance(pred, target, mask)
+    both = on_two_ranks(explained_variance, [pred, target, mask], rows=2)
+    assert both == pytest.approx([whole, whole], rel=1e-5)
 
 
 def test_config_reports_bad_values():
