@@ -643,8 +643,21 @@ def export(
 @click.option("--config", "config_path", required=True, type=click.Path(), help="Train YAML.")
 @click.option("--run", "runs", multiple=True, help="Train on these run ids (repeatable).")
 @click.option("--store", default=None, help="Store root (overrides the config's `store`).")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training processes on this machine (overrides `nproc_per_node`); N > 1 runs "
+    "torchrun on 127.0.0.1, one process per GPU or N on CPU.",
+)
 @user_errors
-def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None) -> None:
+def train(
+    stage: str,
+    config_path: str,
+    runs: tuple[str, ...],
+    store: str | None,
+    nproc_per_node: int | None,
+) -> None:
     """Train a stage on rows from the store and register the checkpoint in `models`.
 
     Example: rlaif train sft --config configs/train-demo.yaml
@@ -652,6 +665,8 @@ def train(stage: str, config_path: str, runs: tuple[str, ...], store: str | None
     from flows.training import has_training_rows, load_train_config, no_rows_message, train_flow
 
     overrides: dict[str, Any] = {"store": store} if store else {}
+    if nproc_per_node is not None:
+        overrides["nproc_per_node"] = nproc_per_node
     config = load_train_config(config_path, overrides)
     if runs:
         config = config.model_copy(
@@ -782,6 +797,8 @@ def judge_eval_command(
         judge_settings(config, mode)
     except ValidationError as error:
         _fail(f"error: --mode {mode}: {error.errors()[0]['msg'].removeprefix('Value error, ')}")
+    if mode is not None and config_path is not None:
+        _check_judge_mode(config_path, overrides, mode)
     # vLLM logs to stdout by default, which would break `--format json | jq`.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     result = evaluate_judge(config, data, mode=mode, limit=limit)  # bad data: user_errors
@@ -790,6 +807,17 @@ def judge_eval_command(
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_judge_eval(summary, result.run_id, data, result.reused)
+
+
+def _check_judge_mode(config_path: str, overrides: dict[str, Any], mode: str) -> None:
+    """The config validated again with --mode as its judge.mode, so a judge that cannot
+    answer in that mode (e.g. its tokenizer has no single-token labels) is refused at its
+    `model:` line before anything is written."""
+    from alignment.yaml_spec import load_yaml
+    from flows.config import load_config
+
+    section = load_yaml(config_path).data.get("judge") or {}  # a mapping: it loaded once
+    load_config(config_path, {**overrides, "judge": {**section, "mode": mode}})
 
 
 def _print_judge_eval(summary: dict[str, Any], run_id: str, data: str, reused: bool) -> None:

@@ -3,10 +3,22 @@
 A model's id is a hash of its stage, its starting model, the exact rows it saw
 and its config, so asking for the same training twice finds the registered
 model instead of training again.
+
+With ``nproc_per_node`` N > 1 the stage runs under torchrun (N processes on this
+machine, gloo on CPU): the driver, the store's one writer, writes the job as a spec
+and JSONL rows in a scratch folder under the store, launches
+``alignment.training.launch``, and registers what its ``result.json`` says once
+every rank reports the same final weights.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -18,14 +30,17 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.ids import content_id
-from alignment.training.dpo import train_dpo
-from alignment.training.online_rl import train_online_rl
-from alignment.training.ppo import PPOTrainer, reward_model_fn
-from alignment.training.reward import train_reward_model
-from alignment.training.sft import train_sft
+from alignment.training.launch import (
+    REWARD_STAGES,
+    StageJob,
+    rank_digests,
+    read_result,
+    run_stage,
+    write_spec,
+)
 from alignment.yaml_spec import load_yaml
-from flows.config import TINY, StageConfigs, config_from_data
-from flows.models import embedded_model_path
+from flows.config import TINY, ModelConfig, StageConfigs, config_from_data
+from flows.models import embedded_model_path, model_location
 from flows.training_rows import DataFilter, preference_rows, sft_rows
 from storage import Store
 
@@ -72,6 +87,16 @@ class TrainConfig(StageConfigs):
         description="Reward model for ppo, rloo and grpo: a model_id or folder; "
         "default the latest registered reward model.",
     )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Training processes on this machine: 1 trains in this process; N > 1 "
+        "runs torchrun with N processes (one per GPU, or gloo on CPU). Batch sizes are per "
+        "process, so N is part of the model's id.",
+    )
+    launch_timeout_s: float = Field(
+        86400, gt=0, description="Longest a launched (N > 1) training may run; then stopped."
+    )
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -88,7 +113,8 @@ def resolve_base(store: Store, base_model: str) -> tuple[str, str, str | None]:
         found = store.query("SELECT path, model_id FROM models WHERE model_id = ?", [base_model])
         if found:
             return found[0]["path"], base_model, base_model
-    return base_model, base_model, None
+    # A folder or hub id by its content (or revision), so retraining it in place is seen.
+    return base_model, model_location(ModelConfig.model_construct(model=base_model))[1], None
 
 
 def _lineage(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -110,6 +136,7 @@ def _register(
     stage_config: BaseModel,
     rows: list[dict[str, Any]],
     metrics: dict[str, Any],
+    world_size: int,
 ) -> None:
     run_id = f"train-{model_id[:16]}"
     store.write(
@@ -127,6 +154,7 @@ def _register(
                 "run_id": run_id,
                 "created_at": datetime.now(UTC),
                 "config": stage_config.model_dump(mode="json"),
+                "world_size": world_size,
                 **_lineage(rows),
             }
         ],
@@ -149,9 +177,6 @@ class StageRun:
         data = self.config.data.as_filter()
         return reader(self.store, replace(data, split=split) if split else data)
 
-    def reward_model(self) -> str:
-        return resolve_reward_model(self.store, self.config)[0]
-
 
 def resolve_reward_model(store: Store, config: TrainConfig) -> tuple[str, str]:
     """(folder, identity) of the reward model an RL stage learns from: the named one,
@@ -170,8 +195,7 @@ def resolve_reward_model(store: Store, config: TrainConfig) -> tuple[str, str]:
     return latest[0]["path"], latest[0]["model_id"]
 
 
-# Each stage: the rows it trains on, read from the store, then training on them.
-Trained = tuple[Path, dict[str, Any]]
+# Each stage: the rows it trains on, read from the store.
 
 
 def _preference_rows(run: StageRun) -> list[dict[str, Any]]:
@@ -187,59 +211,115 @@ def _prompt_rows(run: StageRun) -> list[dict[str, Any]]:
     return list({row["prompt_id"]: row for row in run.rows(preference_rows)}.values())
 
 
-def _sft(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
-    result = train_sft(run.base_path, rows, run.config.sft, run.output)
-    return result.path, result.metrics
-
-
-def _reward(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
-    held_out = run.rows(preference_rows, split="eval") or None
-    result = train_reward_model(
-        run.base_path, None, rows, held_out, rows, run.config.reward, run.output
-    )
-    return result.path, result.metrics
-
-
-def _dpo(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
-    held_out = run.rows(preference_rows, split="eval") or None
-    result = train_dpo(run.base_path, rows, held_out, run.config.dpo, run.output)
-    return result.path, result.metrics
-
-
-def _ppo(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
-    from transformers import AutoTokenizer
-
-    reward_path = run.reward_model()
-    tokenizer = AutoTokenizer.from_pretrained(run.base_path)
-    prompts = [row["prompt"][0]["content"] for row in rows]
-    trainer = PPOTrainer(
-        run.config.ppo, run.base_path, tokenizer, reward_model_fn(reward_path), prompts
-    )
-    history = trainer.train()
-    path = trainer.save(run.output)
-    return path, {"reward_model": reward_path, "first": history[0], "last": history[-1]}
-
-
-def _online_rl(algorithm: Literal["rloo", "grpo"]) -> Callable[[StageRun, list], Trained]:
-    def train(run: StageRun, rows: list[dict[str, Any]]) -> Trained:
-        reward_path = run.reward_model()
-        result = train_online_rl(
-            algorithm, run.base_path, reward_path, rows, getattr(run.config, algorithm), run.output
-        )
-        return result.path, {"reward_model": reward_path, **result.metrics}
-
-    return train
-
-
-REWARD_STAGES = ("ppo", "rloo", "grpo")  # the stages that learn from a reward model
-STAGES: dict[str, tuple[Callable[[StageRun], list], Callable[[StageRun, list], Trained]]] = {
-    "sft": (_sft_rows, _sft),
-    "reward": (_preference_rows, _reward),
-    "dpo": (_preference_rows, _dpo),
-    "ppo": (_prompt_rows, _ppo),
-    "rloo": (_prompt_rows, _online_rl("rloo")),
-    "grpo": (_prompt_rows, _online_rl("grpo")),
+STAGES: dict[str, Callable[[StageRun], list[dict[str, Any]]]] = {
+    "sft": _sft_rows,
+    "reward": _preference_rows,
+    "dpo": _preference_rows,
+    "ppo": _prompt_rows,
+    "rloo": _prompt_rows,
+    "grpo": _prompt_rows,
 }
+
+
+def stage_job(
+    run: StageRun, stage: Stage, rows: list[dict[str, Any]], reward_path: str | None
+) -> StageJob:
+    """What a stage trains on, without the store: reward and dpo also hold out the eval
+    split's pairs (none: a fraction of the rows); reward normalises on its training rows."""
+    held_out = run.rows(preference_rows, split="eval") if stage in ("reward", "dpo") else []
+    return StageJob(
+        stage,
+        run.base_path,
+        rows,
+        getattr(run.config, stage).model_dump(mode="json"),
+        str(run.output),
+        eval_rows=held_out or None,
+        reward_model=reward_path,
+    )
+
+
+# --- launched training (nproc_per_node > 1) ---------------------------------------------------
+
+
+def launch_stage(
+    job: StageJob, folder: Path, nproc: int, timeout_s: float, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Train ``job`` on ``nproc`` processes of this machine and return its result.json.
+
+    The spec and rows go to ``folder`` (removed after success, kept for a look after a
+    failure); each output line of the launch goes to ``log``.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    results = folder / "results"
+    spec = write_spec(replace(job, results=str(results)), folder)
+    command = [sys.executable, "-m", "alignment.training.launch"]
+    code = run_logged([*command, "--nproc-per-node", str(nproc), str(spec)], timeout_s, log)
+    if code != 0:
+        raise RuntimeError(
+            f"{job.stage} training on {nproc} processes failed (exit {code}); "
+            f"its spec, rows and partial results are in {folder}"
+        )
+    result = read_result(results)
+    digests = rank_digests(results)
+    if result["world_size"] != nproc or sorted(digests) != list(range(nproc)):
+        raise RuntimeError(
+            f"{job.stage} training asked for {nproc} processes but ran on "
+            f"{result['world_size']} (ranks reporting: {sorted(digests)}); see {folder}"
+        )
+    if len(set(digests.values())) != 1 or "" in digests.values():
+        raise RuntimeError(
+            f"{job.stage} training ended with different weights on its ranks {digests} "
+            f"(empty: no digest taken); nothing registered; see {folder}"
+        )
+    shutil.rmtree(folder)
+    return result
+
+
+def run_logged(command: list[str], timeout_s: float, log: Callable[[str], None]) -> int:
+    """Run ``command`` with each output line sent to ``log``; its exit code. Past
+    ``timeout_s``, or if the caller is interrupted, its process group (torchrun and its
+    workers) is stopped: SIGTERM, then SIGKILL after 30 s."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,  # its own process group, led by its pid
+    )
+
+    def forward() -> None:
+        for line in process.stdout:
+            line = line.rstrip().rsplit("\r", 1)[-1]  # a progress bar's last state
+            if line.strip():
+                log(line)
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    try:
+        code = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        log(f"stopping {command[-1]}: still running after {timeout_s:.0f} s")
+        _stop(process)
+        code = process.returncode
+    except BaseException:
+        _stop(process)
+        raise
+    reader.join(timeout=10)
+    return code
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _row_id(row: dict[str, Any]) -> str:
@@ -255,7 +335,7 @@ def no_rows_message(config: TrainConfig, stage: str) -> str:
 
 def has_training_rows(config: TrainConfig, stage: str) -> bool:
     """Whether the stage would find rows (checked before a flow starts)."""
-    read_rows = STAGES[stage][0]
+    read_rows = STAGES[stage]
     return bool(read_rows(StageRun(Store(config.store), config, "", Path())))
 
 
@@ -267,22 +347,43 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
     store = Store(config.store)
     path, base_name, parent = resolve_base(store, config.base_model)
     stage_config = getattr(config, stage)
-    read_rows, train = STAGES[stage]
     run = StageRun(store, config, path, Path())
-    rows = read_rows(run)
+    rows = STAGES[stage](run)
     if not rows:
         raise ValueError(no_rows_message(config, stage))
-    reward = resolve_reward_model(store, config)[1] if stage in REWARD_STAGES else None
+    reward_path, reward = (
+        resolve_reward_model(store, config) if stage in REWARD_STAGES else (None, None)
+    )
+    # Batch sizes are per process: N processes train a different model. One process keeps
+    # the ids of models registered before the option existed.
+    nproc = config.nproc_per_node
+    scale = [{"world_size": nproc}] if nproc > 1 else []
     model_id = content_id(
-        "model", stage, base_name, sorted(map(_row_id, rows)), reward, stage_config.model_dump()
+        "model",
+        stage,
+        base_name,
+        sorted(map(_row_id, rows)),
+        reward,
+        stage_config.model_dump(),
+        *scale,
     )
     if store.existing_keys("models", [model_id]):
         logger.info("%s model %s is already registered; nothing to train", stage, model_id)
         return model_id
     run = replace(run, output=store.root / "models" / f"{stage}-{model_id[:12]}")
-    logger.info("training %s on %d rows from %s", stage, len(rows), base_name)
-    saved, metrics = train(run, rows)
-    _register(store, stage, model_id, saved, base_name, parent, config, stage_config, rows, metrics)
+    job = stage_job(run, stage, rows, reward_path)
+    logger.info(
+        "training %s on %d rows from %s, %d process(es)", stage, len(rows), base_name, nproc
+    )
+    if nproc == 1:
+        saved, metrics, _ = run_stage(job, fingerprint=False)  # one process: nothing to compare
+    else:
+        folder = store.root / "launches" / f"{stage}-{model_id[:12]}"
+        result = launch_stage(job, folder, nproc, config.launch_timeout_s, logger.info)
+        saved, metrics = Path(result["path"]), result["metrics"]
+    _register(
+        store, stage, model_id, saved, base_name, parent, config, stage_config, rows, metrics, nproc
+    )
     logger.info("registered %s model %s at %s", stage, model_id, saved)
     return model_id
 

@@ -126,6 +126,7 @@ TABLES: dict[str, TableSpec] = {
         # the data it saw: the runs its rows came from, how many, under which constitutions
         strings("data_runs"), integer("examples"), strings("constitution_ids"),
         json_text("config"),
+        integer("world_size"),  # processes that trained it together (null: before this column)
         view="model_registrations",  # `models` adds promotions from `iterations`
     ),
     "evals": _spec(

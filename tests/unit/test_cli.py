@@ -315,6 +315,31 @@ def test_train_with_no_matching_rows_is_refused(store: str) -> None:
     assert Store(store).count("models") == 0
 
 
+def test_train_passes_nproc_per_node_to_the_flow(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.training
+
+    seen = []
+    monkeypatch.setattr(flows.training, "has_training_rows", lambda config, stage: True)
+    monkeypatch.setattr(
+        flows.training, "train_flow", lambda config, stage: seen.append(config) or "m-2"
+    )
+    args = ("train", "dpo", "--config", str(TRAIN_CONFIG), "--store", store)
+    result = rlaif(*args, "--nproc-per-node", "2")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "dpo model m-2 registered\n", "")
+    assert rlaif(*args).exit_code == 0
+    assert [config.nproc_per_node for config in seen] == [2, 1]  # 1: the config's default
+
+
+def test_train_refuses_nproc_per_node_below_one(store: str) -> None:
+    result = rlaif("train", "dpo", "--config", str(TRAIN_CONFIG), "--nproc-per-node", "0")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.endswith(
+        "Error: Invalid value for '--nproc-per-node': 0 is not in the range x>=1.\n"
+    )
+
+
 # --- judge eval ------------------------------------------------------------------------
 
 GOLD = [

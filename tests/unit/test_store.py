@@ -72,7 +72,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "model_id": "m1", "stage": "dpo", "path": "/models/m1", "base_model": "tiny",
         "parent_model_id": None, "iteration": 1, "metrics": '{"loss": 0.5}', "promoted": False,
         "run_id": RUN, "created_at": NOW, "data_runs": [RUN], "examples": 8,
-        "constitution_ids": ["c1"], "config": '{"beta": 0.1}',
+        "constitution_ids": ["c1"], "config": '{"beta": 0.1}', "world_size": 1,
     },
     "evals": {
         "eval_id": "v1", "model_id": "m1", "baseline_model_id": "m0", "metric": "win_rate",
