@@ -3,7 +3,8 @@
 Each benchmark module has a `markdown(result)` function; its table goes between the
 markers `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` of docs/benchmarks.md, and the
 prose around the markers stays as written. A result file that is missing leaves its
-section as it is. `make bench` runs this last.
+section as it is, but for the sections of `NOT_RUN`, which then say so (the GPU check needs
+a device machine, which only some sessions are lent). `make bench` runs this last.
 
     .venv/bin/python bench/report.py
 """
@@ -20,7 +21,9 @@ from types import ModuleType
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # the scripts import bench/common.py as `common`
 DOC = BENCH.parent / "docs" / "benchmarks.md"
-SECTIONS = ("store", "stages", "training", "scaling")  # bench/<name>.py, results/<name>.json
+SECTIONS = ("store", "stages", "training", "scaling", "gpu")  # bench/<name>.py, results/<name>.json
+# Sections whose missing result is written as this line instead of leaving the section alone.
+NOT_RUN = {"gpu": "not run: no device was lent to this session"}
 
 
 def module(name: str) -> ModuleType:
@@ -39,16 +42,26 @@ def replace_section(doc: str, name: str, table: str) -> str:
     return pattern.sub(lambda m: m.group(1) + table.rstrip("\n") + "\n" + m.group(2), doc)
 
 
-def main() -> None:
-    doc = DOC.read_text()
+def render(doc: str, results: Path = BENCH / "results") -> str:
+    """``doc`` with each section's table from ``results/<name>.json``."""
     for name in SECTIONS:
-        result = BENCH / "results" / f"{name}.json"
+        result = results / f"{name}.json"
+        if not result.is_file() and name in NOT_RUN:
+            doc = replace_section(doc, name, NOT_RUN[name])
+            print(f"docs/benchmarks.md: {name}: {NOT_RUN[name]}")
+            continue
         if not result.is_file():
             print(f"{result}: not measured yet; section {name} left as it is", file=sys.stderr)
             continue
         table = module(name).markdown(json.loads(result.read_text()))
         doc = replace_section(doc, name, table)
-        print(f"docs/benchmarks.md: {name} from {result.relative_to(BENCH.parent)}")
+        shown = result.relative_to(BENCH.parent) if result.is_relative_to(BENCH.parent) else result
+        print(f"docs/benchmarks.md: {name} from {shown}")
+    return doc
+
+
+def main() -> None:
+    doc = render(DOC.read_text())
     tmp = DOC.with_suffix(".md.tmp")
     tmp.write_text(doc)
     tmp.replace(DOC)
