@@ -410,6 +410,12 @@ class LoopConfig(BaseModel):
         description="Shut the vLLM engine down before training (and start it again after): "
         "for GPUs too small to hold the engine and the trainer at once.",
     )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Processes each iteration's training runs on (torchrun, one per GPU, or "
+        "gloo on CPU); 1 trains in the loop's own process.",
+    )
 
     @field_validator("judge_audit")
     @classmethod

@@ -190,7 +190,12 @@ def train_candidate(
     (candidate, the reward model it learnt from, if any)."""
     settings = config.loop.train.model_dump()
     data = DataConfig(pairs=pairs, split="train")
-    common = {"store": config.store, "iteration": k, "data": data}
+    common = {
+        "store": config.store,
+        "iteration": k,
+        "data": data,
+        "nproc_per_node": config.loop.nproc_per_node,
+    }
     method = config.loop.method
     reward_model = None
     if method != "dpo":  # the RL methods learn from a reward model trained on the pairs

@@ -365,3 +365,21 @@ def test_unfinished_session_is_resumed(tmp_path: Path) -> None:
 
     store.write("runs", [run_event("loop-demo-0001", 3, "completed", 10)], "loop-demo-0001")
     assert unfinished_session(store, "demo") is None
+
+
+@pytest.mark.parametrize("method", ["dpo", "ppo"])
+def test_each_iteration_trains_on_the_loops_processes(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """loop.nproc_per_node reaches every stage an iteration trains (the reward model too)."""
+    asked: list[tuple[str, int]] = []
+
+    def train_stage(config, stage):
+        asked.append((stage, config.nproc_per_node))
+        return f"{stage}-model"
+
+    monkeypatch.setattr(flows.loop, "train_stage", train_stage)
+    config = pipeline(loop={"name": "t", "method": method, "nproc_per_node": 2})
+    flows.loop.train_candidate(config, 1, INCUMBENT, ["pair-1"])
+    stages = ["reward", method] if method != "dpo" else ["dpo"]
+    assert asked == [(stage, 2) for stage in stages]
