@@ -5,9 +5,11 @@ baseline; the judge compares them in both orders under one sampled principle
 (the same protocol as the preference data). The metrics are built so that a
 collapsed candidate cannot pass as a good one:
 
-- ``win_rate`` (Wilson interval) counts a model-judged comparison whose two
-  orders disagree as a tie: the judge then preferred a position, not a response.
-- ``lc_win_rate`` is the win rate at equal length (AlpacaEval-LC): a judge that
+- ``win_rate`` (hard: win 1, tie ½, loss 0; Wilson interval) and ``mean_p_win``
+  (soft: the judge's p_a) count a model-judged comparison whose two orders disagree
+  as a tie: the judge then preferred a position, not a response.
+- ``lc_win_rate`` and ``lc_mean_p_win`` are the same two rates at equal length
+  (AlpacaEval-LC's GLM, fitted on the same outcome as the raw rate): a judge that
   rewards length alone gives 0.5, however long the candidate became.
 - ``kl`` is the exact KL(candidate ‖ baseline) between both models' full
   next-token distributions at the sampling temperature, summed over the
@@ -106,21 +108,53 @@ def _ok(judgments: Sequence[Judgment]) -> list[Judgment]:
     return [j for j in judgments if j.status == "ok" and j.p_a is not None]
 
 
-def win_rate(judgments: Sequence[Judgment], confidence: float = 0.95) -> list[Metric]:
-    """Candidate is side A of every comparison: win 1, tie 1/2, loss 0, over ok judgments.
+def _outcomes(ok: Sequence[Judgment]) -> tuple[np.ndarray, np.ndarray]:
+    """Side A's hard outcome (win 1, tie ½, loss 0) and soft outcome (p_a) per comparison.
 
-    A judge that always names the first option answers "A" in one order and "B" in
-    the other; counted at face value its p_a would still lean to one side, so every
-    position-inconsistent comparison counts as a tie (an always-"A" judge gives 0.5).
+    A position-biased comparison is ½ on both scales: the judge preferred a position, not
+    a response, so an always-"A" judge scores exactly 0.5 on either scale.
+    """
+    hard = np.array([_win(j) for j in ok], dtype=float)
+    soft = np.array([0.5 if _position_biased(j) else j.p_a for j in ok], dtype=float)
+    return hard, soft
+
+
+def _bootstrap_rows(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) row indices drawn with replacement by a seeded generator: intervals
+    computed from them repeat exactly."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def win_rate(
+    judgments: Sequence[Judgment], confidence: float = 0.95, resamples: int = 500, seed: int = 0
+) -> list[Metric]:
+    """Raw rates of the candidate (side A of every comparison) over ok judgments.
+
+    ``win_rate``: hard outcome, win 1, tie ½, loss 0, with its Wilson interval.
+    ``mean_p_win``: soft outcome, the mean p_a, with the percentile interval of a seeded
+    bootstrap over comparisons. A judge that always names the first option answers "A" in
+    one order and "B" in the other; at face value its p_a would still lean to one side, so
+    every position-inconsistent comparison is ½ on both (an always-"A" judge gives 0.5).
     """
     ok = _ok(judgments)
-    wins = sum(_win(j) for j in ok)
+    hard, soft = _outcomes(ok)
+    wins = float(hard.sum())
     low, high = wilson_interval(wins, len(ok), confidence)
+    soft_low, soft_high = (
+        _percentiles(soft[_bootstrap_rows(len(ok), resamples, seed)].mean(axis=1), confidence)
+        if ok
+        else (0.0, 1.0)
+    )
     model_judged = [j for j in ok if j.mode != "checks"]
     consistent = sum(bool(j.position_consistent) for j in model_judged)
     return [
         Metric("win_rate", wins / len(ok) if ok else 0.5, len(ok), low, high),
-        Metric("mean_p_win", sum(j.p_a for j in ok) / len(ok) if ok else 0.5, len(ok)),
+        Metric("mean_p_win", float(soft.mean()) if ok else 0.5, len(ok), soft_low, soft_high),
         Metric(
             "judge_position_consistency",
             consistent / len(model_judged) if model_judged else 1.0,
@@ -130,9 +164,10 @@ def win_rate(judgments: Sequence[Judgment], confidence: float = 0.95) -> list[Me
     ]
 
 
-# L2 on the length slope only: keeps the fit finite when the judge separates the
-# comparisons by length exactly (then the slope would run off to infinity) or when every
-# length difference is 0. Small enough that a pure length preference still fits to ~0.5.
+# Ridge on the length (and difficulty) coefficients, none on the intercept: it keeps the
+# fit finite when the judge separates the comparisons by length exactly (the slope would
+# run off to infinity), and a free intercept leaves the LC rate equal to the raw rate when
+# every length difference is 0. Small enough that a pure length preference fits to ~0.5.
 LC_SLOPE_L2 = 1e-3
 
 
@@ -142,51 +177,99 @@ def lc_win_rate(
     confidence: float = 0.95,
     resamples: int = 500,
     seed: int = 0,
+    difficulty: Mapping[str, float] | None = None,
 ) -> list[Metric]:
-    """Length-controlled win rate (AlpacaEval-LC): the win rate at equal response length.
+    """Length-controlled rates (AlpacaEval-LC, Dubois et al. 2024): the rates at equal length.
 
-    Per ok comparison: the soft outcome y = p_a (a position-biased comparison y = 1/2)
-    and z = (len_A − len_B) / sd over the eval (sd 0 → z = 0), lengths in tokens from
-    ``lengths`` (response id → tokens). Fit y ~ σ(θ0 + θ1 z) by cross-entropy with soft
-    targets; the metric is σ(θ0), the prediction at zero length difference. Its interval
-    is the percentile interval of a seeded bootstrap over comparisons, so it repeats.
+    Per ok comparison (the candidate is side A): the outcome y, the length feature
+    tanh(z) with z = (len_A − len_B) / sd, sd the sample standard deviation of those
+    differences over the eval (not centred, so z = 0 is equal length; sd 0 → z = 0), and,
+    if given, the prompt's ``difficulty`` d. The GLM y ~ σ(θ0 + θ_len·tanh z [+ θ_d·d]) is
+    fitted by cross-entropy with fractional targets (a tie is half a win), and the rate is
+    its prediction with the length term set to 0, averaged over the comparisons:
+    mean σ(θ0 [+ θ_d·d_i]). ``lc_win_rate`` fits the hard outcome of ``win_rate``,
+    ``lc_mean_p_win`` the soft outcome of ``mean_p_win`` (position-biased comparisons ½ on
+    both), so each sits on its raw rate's scale. Interval: percentile of a seeded
+    bootstrap over comparisons, each resample refitted (z standardised again), so it repeats.
+
+    Lengths are in the unit ``lengths`` (response id → length) holds; the eval passes
+    tokens (length_unit: tokens, docs/loop.md). AlpacaEval counts characters; once
+    standardised the two barely differ. ``difficulty`` (prompt id → AlpacaEval's
+    instruction_difficulty, measured elsewhere) is optional: with one comparison per prompt
+    a per-prompt term cannot be fitted from the eval itself, and without it the model is
+    AlpacaEval's ``length_controlled_minimal``.
     """
     ok = [j for j in _ok(judgments) if j.response_b_id is not None]
     if not ok:
         return []
-    y = np.array([0.5 if _position_biased(j) else j.p_a for j in ok], dtype=float)
+    hard, soft = _outcomes(ok)
     diff = np.array([lengths[j.response_a_id] - lengths[str(j.response_b_id)] for j in ok], float)
-    sd = diff.std()
-    z = diff / sd if sd > 0 else np.zeros_like(diff)
-    draws = np.random.default_rng(seed).integers(0, len(ok), size=(resamples, len(ok)))
-    boot = np.array([_fit_at_zero_length(y[d], z[d]) for d in draws])
-    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return [Metric("lc_win_rate", _fit_at_zero_length(y, z), len(ok), float(low), float(high))]
+    extra = None if difficulty is None else np.array([difficulty[j.prompt_id] for j in ok], float)
+    full = np.arange(len(ok))[None]
+    draws = _bootstrap_rows(len(ok), resamples, seed)
+    metrics = []
+    for name, y in (("lc_win_rate", hard), ("lc_mean_p_win", soft)):
+        value = float(_lc_rates(y, diff, extra, full)[0])
+        low, high = _percentiles(_lc_rates(y, diff, extra, draws), confidence)
+        metrics.append(Metric(name, value, len(ok), low, high))
+    return metrics
 
 
-def _fit_at_zero_length(y: np.ndarray, z: np.ndarray) -> float:
-    """σ(θ0) of the soft-target logistic regression y ~ σ(θ0 + θ1 z), by damped Newton."""
-    x = np.column_stack([np.ones_like(z), z])
-    l2 = np.array([0.0, LC_SLOPE_L2])
+def _lc_rates(
+    y: np.ndarray, diff: np.ndarray, extra: np.ndarray | None, rows: np.ndarray
+) -> np.ndarray:
+    """The LC rate of the GLM fitted on each row set of ``rows`` ((R, n) indices): (R,)."""
+    y, diff = y[rows], diff[rows]
+    sd = diff.std(axis=1, ddof=1, keepdims=True) if diff.shape[1] > 1 else np.zeros((len(y), 1))
+    z = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
+    columns = [np.ones_like(z), np.tanh(z)] + ([extra[rows]] if extra is not None else [])
+    x = np.stack(columns, axis=-1)  # (R, n, k): intercept, tanh z [, difficulty]
+    theta = _fit_logistic(x, y)
+    x[..., 1] = 0.0  # equal length
+    return _sigmoid((x @ theta[..., None])[..., 0]).mean(axis=1)
 
-    def loss(theta: np.ndarray) -> float:
-        eta = x @ theta
-        return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * l2 @ theta**2)
 
-    theta = np.zeros(2)
+def _sigmoid(eta: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -eta))
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """θ of R logistic regressions y ~ σ(x·θ) with fractional y at once, by damped Newton.
+
+    x is (R, n, k) with the intercept first (unpenalised), y is (R, n); each fit minimises
+    Σ softplus(x·θ) − y·x·θ + ½ LC_SLOPE_L2 |θ[1:]|² and stops once its step is under 1e-10.
+    """
+    penalty = np.full(x.shape[-1], LC_SLOPE_L2)
+    penalty[0] = 0.0
+
+    def loss(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        eta = (x @ theta[..., None])[..., 0]
+        return np.sum(np.logaddexp(0.0, eta) - y * eta, axis=1) + 0.5 * (penalty * theta**2).sum(1)
+
+    theta = np.zeros(x.shape[::2])
+    current = loss(x, y, theta)
+    active = np.arange(len(theta))  # the fits still moving
     for _ in range(100):
-        p = 1 / (1 + np.exp(-(x @ theta)))
-        grad = x.T @ (p - y) + l2 * theta
+        xa, ya, ta = x[active], y[active], theta[active]
+        p = _sigmoid((xa @ ta[..., None])[..., 0])
+        grad = ((p - ya)[:, None, :] @ xa)[:, 0] + penalty * ta
         # The 1e-9 keeps the Hessian invertible when every prediction saturates (all y = 1).
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + np.diag(l2 + 1e-9)
-        step = np.linalg.solve(hessian, grad)
-        scale = 1.0
-        while loss(theta - scale * step) > loss(theta) and scale > 1e-6:
-            scale /= 2
-        theta = theta - scale * step
-        if np.max(np.abs(scale * step)) < 1e-10:
+        hessian = (xa * (p * (1 - p))[..., None]).transpose(0, 2, 1) @ xa
+        step = np.linalg.solve(hessian + np.diag(penalty + 1e-9), grad[..., None])[..., 0]
+        scale, new = np.ones(len(active)), loss(xa, ya, ta - step)
+        for _ in range(30):  # halve the step of each fit whose loss rose, until none does
+            worse = np.flatnonzero(new > current[active])
+            if not worse.size:
+                break
+            scale[worse] /= 2
+            new[worse] = loss(xa[worse], ya[worse], ta[worse] - scale[worse, None] * step[worse])
+        scale[new > current[active]] = 0.0
+        theta[active] = ta - scale[:, None] * step
+        current[active] = np.minimum(new, current[active])
+        active = active[np.abs(scale[:, None] * step).max(axis=1) >= 1e-10]
+        if not active.size:
             break
-    return float(1 / (1 + np.exp(-theta[0])))
+    return theta
 
 
 # --- Checks and degenerate output -----------------------------------------------------------

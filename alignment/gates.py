@@ -6,21 +6,31 @@ against the incumbent and compares them with a configured bound; a gate set to
 no promotion). A candidate is promoted only when every gate passes, and each
 decision keeps its numbers, so a rejection can be explained from the store.
 
-The judge gates (win rate, length-controlled win rate) can be fooled by a judge
-that prefers a position or a length; the collapse gates (degenerate output,
-unfinished output, length shrink, KL) do not ask the judge, so a candidate
-that stopped answering is refused whatever the judge says.
+The judge gates (win rate, length-controlled win rate, the paired sign test of
+alignment/promotion.py) can be fooled by a judge that prefers a position or a
+length; the collapse gates (degenerate output, unfinished output, length
+shrink, KL) do not ask the judge, so a candidate that stopped answering is
+refused whatever the judge says.
+
+A gate that cannot apply to the judge's mode (position consistency for a judge
+that asks no A/B question) passes with ``applicable=False`` and says why,
+rather than passing silently on a figure that is 1.0 by construction.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.evaluation import Metric
+from alignment.promotion import ALPHA, EFFECT, POWER, SignTest
+
+# Judge modes (JudgeConfig.mode) that ask no A/B question: no option order, so no
+# position bias to measure (the eval's judge/order_free metric is 1.0 for them).
+ORDER_FREE_MODES = ("contrast", "likelihood")
 
 
 class GateConfig(BaseModel):
@@ -40,12 +50,21 @@ class GateConfig(BaseModel):
         description="The lower end of the length-controlled win rate's bootstrap interval "
         "must be above this (AlpacaEval-LC: the win rate at equal length).",
     )
+    promotion_alpha: float | None = Field(
+        ALPHA,
+        gt=0.0,
+        lt=1.0,
+        description="The one-sided sign test of the candidate's decided comparisons (ties "
+        "and position-inconsistent ones dropped) against the incumbent must give p < this: "
+        "an incumbent-equal candidate is promoted at most this often.",
+    )
     min_judge_accuracy: float | None = Field(
         None,
         ge=0.0,
         le=1.0,
-        description="The win-rate gates pass only if the judge's accuracy on the gold audit "
-        "set (metric judge/accuracy) is at least this: an untrusted judge's win rate is noise.",
+        description="The judge gates (win rates, paired test) pass only if the judge's "
+        "accuracy on the gold audit set (metric judge/accuracy) is at least this: an "
+        "untrusted judge's win rate is noise.",
     )
     max_violation_increase: float | None = Field(
         0.0,
@@ -84,7 +103,8 @@ class GateConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="The judge must agree with itself across both orders at least this often "
-        "(a judge that does not is guessing, and its win rate means nothing).",
+        "(a judge that does not is guessing, and its win rate means nothing). Not applicable "
+        "to an order-free judge (contrast, likelihood).",
     )
 
 
@@ -96,12 +116,18 @@ class GateResult:
     threshold: float
     passed: bool
     message: str
+    applicable: bool = True  # False: the gate cannot apply (it passes, and says why)
+    numbers: dict[str, float | None] | None = None  # the figures behind the verdict
 
     def as_dict(self) -> dict:
-        """JSON-safe: an unbounded value (e.g. growth from empty answers) becomes None."""
+        """JSON-safe: an unbounded number (e.g. growth from empty answers) becomes None."""
         row = asdict(self)
         if row["value"] is not None and not math.isfinite(row["value"]):
             row["value"] = None
+        if row["numbers"] is not None:
+            row["numbers"] = {
+                k: v if v is None or math.isfinite(v) else None for k, v in row["numbers"].items()
+            }
         return row
 
 
@@ -120,6 +146,8 @@ def check_gates(gates: GateConfig, metrics: Mapping[str, Metric]) -> list[GateRe
                 distrust, metrics,
             )
         )  # fmt: skip
+    if gates.promotion_alpha is not None:
+        results.append(_paired_gate(gates.promotion_alpha, distrust, metrics))
     if gates.max_violation_increase is not None:
         results.append(_violation_gate(gates.max_violation_increase, metrics))
     if gates.max_degenerate_increase is not None:
@@ -163,17 +191,7 @@ def check_gates(gates: GateConfig, metrics: Mapping[str, Metric]) -> list[GateRe
             )
         )  # fmt: skip
     if gates.min_position_consistency is not None:
-        consistency = metrics.get("judge_position_consistency")
-        value = consistency.value if consistency else None
-        results.append(
-            _result(
-                "min_position_consistency", "judge_position_consistency", value,
-                gates.min_position_consistency,
-                value is not None and value >= gates.min_position_consistency,
-                f"judge consistent in {value:.1%} of {consistency.n} model-judged comparisons"
-                if consistency else "not measured",
-            )
-        )  # fmt: skip
+        results.append(_consistency_gate(gates.min_position_consistency, metrics))
     return results
 
 
@@ -203,6 +221,62 @@ def _interval_gate(
     else:
         detail = f"{label} {found.value:.3f}, interval low {_fmt(low)} (n={found.n})"
     return _result(gate, f"{name} (ci_low)", low, bound, passed, distrust or detail)
+
+
+def _paired_gate(alpha: float, distrust: str | None, metrics: Mapping[str, Metric]) -> GateResult:
+    """The sign test's p-value (alignment/promotion.py) must be below α, and the judge
+    behind it trusted; the numbers say how many eval prompts a 60 % candidate needs."""
+    wins, decided = metrics.get("paired/wins"), metrics.get("paired/n")
+    if wins is None or decided is None:
+        return _result(
+            "promotion_alpha", "paired/p_value", None, alpha, False, "paired test not measured"
+        )
+    test = SignTest(round(wins.value), round(decided.value), decided.n)
+    p, needed = test.p_value, test.prompts_needed(alpha)
+    undecided = test.comparisons - test.n
+    numbers = {
+        "wins": float(test.wins), "n": float(test.n), "comparisons": float(test.comparisons),
+        "tie_rate": test.tie_rate, "p_value": p, "alpha": alpha, "prompts_needed": needed,
+    }  # fmt: skip
+    if test.n == 0:
+        detail = f"no decided comparison: all {test.comparisons} tied or position-inconsistent"
+    else:
+        verdict = "<" if p < alpha else "≥"
+        detail = (
+            f"sign test {test.wins} wins of {test.n} decided comparisons ({undecided} of "
+            f"{test.comparisons} undecided), p = {p:.3g} {verdict} α {alpha}"
+        )
+    power = f"{EFFECT:.0%} win rate (of decided comparisons) with {POWER:.0%} power"
+    size = f"{needed:.0f} prompts" if needed < math.inf else "no eval size (every comparison tied)"
+    result = _result(
+        "promotion_alpha", "paired/p_value", p, alpha, distrust is None and p < alpha,
+        f"{distrust or detail}; detecting a {power} at α {alpha} needs {size}",
+    )  # fmt: skip
+    return replace(result, numbers=numbers)
+
+
+def _consistency_gate(bound: float, metrics: Mapping[str, Metric]) -> GateResult:
+    """The judge's position consistency, where the judge has an option order to be
+    consistent about: an order-free mode, or an eval decided by checks alone, has none."""
+    gate, metric = "min_position_consistency", "judge_position_consistency"
+    consistency, order_free = metrics.get(metric), metrics.get("judge/order_free")
+    if order_free is not None and order_free.value == 1.0:
+        why = "the judge's mode (contrast, likelihood) asks no A/B question, so has no option order"
+        return _not_applicable(gate, metric, bound, why)
+    if consistency is not None and consistency.n == 0:
+        why = "no model-judged comparison to be consistent in"
+        return _not_applicable(gate, metric, bound, why)
+    value = consistency.value if consistency else None
+    return _result(
+        gate, metric, value, bound, value is not None and value >= bound,
+        f"judge consistent in {value:.1%} of {consistency.n} model-judged comparisons"
+        if consistency else "not measured",
+    )  # fmt: skip
+
+
+def _not_applicable(gate: str, metric: str, threshold: float, why: str) -> GateResult:
+    """Passes (it cannot refuse anything) but says so: value None, applicable False."""
+    return GateResult(gate, metric, None, threshold, True, f"{gate} not applicable: {why}", False)
 
 
 def _increase_gate(

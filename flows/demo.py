@@ -158,20 +158,39 @@ def proof_lines(proof: Proof) -> list[str]:
     lines.append("")
     lines.append("Each candidate against the starting policy (eval split)")
     for step in proof.steps:
-        vs = step.versus_start
-        failed = [g["gate"] for g in step.gates if not g.get("passed")]
-        lines.append(
-            f"  iteration {step.iteration}: {step.decision}"
-            + (f" (failed: {', '.join(failed)})" if failed else "")
-            + f"; LC win rate {_fmt(vs.get('lc_win_rate'))}"
-            + f", win rate {_fmt(vs.get('win_rate'))}"
-            + f", length {_fmt(vs.get('length'), 1)} vs {_fmt(vs.get('baseline/length'), 1)}"
-            + f" tokens, KL {_fmt(vs.get('kl'), 2)}"
-            + f", violations {_fmt(vs.get('violation_rate'))}"
-        )
+        lines.extend(step_lines(step))
     lines.append("")
     lines.extend(goal_lines(proof))
     return lines
+
+
+# The two scales of every rate: hard (win 1, tie 1/2, loss 0) and soft (the judge's p_a),
+# each raw and length-controlled (alignment/evaluation.py), as (label, raw, LC) metrics.
+RATE_LINES = (
+    ("win rate (hard)", "win_rate", "lc_win_rate"),
+    ("mean p(win) (soft)", "mean_p_win", "lc_mean_p_win"),
+)
+
+
+def step_lines(step: Step) -> list[str]:
+    """One iteration: its decision and figures, then one line per scale, raw and LC."""
+    vs = step.versus_start
+    failed = [g["gate"] for g in step.gates if not g.get("passed")]
+    head = f"  iteration {step.iteration}: {step.decision}" + (
+        f" (failed: {', '.join(failed)})" if failed else ""
+    )
+    if not vs:
+        return [head + "; not measured against the starting policy"]
+    width = max(len(label) for label, _, _ in RATE_LINES)
+    return [
+        head
+        + f"; length {_fmt(vs.get('length'), 1)} vs {_fmt(vs.get('baseline/length'), 1)}"
+        + f" tokens, KL {_fmt(vs.get('kl'), 2)}, violations {_fmt(vs.get('violation_rate'))}",
+        *(
+            f"    {label:<{width}}  {_fmt(vs.get(raw))}, length-controlled {_fmt(vs.get(lc))}"
+            for label, raw, lc in RATE_LINES
+        ),
+    ]
 
 
 def goal_lines(proof: Proof) -> list[str]:

@@ -29,8 +29,10 @@ from alignment.evaluation import (
     violation_rates,
     win_rate,
 )
+from alignment.gates import ORDER_FREE_MODES
 from alignment.ids import content_id
 from alignment.judge import Candidate
+from alignment.promotion import ALPHA, paired_metrics
 from alignment.prompts import load_prompts
 from alignment.training.reward import RewardScorer
 from flows.config import PipelineConfig
@@ -125,8 +127,12 @@ def evaluate_candidate(
     kls = kl_to_baseline(cand_path, base_path, texts, cand_texts, stopped, config.eval.temperature)
     min_words = config.eval.min_words
     metrics = [
-        *win_rate(judgments, config.eval.confidence),
+        *win_rate(judgments, config.eval.confidence, seed=config.seed),
         *lc_win_rate(judgments, lengths, config.eval.confidence, seed=config.seed),
+        # the sign test at the loop's promotion α (alignment/promotion.py), and whether
+        # the judge has an option order for judge_position_consistency to be about
+        *paired_metrics(judgments, config.loop.gates.promotion_alpha or ALPHA),
+        Metric("judge/order_free", float(config.judge.mode in ORDER_FREE_MODES), len(judgments)),
         *violation_rates(constitution, cand_texts),
         *violation_rates(constitution, base_texts, prefix="baseline/"),
         *degenerate_rates(cand_texts, [c.finish_reason for c in cand], min_words),

@@ -50,8 +50,8 @@ def test_each_iteration_is_recorded_and_the_promoted_candidate_samples_next(loop
         assert (row["decision"] == "rejected") == bool(row["reasons"])
         gates = {g["gate"] for g in json.loads(row["gates"])}
         assert gates == {
-            "max_violation_increase", "max_length_growth", "max_length_shrink", "max_kl",
-            "max_degenerate_increase", "max_no_stop_increase",
+            "promotion_alpha", "max_violation_increase", "max_length_growth",
+            "max_length_shrink", "max_kl", "max_degenerate_increase", "max_no_stop_increase",
         }  # fmt: skip
         kl = store.query(
             "SELECT value FROM evals WHERE run_id = ? AND metric = 'kl'", [row["eval_run_id"]]

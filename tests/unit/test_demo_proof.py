@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.demo import Figure, Proof, Step, goal_lines
+from flows.demo import Figure, Proof, Step, goal_lines, step_lines
 
 
 def step(k: int, decision: str, **figures: float) -> Step:
@@ -43,3 +43,25 @@ def test_a_collapsed_policy_and_a_rejected_loop_are_not_met() -> None:
     text = "\n".join(goal_lines(nothing))
     assert "1: 0.800): NOT met" in text
     assert "LC win rate vs the starting policy: NOT met (no candidate was promoted)" in text
+
+
+def test_each_iteration_prints_both_scales_raw_and_length_controlled_with_intervals() -> None:
+    figures = {
+        "win_rate": Figure(0.812, 32, 0.647, 0.911),
+        "lc_win_rate": Figure(0.79, 32, 0.62, 0.905),
+        "mean_p_win": Figure(0.612, 32, 0.58, 0.64),
+        "lc_mean_p_win": Figure(0.6, 32, 0.57, 0.63),
+        "length": Figure(59.2, 32), "baseline/length": Figure(63.0, 32),
+        "kl": Figure(6.28, 32), "violation_rate": Figure(0.656, 32),
+    }  # fmt: skip
+    promoted = Step(1, "promoted", "m1", [{"gate": "min_win_rate", "passed": True}], figures)
+    assert step_lines(promoted) == [
+        "  iteration 1: promoted; length 59.2 vs 63.0 tokens, KL 6.28, violations 0.656",
+        "    win rate (hard)     0.812 [0.647, 0.911], length-controlled 0.790 [0.620, 0.905]",
+        "    mean p(win) (soft)  0.612 [0.580, 0.640], length-controlled 0.600 [0.570, 0.630]",
+    ]
+    rejected = Step(2, "rejected", "m2", [{"gate": "min_lc_win_rate", "passed": False}], {})
+    assert step_lines(rejected) == [
+        "  iteration 2: rejected (failed: min_lc_win_rate); not measured against the starting "
+        "policy"
+    ]

@@ -11,6 +11,7 @@ import torch
 
 from alignment.constitution import from_dict
 from alignment.evaluation import (
+    Metric,
     degenerate_rates,
     is_repetitive,
     kl_metrics,
@@ -32,9 +33,10 @@ def judgment(
     consistent: bool | None = True,
     a: str = "a",
     b: str = "b",
+    prompt: str = "p",
 ) -> Judgment:
     return Judgment(
-        judgment_id="j", prompt_id="p", response_a_id=a, response_b_id=b, principle_id="x",
+        judgment_id="j", prompt_id=prompt, response_a_id=a, response_b_id=b, principle_id="x",
         constitution_id="c", judge_model="judge", mode=mode, p_a_first=p_a, p_a_second=p_a,
         p_a=p_a, position_consistent=consistent, option_mass=0.9, status=status, rationale=None,
     )  # fmt: skip
@@ -65,14 +67,26 @@ def test_win_rate_counts_ties_and_inconsistent_orders_as_half_and_skips_failed_j
     assert metrics["win_rate"].value == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
     assert metrics["win_rate"].n == 4
     assert metrics["win_rate"].ci_low < metrics["win_rate"].value < metrics["win_rate"].ci_high
-    assert metrics["mean_p_win"].value == pytest.approx((0.8 + 0.3 + 0.5 + 0.9) / 4)
+    # The soft rate on the same comparisons: the inconsistent one is 1/2 there too.
+    assert metrics["mean_p_win"].value == pytest.approx((0.8 + 0.3 + 0.5 + 0.5) / 4)
+    assert (
+        metrics["mean_p_win"].ci_low < metrics["mean_p_win"].value < metrics["mean_p_win"].ci_high
+    )
     assert metrics["judge_position_consistency"].value == pytest.approx(2 / 3)  # checks excluded
     assert metrics["judge_not_ok"].value == 1
 
 
-def test_a_judge_that_always_says_a_gives_exactly_one_half():
+def rates(js: list[Judgment], lengths: dict[str, int], **kwargs) -> dict[str, Metric]:
+    """All four rates by name: win_rate and mean_p_win, raw and length-controlled."""
+    return {m.metric: m for m in [*win_rate(js), *lc_win_rate(js, lengths, **kwargs)]}
+
+
+RATES = ("win_rate", "mean_p_win", "lc_win_rate", "lc_mean_p_win")
+
+
+def test_a_judge_that_always_says_a_gives_exactly_one_half_on_every_rate():
     # Order 1 reads "A" as the candidate, order 2 as the baseline: P1 high, P2 low, and
-    # their mean may lean either way; neither order carries a preference.
+    # their mean leans either way; neither order carries a preference (fooled-metric check).
     js = []
     for i, (p1, p2) in enumerate([(0.95, 0.25), (0.9, 0.05), (0.99, 0.4), (0.8, 0.3)]):
         js.append(
@@ -82,54 +96,168 @@ def test_a_judge_that_always_says_a_gives_exactly_one_half():
             )
         )  # fmt: skip
     lengths = {f"a{i}": 10 + 5 * i for i in range(4)} | {f"b{i}": 12 for i in range(4)}
-    assert {m.metric: m.value for m in win_rate(js)}["win_rate"] == 0.5
-    [lc] = lc_win_rate(js, lengths)
-    assert lc.value == pytest.approx(0.5, abs=1e-9)
+    found = rates(js, lengths)
+    assert [found[name].value for name in RATES] == pytest.approx([0.5] * 4, abs=1e-9)
 
 
-# --- length-controlled win rate -------------------------------------------------------------
+# --- length-controlled rates ----------------------------------------------------------------
 
 
-def comparisons(outcomes: list[float], diffs: list[int]) -> tuple[list[Judgment], dict[str, int]]:
+def comparisons(outcomes, diffs) -> tuple[list[Judgment], dict[str, int]]:
     """Judgments with p_a = outcome, candidate a{i} diffs[i] tokens longer than b{i}."""
-    js = [judgment(y, a=f"a{i}", b=f"b{i}") for i, y in enumerate(outcomes)]
-    lengths = {f"a{i}": 50 + d for i, d in enumerate(diffs)} | {
-        f"b{i}": 50 for i in range(len(diffs))
+    js = [judgment(float(y), a=f"a{i}", b=f"b{i}") for i, y in enumerate(outcomes)]
+    lengths = {f"a{i}": 100 + int(d) for i, d in enumerate(diffs)} | {
+        f"b{i}": 100 for i in range(len(diffs))
     }
     return js, lengths
 
 
+def tanh_z(diffs) -> np.ndarray:
+    """The GLM's length feature: tanh of the difference over its sample sd (not centred)."""
+    diffs = np.asarray(diffs, float)
+    return np.tanh(diffs / diffs.std(ddof=1))
+
+
 def test_a_judge_that_only_prefers_the_longer_answer_gives_lc_one_half():
-    rng = np.random.default_rng(1)
-    diffs = [*rng.integers(1, 30, 36).tolist(), *(-rng.integers(1, 30, 12)).tolist()]
-    js, lengths = comparisons([1.0 if d > 0 else 0.0 for d in diffs], diffs)
-    raw = {m.metric: m for m in win_rate(js)}["win_rate"]
-    [lc] = lc_win_rate(js, lengths)
-    assert raw.value == 0.75  # the candidate is longer in 36 of 48
-    assert lc.value == pytest.approx(0.5, abs=0.05)
-    assert lc.n == 48 and lc.ci_low <= lc.value <= lc.ci_high
-    # A soft preference for length (p_a a smooth function of the difference) fits exactly.
-    sd = np.std(diffs)
-    js, lengths = comparisons([float(1 / (1 + np.exp(-2 * d / sd))) for d in diffs], diffs)
-    assert lc_win_rate(js, lengths)[0].value == pytest.approx(0.5, abs=0.01)
+    # Hard: the longer answer always wins; the candidate is longer in 36 of 48, by 1 to 36
+    # tokens, shorter in 12 by 1 to 12. At equal length this judge has no preference.
+    diffs = [*range(1, 37), *range(-1, -13, -1)]
+    found = rates(*comparisons([float(d > 0) for d in diffs], diffs))
+    assert found["win_rate"].value == found["mean_p_win"].value == 0.75
+    assert found["lc_win_rate"].value == pytest.approx(0.5, abs=0.01)
+    assert found["lc_mean_p_win"].value == pytest.approx(0.5, abs=0.01)
+    assert found["lc_win_rate"].n == 48
+    assert found["lc_win_rate"].ci_low <= 0.5 <= found["lc_win_rate"].ci_high
+    # Soft: p_a is exactly the GLM with no model term, σ(2 tanh z).
+    found = rates(*comparisons(1 / (1 + np.exp(-2 * tanh_z(diffs))), diffs))
+    assert found["mean_p_win"].value > 0.6
+    assert found["lc_mean_p_win"].value == pytest.approx(0.5, abs=0.01)
+    # Hard outcomes drawn from it: the LC rate finds 0.5 within its sampling error.
+    rng = np.random.default_rng(4)
+    diffs = rng.integers(-20, 60, 600)
+    wins = rng.random(600) < 1 / (1 + np.exp(-3 * tanh_z(diffs)))
+    found = rates(*comparisons(wins, diffs))
+    assert found["win_rate"].ci_low > 0.65
+    assert found["lc_win_rate"].value == pytest.approx(0.5, abs=0.03)
+    assert found["lc_win_rate"].ci_low < 0.5 < found["lc_win_rate"].ci_high
 
 
-def test_a_judge_blind_to_length_gives_lc_close_to_the_raw_rate():
+def test_a_judge_that_prefers_the_candidate_at_every_length_gives_lc_equal_to_raw():
+    # At each of 8 length differences, 7 of 10 comparisons are candidate wins: the outcome
+    # does not depend on length, so the fitted slope is 0 and LC is the raw rate exactly.
+    diffs = np.repeat([-25, -12, -4, 0, 3, 9, 20, 40], 10)
+    wins = np.tile([1.0] * 7 + [0.0] * 3, 8)
+    found = rates(*comparisons(wins, diffs))
+    assert found["win_rate"].value == pytest.approx(0.7)
+    assert found["lc_win_rate"].value == pytest.approx(0.7, abs=1e-6)
+    found = rates(*comparisons(np.full(80, 0.7), diffs))  # soft: p_a = 0.7 at every length
+    assert found["lc_mean_p_win"].value == pytest.approx(0.7, abs=1e-6)
+    found = rates(*comparisons(np.ones(80), diffs))  # the candidate wins every comparison
+    assert found["lc_win_rate"].value == pytest.approx(1.0, abs=1e-6)
+    # Random outcomes blind to length: LC and raw agree within sampling error.
     rng = np.random.default_rng(2)
-    diffs = rng.integers(-30, 30, 64).tolist()
-    js, lengths = comparisons([0.99 if u < 0.7 else 0.01 for u in rng.random(64)], diffs)
-    raw = {m.metric: m for m in win_rate(js)}["win_rate"]
-    [lc] = lc_win_rate(js, lengths)
-    assert lc.value == pytest.approx(raw.value, abs=0.05)
-    assert lc.ci_low < raw.value < lc.ci_high
+    found = rates(*comparisons(rng.random(64) < 0.7, rng.integers(-30, 30, 64)))
+    assert found["lc_win_rate"].value == pytest.approx(found["win_rate"].value, abs=0.05)
+    assert found["lc_win_rate"].ci_low < found["win_rate"].value < found["lc_win_rate"].ci_high
+
+
+def test_a_shorter_but_equally_good_candidate_gives_one_half_raw_and_lc():
+    # The candidate is the baseline's answer cut 4 to 30 tokens shorter, and the judge is
+    # blind to length: at every difference it prefers each side once (hard), or gives the
+    # pair p_a = q and 1 - q (soft). Truth: 0.5 on every rate, although z is never 0.
+    diffs = np.repeat(-np.arange(4, 31), 2)
+    found = rates(*comparisons(np.tile([1.0, 0.0], 27), diffs))
+    assert [found[name].value for name in RATES] == pytest.approx([0.5] * 4, abs=1e-6)
+    q = np.linspace(0.55, 0.9, 27)
+    found = rates(*comparisons(np.column_stack([q, 1 - q]).ravel(), diffs))
+    assert found["lc_mean_p_win"].value == pytest.approx(0.5, abs=1e-6)
+    assert found["mean_p_win"].value == pytest.approx(0.5)
+
+
+def test_near_hard_labels_give_the_hard_rates_and_mid_labels_only_the_soft_ones_shrink():
+    # One pattern of who wins (with a length preference), judged with near-hard labels
+    # (0.99 / 0.01) and with a contrast-like judge's mid labels (0.6 / 0.4).
+    rng = np.random.default_rng(5)
+    diffs = rng.integers(-30, 40, 200)
+    wins = rng.random(200) < 1 / (1 + np.exp(-(0.8 + 1.5 * tanh_z(diffs))))
+    sharp = rates(*comparisons(np.where(wins, 0.99, 0.01), diffs))
+    mild = rates(*comparisons(np.where(wins, 0.6, 0.4), diffs))
+    assert sharp["mean_p_win"].value == pytest.approx(0.01 + 0.98 * sharp["win_rate"].value)
+    assert sharp["lc_mean_p_win"].value == pytest.approx(sharp["lc_win_rate"].value, abs=0.02)
+    # The hard rates read the same winners, whatever the judge's confidence ...
+    for name in ("win_rate", "lc_win_rate"):
+        assert mild[name] == sharp[name]
+    # ... the soft ones move 0.2 / 0.98 as far from 0.5 (the LC fit is near-linear there).
+    assert mild["lc_win_rate"].value > 0.6
+    assert mild["lc_mean_p_win"].value - 0.5 == pytest.approx(
+        (sharp["lc_mean_p_win"].value - 0.5) * 0.2 / 0.98, abs=0.01
+    )
 
 
 def test_lc_bootstrap_repeats_and_equal_lengths_need_no_slope():
     js, lengths = comparisons([0.9, 0.8, 0.2, 0.7], [0, 0, 0, 0])  # sd 0: z = 0
     first, second = lc_win_rate(js, lengths, seed=3), lc_win_rate(js, lengths, seed=3)
     assert first == second
-    assert first[0].value == pytest.approx((0.9 + 0.8 + 0.2 + 0.7) / 4, abs=1e-6)
+    found = {m.metric: m.value for m in first}
+    assert found["lc_win_rate"] == pytest.approx(3 / 4, abs=1e-6)  # the raw hard rate
+    assert found["lc_mean_p_win"] == pytest.approx((0.9 + 0.8 + 0.2 + 0.7) / 4, abs=1e-6)
+    assert win_rate(js, seed=3) == win_rate(js, seed=3)
     assert lc_win_rate([judgment(None, status="refusal")], lengths) == []
+
+
+# --- the peer's own code: AlpacaEval 0.6.6 ---------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("glm", ["length_controlled_noreg", "length_controlled_minimal"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_lc_matches_alpaca_eval_get_length_controlled_winrate(glm, soft, tmp_path, monkeypatch):
+    """Our LC rate against alpaca_eval.metrics.get_length_controlled_winrate (the `peers` extra).
+
+    Its annotations: one row per instruction, the row label indexing instruction_difficulty;
+    output_1 the baseline's text, output_2 the model's (length = characters, .str.len());
+    preference 1 (baseline wins) to 2 (model wins), 0 or 1.5 a tie, fractions allowed;
+    generator_1 and generator_2 one name each. Its model: logistic regression of preference - 1
+    on tanh((len_1 - len_2) / sd), instruction_difficulty and a model term (no intercept),
+    L1 with C by 5-fold CV; LC = mean prediction with the length term 0. It downloads the
+    difficulties (tatsu-lab/alpaca_eval df_gamed.csv); here hf_hub_download is stubbed by a
+    file of synthetic ones. The "noreg" formula uses them, "minimal" does not (our default).
+    """
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("alpaca_eval")
+    from alpaca_eval.metrics import glm_winrate
+
+    n, rng = 805, np.random.default_rng(7)  # 805: AlpacaEval's own instruction count
+    hardness = rng.normal(0, 1, n)
+    gamed = tmp_path / "df_gamed.csv"
+    pd.DataFrame({"model": "m", "index": range(n), "instruction_difficulty": hardness}).to_csv(
+        gamed, index=False
+    )
+    monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kwargs: str(gamed))
+    base, cand = rng.integers(200, 2000, n), rng.integers(200, 2500, n)
+    uses_difficulty = glm == "length_controlled_noreg"
+    eta = 0.3 + 1.0 * tanh_z(cand - base) + (0.6 * hardness if uses_difficulty else 0.0)
+    p = 1 / (1 + np.exp(-eta))
+    y = p if soft else (rng.random(n) < p).astype(float)
+    annotations = pd.DataFrame(
+        {"output_1": ["b" * k for k in base], "output_2": ["c" * k for k in cand],
+         "preference": 1 + y, "generator_1": "start", "generator_2": "candidate"}
+    )  # fmt: skip
+    theirs = glm_winrate.get_length_controlled_winrate(
+        annotations, glm_name=glm, save_weights_dir=None, is_warn_extreme_changes=False
+    )
+    js = [
+        judgment(y[i], a=f"c{i}", b=f"b{i}", prompt=f"p{i}") for i in range(n)
+    ]  # the candidate is side A; lengths in characters, as AlpacaEval counts them
+    lengths = {f"c{i}": len(annotations.output_2[i]) for i in range(n)} | {
+        f"b{i}": len(annotations.output_1[i]) for i in range(n)
+    }
+    difficulty = {f"p{i}": float(hardness[i]) for i in range(n)} if uses_difficulty else None
+    ours = rates(js, lengths, difficulty=difficulty, resamples=20)
+    raw, lc = ("mean_p_win", "lc_mean_p_win") if soft else ("win_rate", "lc_win_rate")
+    assert ours[raw].value == pytest.approx(theirs["win_rate"] / 100, abs=1e-9)
+    assert ours[lc].value == pytest.approx(theirs["length_controlled_winrate"] / 100, abs=0.01)
+    assert abs(ours[lc].value - ours[raw].value) > 0.02  # the length term mattered
 
 
 # --- violations and degenerate output -------------------------------------------------------

@@ -1,17 +1,22 @@
 """Promotion gates: each bound, on both sides of its threshold, with the numbers it reports;
-a gate whose metric is missing fails."""
+a gate whose metric is missing fails, and one that cannot apply to the judge says so."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 from pydantic import ValidationError
 
 from alignment.evaluation import Metric
 from alignment.gates import GateConfig, GateResult, check_gates, failed_reasons
+from alignment.judge import Judgment, read_soft_label
+from alignment.promotion import paired_metrics
 
 ALL_OFF = {  # every gate, in check order (min_judge_accuracy is a condition, not a gate)
     "min_win_rate": None,
     "min_lc_win_rate": None,
+    "promotion_alpha": None,
     "max_violation_increase": None,
     "max_degenerate_increase": None,
     "max_no_stop_increase": None,
@@ -44,6 +49,7 @@ def test_defaults() -> None:
     gates = GateConfig()
     assert gates.min_win_rate == 0.5
     assert gates.min_lc_win_rate is None
+    assert gates.promotion_alpha == 0.05
     assert gates.min_judge_accuracy is None
     assert gates.max_violation_increase == 0.0
     assert gates.max_degenerate_increase == 0.05
@@ -55,6 +61,7 @@ def test_defaults() -> None:
     names = [r.gate for r in check_gates(gates, {})]
     assert names == [
         "min_win_rate",
+        "promotion_alpha",
         "max_violation_increase",
         "max_degenerate_increase",
         "max_no_stop_increase",
@@ -162,9 +169,101 @@ def test_an_untrusted_judge_fails_the_win_rate_gates(gate: str, found: Metric) -
     assert unmeasured.message == f"{gate} failed: judge not trusted: judge accuracy not measured"
 
 
+def test_an_untrusted_judge_fails_the_paired_test() -> None:
+    found = metrics(*paired(10, 10, 10))  # p = 1/1024: passes on its own
+    assert single(only(promotion_alpha=0.05), found).passed
+    result = single(
+        only(promotion_alpha=0.05, min_judge_accuracy=0.7), {**found, **metrics(accuracy(0.5))}
+    )
+    assert not result.passed and result.value == 1 / 1024
+    assert result.message.startswith(
+        "promotion_alpha failed: judge not trusted: gold accuracy 0.500 < 0.7; detecting"
+    )
+
+
 def test_judge_accuracy_leaves_the_other_gates_alone() -> None:
     gates = only(max_kl=30.0, min_judge_accuracy=0.9)
     assert single(gates, metrics(Metric("kl", 1.0, 8), accuracy(0.1))).passed
+
+
+# --- the paired sign test -------------------------------------------------------------------
+
+
+def paired(wins: int, n: int, comparisons: int) -> list[Metric]:
+    """The eval's sign-test metrics as flows/evaluation.py stores them (the gate reads
+    paired/wins and paired/n, whose n is every comparison asked)."""
+    return [Metric("paired/wins", float(wins), n), Metric("paired/n", float(n), comparisons)]
+
+
+@pytest.mark.parametrize(
+    ("alpha", "passed"), [(0.05, True), (1 / 1024 + 1e-12, True), (1 / 1024, False)]
+)
+def test_paired_test_passes_only_strictly_below_alpha(alpha: float, passed: bool) -> None:
+    result = single(only(promotion_alpha=alpha), metrics(*paired(10, 10, 10)))
+    assert result.passed is passed
+    assert result.value == 1 / 1024  # 10 wins of 10: P(X ≥ 10 | 10, 1/2)
+    assert result.threshold == alpha
+    assert result.metric == "paired/p_value"
+
+
+def test_paired_test_message_and_numbers() -> None:
+    # 30 wins, 10 losses, 24 ties of 64: p = P(X ≥ 30 | 40, 1/2) = 0.00111
+    result = single(only(promotion_alpha=0.05), metrics(*paired(30, 40, 64)))
+    assert result.passed
+    assert result.message == (
+        "promotion_alpha passed: sign test 30 wins of 40 decided comparisons (24 of 64 "
+        "undecided), p = 0.00111 < α 0.05; detecting a 60% win rate (of decided comparisons) "
+        "with 80% power at α 0.05 needs 253 prompts"  # ⌈158 / (1 − 24/64)⌉
+    )
+    assert result.numbers == {
+        "wins": 30.0, "n": 40.0, "comparisons": 64.0, "tie_rate": 0.375,
+        "p_value": pytest.approx(0.0011107, rel=1e-4), "alpha": 0.05, "prompts_needed": 253.0,
+    }  # fmt: skip
+    assert result.applicable
+    rejected = single(only(promotion_alpha=0.05), metrics(*paired(24, 40, 64)))
+    assert not rejected.passed and rejected.value == pytest.approx(0.1341, abs=1e-4)
+    assert "p = 0.134 ≥ α 0.05" in rejected.message
+
+
+def test_a_win_rate_interval_that_includes_one_half_is_not_promoted() -> None:
+    # 20 wins, 12 losses of 32 decided: the interval of 20/32 includes 0.5, p = 0.108
+    result = single(only(promotion_alpha=0.05), metrics(*paired(20, 32, 32)))
+    assert not result.passed and result.value == pytest.approx(0.1077, abs=1e-4)
+
+
+def test_all_ties_fail_the_paired_test() -> None:
+    result = single(only(promotion_alpha=0.05), metrics(*paired(0, 0, 64)))
+    assert not result.passed
+    assert result.value == 1.0
+    assert result.message == (
+        "promotion_alpha failed: no decided comparison: all 64 tied or position-inconsistent; "
+        "detecting a 60% win rate (of decided comparisons) with 80% power at α 0.05 needs "
+        "no eval size (every comparison tied)"
+    )
+    assert result.numbers is not None and result.numbers["prompts_needed"] == math.inf
+    assert result.as_dict()["numbers"]["prompts_needed"] is None  # JSON-safe
+
+
+def always_a_judgment(i: int) -> Judgment:
+    """A judge that answers "A" whatever it is shown: P1 = 0.9 (the candidate shown as (A)),
+    P2 = 0.1 (the candidate shown as (B), and the judge still says A)."""
+    said_a = {"A": math.log(0.9), "B": math.log(0.1)}
+    label = read_soft_label(said_a, said_a)
+    return Judgment(
+        f"j{i}", f"p{i}", f"a{i}", f"b{i}", "x", "c", "judge", "pairwise", label.p_a_first,
+        label.p_a_second, label.p_a, label.position_consistent, label.option_mass,
+        label.status, None,
+    )  # fmt: skip
+
+
+def test_a_judge_that_always_says_a_fails_the_paired_test_not_passes_it() -> None:
+    judgments = [always_a_judgment(i) for i in range(64)]
+    assert all(j.position_consistent is False for j in judgments)
+    found = metrics(*paired_metrics(judgments, 0.05))
+    assert found["paired/n"].value == 0 and found["paired/tie_rate"].value == 1.0
+    assert "paired/prompts_needed" not in found  # no eval size would do
+    result = single(only(promotion_alpha=0.05), found)
+    assert not result.passed and result.value == 1.0
 
 
 # --- check violations -----------------------------------------------------------------------
@@ -348,6 +447,39 @@ def test_position_consistency_not_measured_fails() -> None:
     assert result.message == "min_position_consistency failed: not measured"
 
 
+def test_position_consistency_is_not_applicable_to_an_order_free_judge() -> None:
+    # contrast and likelihood judgments are position-consistent by construction: 1.0
+    found = metrics(
+        Metric("judge_position_consistency", 1.0, 40), Metric("judge/order_free", 1.0, 40)
+    )
+    result = single(only(min_position_consistency=0.5), found)
+    assert result.passed and not result.applicable
+    assert result.value is None  # 1.0 by construction is no measurement
+    assert result.message == (
+        "min_position_consistency not applicable: the judge's mode (contrast, likelihood) "
+        "asks no A/B question, so has no option order"
+    )
+    assert failed_reasons([result]) == []
+    assert result.as_dict()["applicable"] is False
+
+
+def test_position_consistency_applies_to_a_judge_with_an_option_order() -> None:
+    found = metrics(
+        Metric("judge_position_consistency", 0.25, 40), Metric("judge/order_free", 0.0, 40)
+    )
+    result = single(only(min_position_consistency=0.5), found)
+    assert not result.passed and result.applicable and result.value == 0.25
+
+
+def test_position_consistency_without_model_judged_comparisons_is_not_applicable() -> None:
+    found = metrics(Metric("judge_position_consistency", 1.0, 0))  # checks decided every one
+    result = single(only(min_position_consistency=0.5), found)
+    assert result.passed and not result.applicable
+    assert result.message == (
+        "min_position_consistency not applicable: no model-judged comparison to be consistent in"
+    )
+
+
 # --- together -------------------------------------------------------------------------------
 
 
@@ -355,6 +487,7 @@ def test_failed_reasons_lists_only_failures_in_order() -> None:
     gates = GateConfig(max_kl=30.0)
     found = metrics(
         win(0.3),  # fails
+        *paired(30, 40, 64),  # passes
         Metric("violation_rate", 0.0, 10),
         Metric("baseline/violation_rate", 0.1, 10),  # passes
         *outputs_stop(),  # passes, and then the degenerate rate is raised:
@@ -368,6 +501,7 @@ def test_failed_reasons_lists_only_failures_in_order() -> None:
     results = check_gates(gates, found)
     assert [(r.gate, r.passed) for r in results] == [
         ("min_win_rate", False),
+        ("promotion_alpha", True),
         ("max_violation_increase", True),
         ("max_degenerate_increase", False),
         ("max_no_stop_increase", True),
@@ -400,6 +534,7 @@ def outputs_stop() -> list[Metric]:
 def test_all_passing_has_no_reasons() -> None:
     found = metrics(
         win(0.6),
+        *paired(30, 40, 64),
         *outputs_stop(),
         Metric("length", 50.0, 10),
         Metric("baseline/length", 50.0, 10),
@@ -419,6 +554,8 @@ def test_as_dict_keeps_the_numbers() -> None:
         "threshold": 30.0,
         "passed": True,
         "message": "max_kl passed: KL 12.50",
+        "applicable": True,
+        "numbers": None,
     }
 
 
@@ -446,6 +583,9 @@ def test_unknown_key_is_refused() -> None:
         {"max_length_shrink": 0.0},
         {"min_position_consistency": 1.01},
         {"min_position_consistency": -0.5},
+        {"promotion_alpha": 0.0},
+        {"promotion_alpha": 1.0},
+        {"promotion_alpha": -0.05},
     ],
 )
 def test_out_of_range_is_refused(bad: dict[str, float]) -> None:
