@@ -111,7 +111,7 @@ def _resolve(config: ModelConfig) -> tuple[str, str, str | None]:
     if path is not None:  # the folder name ends with the hash of the model's recipe
         return str(path), path.name, path.name.rsplit("-", 1)[-1]
     location = Path(config.model).expanduser()
-    if location.is_dir() and _registered(location, config.name):
+    if location.is_dir() and (_registered(location, config.name) or _embedded(location)):
         return str(location), location.name, location.name.rsplit("-", 1)[-1]
     if location.is_dir():
         return str(location), location.resolve().name, folder_identity(location)[:ID_CHARS]
@@ -125,6 +125,18 @@ UNRESOLVED = "unresolved"
 
 
 MODEL_ID = re.compile(r"[0-9a-f]{32}")  # a registered model's id (alignment.ids.content_id)
+
+
+EMBEDDED_FOLDER = re.compile(r".+-[0-9a-f]{12}")  # e.g. tiny-329b297ff38d
+
+
+def _embedded(folder: Path) -> bool:
+    """Whether ``folder`` is an embedded model's build (``tiny``, ``smollm2``) named by the
+    hash of its recipe, e.g. the starting policy that the loop passes by its folder."""
+    return (
+        EMBEDDED_FOLDER.fullmatch(folder.name) is not None
+        and folder.resolve().parent == default_cache_dir().resolve()
+    )
 
 
 def _registered(folder: Path, name: str | None) -> bool:

@@ -1,17 +1,24 @@
 """What a self-improvement loop did, read back from the store: `rlaif status` and `rlaif report`.
 
-All SQL lives in the reading section; status prints rich tables, the report writes one
-self-contained HTML file whose plots are inline SVG drawn by matplotlib.
+All SQL lives in the reading sections; status prints rich tables, the report writes one
+self-contained HTML file whose plots are inline SVG drawn by matplotlib, with a few eval
+answers of each iteration side by side, and next to it a second file that lists the loop's
+preference pairs with a small filter script. Every judged text is model output: it is
+escaped (`_e`) and never reaches a script as code, and both pages forbid any load from
+elsewhere (Content-Security-Policy), so they open from the file with nothing else.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import io
 import json
 import os
 import re
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,7 +29,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from alignment.constitution import Constitution, from_dict
+from alignment.evaluation import _position_biased, _win
+from alignment.gates import ORDER_FREE_MODES
+from alignment.judge import Judgment
 from alignment.judge_eval import JudgeMetrics, Share
+from alignment.yaml_spec import SpecError
 from storage import Store
 
 SHORT = 12  # characters of a model id shown in tables
@@ -109,6 +121,14 @@ class Iteration:
         """Names of the gates that failed, else the reasons given (e.g. why skipped)."""
         failed = [str(g.get("gate")) for g in self.gates if not g.get("passed")]
         return failed or list(self.reasons)
+
+    def not_applicable(self) -> list[str]:
+        """Names of the gates that could not apply (e.g. consistency of an order-free judge)."""
+        return [str(g.get("gate")) for g in self.gates if g.get("applicable") is False]
+
+    def order_free(self) -> bool:
+        """Its eval's judge asked no A/B question: position consistency is n/a, not 1.0."""
+        return self.value("judge/order_free") == 1.0
 
 
 @dataclass
@@ -252,6 +272,181 @@ def judge_audits(store: Store, loop: str | None) -> JudgeAudits:
     return JudgeAudits(sorted(audits, key=lambda a: a.iteration), bound)
 
 
+# -- reading: answers and pairs --------------------------------------------------------------
+
+# Each eval comparison with both answers: flows/evaluation.py puts the candidate on side A
+# and the incumbent (the baseline) on side B of every judgment of its run.
+_EVAL_ANSWERS_SQL = """
+SELECT m.run_id AS eval_run_id, j.*, p.text AS prompt_text,
+       a.text AS a_text, a.finish_reason AS a_finish,
+       b.text AS b_text, b.finish_reason AS b_finish
+FROM run_rows m
+JOIN judgments j ON j.judgment_id = m.row_id
+JOIN responses a ON a.response_id = j.response_a_id
+JOIN responses b ON b.response_id = j.response_b_id
+LEFT JOIN prompts p ON p.prompt_id = j.prompt_id
+WHERE m.table_name = 'judgments' AND j.status = 'ok' AND j.p_a IS NOT NULL
+  AND m.run_id IN (SELECT unnest(?))
+ORDER BY m.run_id, j.judgment_id
+"""
+_CONSTITUTIONS_SQL = """
+SELECT constitution_id, content FROM constitutions WHERE constitution_id IN (SELECT unnest(?))
+"""
+# The train pairs of each iteration's data run, newest iteration first, at most `?` of them.
+_PAIR_ROWS_SQL = """
+WITH its AS (SELECT unnest(?) AS run_id, unnest(?) AS iteration)
+SELECT its.iteration, p.pair_id, p.principle_ids, p.prompt, p.chosen, p.rejected, p.p_chosen,
+       count(*) OVER () AS total
+FROM its
+JOIN run_rows m ON m.run_id = its.run_id AND m.table_name = 'preference_pairs'
+JOIN preference_pairs p ON p.pair_id = m.row_id
+WHERE p.split = 'train'
+ORDER BY its.iteration DESC, p.principle_ids[1], p.p_chosen DESC, p.pair_id
+LIMIT ?
+"""
+STRONGEST = 2  # eval comparisons shown per side the judge favoured, per iteration
+MAX_PAIRS = 2000  # preference pairs in the pairs page
+ANSWER_CHARS = 2000  # characters of an answer shown in the report
+PAIR_CHARS = 1200  # characters of a prompt, chosen or rejected text in the pairs page
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str | None
+    failed: list[tuple[str, str]] | None  # (principle id, check); None: constitution unknown
+
+
+@dataclass(frozen=True)
+class Example:
+    """One eval prompt: the incumbent's and the candidate's answers and the judge's verdict."""
+
+    why: str  # how it was picked
+    prompt: str
+    candidate: Answer  # side A of the judgment
+    incumbent: Answer  # side B
+    judgment: Judgment
+
+
+@dataclass(frozen=True)
+class IterationExamples:
+    iteration: int
+    judged: int  # ok comparisons in the iteration's eval
+    examples: list[Example]
+
+
+def pick_examples(judged: list[Judgment], strongest: int = STRONGEST) -> list[tuple[str, Judgment]]:
+    """(why, judgment) of the comparisons to show, in a fixed order for the same judgments.
+
+    The `strongest` with the largest |p_a − 0.5| for the candidate (p_a > 0.5), as many for
+    the incumbent (p_a < 0.5), filled from the other side when one has fewer, then the one
+    closest to 0.5. Model-judged comparisons rank before those decided by checks (p 0 or 1
+    by rule: their answers' checks are shown anyway); ties go to the smaller prompt id.
+    """
+
+    def p(j: Judgment) -> float:
+        return 0.5 if j.p_a is None else j.p_a
+
+    ranked = sorted(judged, key=lambda j: (j.mode == "checks", -abs(p(j) - 0.5), j.prompt_id))
+    sides = [
+        ("strongest for the candidate", [j for j in ranked if p(j) > 0.5]),
+        ("strongest for the incumbent", [j for j in ranked if p(j) < 0.5]),
+    ]
+    picked = [(why, j) for why, side in sides for j in side[:strongest]]
+    taken = {j.judgment_id for _, j in picked}
+    fill = [j for j in ranked if j.judgment_id not in taken][: 2 * strongest - len(picked)]
+    picked += [("next strongest", j) for j in fill]
+    taken |= {j.judgment_id for j in fill}
+    rest = [j for j in ranked if j.judgment_id not in taken]
+    if rest:
+        closest = min(rest, key=lambda j: (j.mode == "checks", abs(p(j) - 0.5), j.prompt_id))
+        picked.append(("closest to 0.5", closest))
+    return picked
+
+
+def eval_examples(
+    store: Store, history: LoopHistory, strongest: int = STRONGEST
+) -> list[IterationExamples]:
+    """A few eval prompts of each evaluated iteration, picked by `pick_examples`."""
+    runs = {it.eval_run_id: it.iteration for it in history.iterations if it.eval_run_id}
+    if not runs:
+        return []
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for row in store.query(_EVAL_ANSWERS_SQL, [list(runs)]):
+        by_run.setdefault(row["eval_run_id"], []).append(row)
+    constitutions = _constitutions(
+        store, sorted({r["constitution_id"] for rows in by_run.values() for r in rows})
+    )
+    found = []
+    for it in history.iterations:
+        rows = {r["judgment_id"]: r for r in by_run.get(it.eval_run_id or "", [])}
+        if not rows:
+            continue
+        fields = Judgment.__dataclass_fields__
+        judged = [Judgment(**{k: v for k, v in r.items() if k in fields}) for r in rows.values()]
+        examples = []
+        for why, j in pick_examples(judged, strongest):
+            row, constitution = rows[j.judgment_id], constitutions.get(j.constitution_id)
+            examples.append(
+                Example(
+                    why,
+                    row["prompt_text"] or "",
+                    _answer(row["a_text"], row["a_finish"], constitution),
+                    _answer(row["b_text"], row["b_finish"], constitution),
+                    j,
+                )
+            )
+        found.append(IterationExamples(it.iteration, len(judged), examples))
+    return found
+
+
+def _constitutions(store: Store, ids: list[str]) -> dict[str, Constitution]:
+    """The stored constitutions by id, rebuilt from their canonical JSON (`content`)."""
+    if not ids:
+        return {}
+    found = {}
+    for row in store.query(_CONSTITUTIONS_SQL, [ids]):
+        data = json.loads(row["content"])
+        principles = [
+            {**{k: v for k, v in p.items() if k != "text"}, "principle": p["text"]}
+            for p in data.get("principles", [])
+        ]
+        try:
+            found[row["constitution_id"]] = from_dict({**data, "principles": principles})
+        except SpecError:  # written by another version of the format: show no checks
+            continue
+    return found
+
+
+def _answer(
+    text: str | None, finish_reason: str | None, constitution: Constitution | None
+) -> Answer:
+    """An answer with the principle checks it fails, as the eval's `violation_rates` counts
+    them: a checked principle is violated when any of its checks fails."""
+    text = text or ""
+    if constitution is None:
+        return Answer(text, finish_reason, None)
+    failed = [
+        (p.id, check.describe()) for p in constitution.principles for check in p.failed_checks(text)
+    ]
+    return Answer(text, finish_reason, failed)
+
+
+@dataclass(frozen=True)
+class PairRows:
+    rows: list[dict[str, Any]]  # iteration, pair_id, principle_ids, prompt, chosen, ...
+    total: int  # the loop's train pairs, of which `rows` are the first MAX_PAIRS
+
+
+def loop_pairs(store: Store, history: LoopHistory, limit: int = MAX_PAIRS) -> PairRows:
+    """The train pairs of every iteration's data run, newest iteration first, at most `limit`."""
+    runs = {it.data_run_id: it.iteration for it in history.iterations if it.data_run_id}
+    if not runs:
+        return PairRows([], 0)
+    rows = store.query(_PAIR_ROWS_SQL, [list(runs), list(runs.values()), limit])
+    return PairRows(rows, rows[0]["total"] if rows else 0)
+
+
 def lineage(history: LoopHistory) -> list[str]:
     """The current incumbent, then its parents back to the base model, one label each."""
     labels: list[str] = []
@@ -313,7 +508,7 @@ def _pair(it: Iteration, metric: str, digits: int = 3) -> str:
 
 
 def _gate_text(gate: dict[str, Any]) -> str:
-    mark = "pass" if gate.get("passed") else "FAIL"
+    mark = "n/a" if gate.get("applicable") is False else "pass" if gate.get("passed") else "FAIL"
     value, threshold = gate.get("value"), gate.get("threshold")
     numbers = f" {_any(value)} vs {_any(threshold)}" if value is not None else ""
     message = f" ({gate['message']})" if gate.get("message") else ""
@@ -360,7 +555,7 @@ def _iterations_table(history: LoopHistory) -> Table:
             _pair(it, "violation_rate"),
             _num(it.value("kl")),
             Text(it.decision, style=DECISION_STYLES.get(it.decision, "")),
-            Text("; ".join(it.failing())),
+            Text("; ".join([*it.failing(), *(f"{g} n/a" for g in it.not_applicable())])),
         )
     return table
 
@@ -494,6 +689,21 @@ def _draw_one(iterations: list[Iteration], metric: str, ylabel: str) -> Draw:
     return draw
 
 
+def _draw_consistency(iterations: list[Iteration]) -> Draw:
+    """The eval judge's position consistency; n/a where it asked no A/B question."""
+    ordered = [it for it in iterations if not it.order_free()]
+    evaluated = [it for it in iterations if it.value("judge_position_consistency") is not None]
+
+    def draw(ax: Any) -> None:
+        if evaluated and all(it.order_free() for it in evaluated):
+            why = "n/a: order-free judge (contrast, likelihood)"
+            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center")
+            return
+        _draw_one(ordered, "judge_position_consistency", "share")(ax)
+
+    return draw
+
+
 def _draw_principle_violations(iterations: list[Iteration]) -> Draw:
     prefix = "violation_rate/"
     principles = sorted({m for it in iterations for m in it.metrics if m.startswith(prefix)})
@@ -539,7 +749,7 @@ def plots(history: LoopHistory, pairs: dict[int, dict[str, int]]) -> list[tuple[
         ("Incumbent violation rate per principle", _draw_principle_violations(its)),
         ("Mean response length", _draw_side_by_side(its, "length", "tokens")),
         ("KL(candidate ‖ incumbent)", _draw_one(its, "kl", "KL estimate")),
-        ("Judge position consistency", _draw_one(its, "judge_position_consistency", "share")),
+        ("Judge position consistency", _draw_consistency(its)),
         ("Preference pairs per principle", _draw_pairs(pairs)),
     ]
     if any(it.value("reward") is not None for it in its):
@@ -551,8 +761,10 @@ def _draw_judge_quality(judge: JudgeAudits) -> Draw:
     def draw(ax: Any) -> None:
         xs = [a.iteration for a in judge.audits]
         ax.plot(xs, [a.metrics.accuracy for a in judge.audits], "o-", label="gold accuracy")
-        consistency = [a.metrics.position_consistency for a in judge.audits]
-        ax.plot(xs, consistency, "s-", label="position consistency")
+        ordered = [a for a in judge.audits if a.mode not in ORDER_FREE_MODES]
+        consistency = [a.metrics.position_consistency for a in ordered]
+        label = "position consistency" if ordered else "position consistency: n/a (order-free)"
+        ax.plot([a.iteration for a in ordered], consistency, "s-", label=label)
         ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
         if judge.min_accuracy is not None:
             ax.axhline(judge.min_accuracy, color="red", linestyle="--", label="min_judge_accuracy")
@@ -605,11 +817,17 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-ali
 th { background: #f3f3f3; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
 .plots svg { width: 640px; height: auto; }
-.pass { color: #1a7f37; } .fail { color: #cf222e; font-weight: bold; }
+.pass { color: #1a7f37; } .fail { color: #cf222e; font-weight: bold; } .na { color: #6e7781; }
 .promoted { color: #1a7f37; } .rejected { color: #cf222e; } .skipped { color: #9a6700; }
 ul { margin: 0; padding-left: 1.2em; }
 code { font-size: 0.95em; }
+.answer { white-space: pre-wrap; max-width: 34em; }
+.note { color: #6e7781; font-size: 0.9em; }
+.verdict { min-width: 16em; }
+form label { margin-right: 1.5em; }
 """
+# The report runs no script and loads nothing; the pairs page runs only its own script.
+_REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 
 def _e(value: Any) -> str:
@@ -624,11 +842,12 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _gates_html(it: Iteration) -> str:
-    items = [
-        f'<li class="{"pass" if g.get("passed") else "fail"}">{_e(_gate_text(g))}</li>'
-        for g in it.gates
-    ]
+    items = [f'<li class="{_gate_class(g)}">{_e(_gate_text(g))}</li>' for g in it.gates]
     return f"<ul>{''.join(items)}</ul>" if items else "–"
+
+
+def _gate_class(gate: dict[str, Any]) -> str:
+    return "na" if gate.get("applicable") is False else "pass" if gate.get("passed") else "fail"
 
 
 def _iterations_html(history: LoopHistory) -> str:
@@ -646,7 +865,7 @@ def _iterations_html(history: LoopHistory) -> str:
             _e(_pair(it, "violation_rate")),
             _e(_pair(it, "length", 1)),
             _e(_num(it.value("kl"))),
-            _e(_num(it.value("judge_position_consistency"))),
+            _e("n/a" if it.order_free() else _num(it.value("judge_position_consistency"))),
             f'<span class="{_e(it.decision)}">{_e(it.decision)}</span>',
             _gates_html(it),
             "<br>".join(_e(r) for r in it.reasons) or "–",
@@ -704,7 +923,7 @@ def _judge_html(judge: JudgeAudits) -> str:
             _e(a.mode),
             _e(a.metrics.n),
             _e(_num(a.metrics.accuracy)),
-            _e(_num(a.metrics.position_consistency)),
+            _e("n/a" if a.mode in ORDER_FREE_MODES else _num(a.metrics.position_consistency)),
             _e(_num(_share(a.metrics.first_position_rate))),
             _e(_num(_share(a.metrics.ece))),
             _e(_length_bias(a.metrics)),
@@ -730,12 +949,224 @@ def _length_bias(metrics: JudgeMetrics) -> str:
     return f"{_num(longer)} / {_num(shorter)}"
 
 
+def _clip(text: str | None, limit: int) -> str:
+    text = text or ""
+    return text if len(text) <= limit else f"{text[:limit]} … [{len(text) - limit} more characters]"
+
+
+def _answer_html(answer: Answer) -> str:
+    if answer.failed is None:
+        checks = '<span class="na">checks unknown: the constitution is not in the store</span>'
+    elif answer.failed:
+        failed = "; ".join(f"{pid}: {what}" for pid, what in answer.failed)
+        checks = f'<span class="fail">fails {_e(failed)}</span>'
+    else:
+        checks = '<span class="pass">fails no check</span>'
+    cut = answer.finish_reason == "length"
+    note = '<div class="note">cut off by the token budget</div>' if cut else ""
+    return (
+        f'<div class="answer">{_e(_clip(answer.text, ANSWER_CHARS))}</div>{note}<div>{checks}</div>'
+    )
+
+
+def _verdict_html(j: Judgment) -> str:
+    """The judge's preference: p that the candidate is better, its orders, and the outcome
+    the win rate counts (alignment.evaluation: a position-biased comparison is a tie)."""
+    lines = [f"principle <code>{_e(j.principle_id)}</code> ({_e(j.mode)})"]
+    lines.append(f"p(candidate better) <b>{_e(_num(j.p_a))}</b>")
+    if j.mode == "checks":
+        lines.append("decided by the principle's checks, no model")
+    elif j.mode in ORDER_FREE_MODES:
+        lines.append('<span class="na">orders n/a: order-free judge</span>')
+    else:
+        orders = f"candidate shown first {_num(j.p_a_first)}, shown second {_num(j.p_a_second)}"
+        agree = "the orders agree" if j.position_consistent else "the orders disagree"
+        lines.append(f"{_e(orders)}; {_e(agree)}")
+    if j.delta_a is not None and j.delta_b is not None:
+        lines.append(_e(f"Δ candidate {j.delta_a:.3f}, Δ incumbent {j.delta_b:.3f}"))
+    outcome = _win(j)
+    if outcome == 1.0:
+        verdict, style = "candidate wins", "pass"
+    elif outcome == 0.0:
+        verdict, style = "incumbent wins", "fail"
+    else:
+        verdict, style = "tie" + (" (position bias)" if _position_biased(j) else ""), "na"
+    lines.append(f'<span class="{style}">counted as: {_e(verdict)}</span>')
+    if j.rationale:
+        rationale = _e(_clip(j.rationale, ANSWER_CHARS))
+        lines.append(
+            f'<details><summary>rationale</summary><div class="answer">{rationale}</div></details>'
+        )
+    return "<br>".join(lines)
+
+
+def _examples_html(found: list[IterationExamples], history: LoopHistory) -> str:
+    if not found:
+        return "<p>No judged eval comparisons of this loop in the store.</p>"
+    intro = (
+        "<p>Per iteration, eval prompts picked from its candidate-vs-incumbent comparisons: "
+        f"the {STRONGEST} where the judge most preferred the candidate (largest p − 0.5), "
+        f"the {STRONGEST} where it most preferred the incumbent (filled from the other side "
+        "when one has fewer), and the one closest to 0.5. Comparisons decided by checks rank "
+        "after the judge's own; ties go to the smaller prompt id. Checks are the constitution's "
+        "(a principle is violated when any of its checks fails, as in the violation rate).</p>"
+    )
+    by_number = {it.iteration: it for it in history.iterations}
+    parts = [intro]
+    for found_it in found:
+        it = by_number[found_it.iteration]
+        title = (
+            f"Iteration {it.iteration}: incumbent <code>{_e(_short(it.incumbent))}</code> vs "
+            f"candidate <code>{_e(_short(it.candidate))}</code> "
+            f'(<span class="{_e(it.decision)}">{_e(it.decision)}</span>)'
+        )
+        shown = f"{len(found_it.examples)} of {found_it.judged} judged eval prompts"
+        rows = [
+            [
+                _e(ex.why),
+                f'<div class="answer">{_e(_clip(ex.prompt, ANSWER_CHARS))}</div>',
+                _answer_html(ex.incumbent),
+                _answer_html(ex.candidate),
+                f'<div class="verdict">{_verdict_html(ex.judgment)}</div>',
+            ]
+            for ex in found_it.examples
+        ]
+        headers = ["picked", "prompt", "incumbent", "candidate", "judge"]
+        parts.append(f'<h3>{title}</h3><p class="note">{_e(shown)}</p>{_table(headers, rows)}')
+    return "".join(parts)
+
+
+def _pairs_link_html(pairs: PairRows | None, page: str | None) -> str:
+    if pairs is None or page is None or not pairs.rows:
+        return "<p>No preference pairs of this loop in the store.</p>"
+    shown = len(pairs.rows)
+    which = f"all {shown}" if shown == pairs.total else f"the newest {shown} of {pairs.total}"
+    href = _e(urllib.parse.quote(page))
+    return (
+        f'<p><a href="{href}">Browse {_e(which)} train preference pairs</a> of this loop '
+        "(prompt, chosen, rejected, p_chosen), filtered by principle, iteration, minimum "
+        f"p_chosen and text, in <code>{_e(page)}</code> next to this file.</p>"
+    )
+
+
+# The pairs page's filter: it hides rows, never writes text into the page. The filter
+# state lives in the URL fragment (#principle=honest&min_p=0.8&q=word), so a link opens
+# a filtered view.
+_FILTER_JS = """
+(function () {
+  "use strict";
+  var form = document.getElementById("filters");
+  var rows = Array.prototype.slice.call(document.querySelectorAll("#pairs tbody tr"));
+  var texts = rows.map(function (row) { return row.textContent.toLowerCase(); });
+  var fields = ["principle", "iteration", "min_p", "q"];
+  function fromHash() {
+    var params = new URLSearchParams(location.hash.slice(1));
+    fields.forEach(function (name) {
+      if (params.has(name)) { form.elements[name].value = params.get(name); }
+    });
+  }
+  function apply() {
+    var principle = form.elements.principle.value;
+    var iteration = form.elements.iteration.value;
+    var min = parseFloat(form.elements.min_p.value) || 0;
+    var needle = form.elements.q.value.trim().toLowerCase();
+    var shown = 0;
+    rows.forEach(function (row, i) {
+      var keep = (!principle || row.dataset.principles.split(" ").indexOf(principle) >= 0) &&
+        (!iteration || row.dataset.iteration === iteration) &&
+        !(parseFloat(row.dataset.p) < min) &&
+        (!needle || texts[i].indexOf(needle) >= 0);
+      row.hidden = !keep;
+      if (keep) { shown += 1; }
+    });
+    var status = document.getElementById("shown");
+    status.textContent = shown + " of " + rows.length + " pairs shown";
+    status.setAttribute("data-filtered", "yes");
+  }
+  function save() {
+    var params = new URLSearchParams();
+    fields.forEach(function (name) {
+      var value = form.elements[name].value;
+      if (value && !(name === "min_p" && parseFloat(value) === 0)) { params.set(name, value); }
+    });
+    try { history.replaceState(null, "", "#" + params.toString()); } catch (e) { /* kept */ }
+  }
+  form.addEventListener("input", function () { apply(); save(); });
+  form.addEventListener("submit", function (event) { event.preventDefault(); });
+  window.addEventListener("hashchange", function () { fromHash(); apply(); });
+  fromHash();
+  apply();
+})();
+"""
+
+
+def render_pairs_page(history: LoopHistory, pairs: PairRows, store_root: Path) -> str:
+    """The loop's train pairs as one static table, with a filter that hides rows."""
+    title = f"rlaif loop {history.loop or '(none)'}: preference pairs — {store_root}"
+    principles = sorted({p for row in pairs.rows for p in row["principle_ids"] or []})
+    iterations = sorted({row["iteration"] for row in pairs.rows}, reverse=True)
+    options = "".join(f'<option value="{_e(p)}">{_e(p)}</option>' for p in principles)
+    its = "".join(f'<option value="{_e(i)}">{_e(i)}</option>' for i in iterations)
+    rows = "".join(_pair_row_html(row) for row in pairs.rows)
+    shown = len(pairs.rows)
+    which = f"All {shown}" if shown == pairs.total else f"The newest {shown} of {pairs.total}"
+    digest = base64.b64encode(hashlib.sha256(_FILTER_JS.encode()).digest()).decode()
+    csp = f"{_REPORT_CSP}; script-src 'sha256-{digest}'"
+    headers = "".join(
+        f"<th>{h}</th>" for h in ("it", "principle", "p_chosen", "prompt", "chosen", "rejected")
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">
+<title>{_e(title)}</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+<p>{_e(which)} train pairs of the loop's data runs, newest iteration first; texts longer
+than {PAIR_CHARS} characters are cut.</p>
+<form id="filters">
+<label>principle <select name="principle"><option value="">any</option>{options}</select></label>
+<label>iteration <select name="iteration"><option value="">any</option>{its}</select></label>
+<label>min p_chosen <input name="min_p" type="number" min="0" max="1" step="0.05" value="0"></label>
+<label>text <input name="q" type="search" placeholder="prompt, chosen or rejected"></label>
+</form>
+<p id="shown">{shown} pairs</p>
+<noscript><p>The filter needs JavaScript; every pair is listed.</p></noscript>
+<table id="pairs"><thead><tr>{headers}</tr></thead><tbody>{rows}</tbody></table>
+<script>{_FILTER_JS}</script>
+</body></html>
+"""
+
+
+def _pair_row_html(row: dict[str, Any]) -> str:
+    principles = " ".join(row["principle_ids"] or [])
+    p = row["p_chosen"]
+    cells = [
+        _e(row["iteration"]),
+        _e(principles),
+        _e(_num(p)),
+        *(
+            f'<div class="answer">{_e(_clip(row[k], PAIR_CHARS))}</div>'
+            for k in ("prompt", "chosen", "rejected")
+        ),
+    ]
+    data = (
+        f'data-iteration="{_e(row["iteration"])}" data-principles="{_e(principles)}" '
+        f'data-p="{_e("" if p is None else repr(float(p)))}"'
+    )
+    return f"<tr {data}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
 def render_report(
     history: LoopHistory,
     pairs: dict[int, dict[str, int]],
     store_root: Path,
     judge: JudgeAudits | None = None,
+    examples: list[IterationExamples] | None = None,
+    pair_rows: PairRows | None = None,
+    pairs_page: str | None = None,
 ) -> str:
+    """The report; `pairs_page` is the file name of the pairs page written next to it."""
     title = f"rlaif loop {history.loop or '(none)'} — {store_root}"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figures = "".join(f"<figure>{svg}</figure>" for _, svg in plots(history, pairs))
@@ -743,7 +1174,9 @@ def render_report(
     iterations = _iterations_html(history) if history.iterations else "<p>No iterations.</p>"
     models = _models_html(history) if history.models else "<p>No models registered.</p>"
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_REPORT_CSP}">
+<title>{_e(title)}</title>
 <style>{_CSS}</style></head>
 <body>
 <h1>{_e(title)}</h1>
@@ -755,21 +1188,38 @@ def render_report(
 {_judge_html(judge or JudgeAudits([], None))}
 <h2>Iterations and gate decisions</h2>
 {iterations}
+<h2>Answers: incumbent and candidate on eval prompts</h2>
+{_examples_html(examples or [], history)}
+<h2>Preference pairs</h2>
+{_pairs_link_html(pair_rows, pairs_page)}
 <h2>Models and lineage</h2>
 {models}
 </body></html>
 """
 
 
+def pairs_page_path(report: Path) -> Path:
+    """Where the pairs page of the report at `report` is written: next to it."""
+    return report.with_name(f"{report.stem}-pairs.html")
+
+
 def write_report(store: Store, out: Path, loop: str | None = None) -> Path:
-    """Write the loop's HTML report to `out` (a file, or a folder to put one in); its path."""
+    """Write the loop's HTML report to `out` (a file, or a folder to put one in), and its
+    pairs page next to it (`pairs_page_path`) when the loop has iterations; the report's path."""
     history = loop_history(store, loop)
     out = Path(out)
     if out.is_dir():
         out = out / f"report-{history.loop or 'store'}.html"
     pairs = pairs_by_principle(store, history)
-    page = render_report(history, pairs, store.root, judge_audits(store, history.loop))
-    _write_atomic(out, page)
+    pair_rows, page = None, None
+    if history.iterations:
+        pair_rows, page = loop_pairs(store, history), pairs_page_path(out)
+        _write_atomic(page, render_pairs_page(history, pair_rows, store.root))
+    report = render_report(
+        history, pairs, store.root, judge_audits(store, history.loop),
+        eval_examples(store, history), pair_rows, page.name if page else None,
+    )  # fmt: skip
+    _write_atomic(out, report)
     return out
 
 

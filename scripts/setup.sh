@@ -35,6 +35,21 @@ if [ "$RLAIF_DEVICE" = cpu ]; then
 fi
 "$VENV/bin/python" -c "import vllm, transformers, trl, prefect, duckdb, pyarrow" 2>/dev/null \
   || { echo "rlaif setup: the environment does not import; see the pip output above" >&2; exit 1; }
+# Headless Chromium renders the HTML report in tests/unit/test_report_browser.py (skipped
+# without it): Debian's package, as root only, about 20 s; bounded by the timeouts, and a
+# failure prints a note, never fails the set-up.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt=(env DEBIAN_FRONTEND=noninteractive apt-get -qq -o Acquire::Retries=0
+         -o Acquire::http::Timeout=20)
+    install=("${apt[@]}" install -y --no-install-recommends chromium)
+    { timeout 240 "${install[@]}" \
+        || { timeout 120 "${apt[@]}" update && timeout 240 "${install[@]}"; }; } >/dev/null 2>&1 \
+      || echo "rlaif setup: apt-get could not install chromium; the report's browser test will skip"
+  else
+    echo "rlaif setup: no chromium (apt-get as root installs it); the report's browser test will skip"
+  fi
+fi
 rm -f "$VENV"/.rlaif-setup-*
 touch "$stamp"
 echo "rlaif setup: done"

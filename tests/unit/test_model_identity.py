@@ -176,6 +176,26 @@ def test_an_embedded_model_keeps_its_recipe_named_folder(
     assert model_location(ModelConfig(name="judge"))[1] == "judge@0123456789ab"
 
 
+def test_an_embedded_model_passed_by_its_folder_keeps_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop samples with the starting model by its folder and name: the lineage name
+    must be the one `tiny` gets, or the incumbent's samples would not be found as its own."""
+    monkeypatch.setenv("RLAIF_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "tiny-0123456789ab"
+    save_model(folder)
+    hashed: list[Path] = []
+    real = flows.models.file_sha256
+    monkeypatch.setattr(flows.models, "file_sha256", hashed.append)
+    by_folder = ModelConfig(model=str(folder), name=folder.name)
+    assert model_location(by_folder) == (str(folder), "tiny-0123456789ab") and hashed == []
+    # The same folder name outside the model cache is an ordinary folder, known by content.
+    elsewhere = tmp_path / "copies" / "tiny-0123456789ab"
+    save_model(elsewhere)
+    monkeypatch.setattr(flows.models, "file_sha256", real)
+    assert "@" in model_location(ModelConfig(model=str(elsewhere), name=elsewhere.name))[1]
+
+
 def test_a_registered_model_is_known_by_its_model_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
