@@ -9,6 +9,10 @@ message, a response its last assistant message). Optional columns:
 injection set, e.g. ``builtin-injection``), whose pairs are judged twice, clean and
 injected, to measure ``injection_flip_rate``.
 
+The shipped gold set is split for good into two halves, ``builtin-tuning`` (what
+the judge's defaults may be tuned on) and ``builtin-audit`` (what the loop audits on):
+see ``gold_half``.
+
 Every pair is judged with the chosen response as A, in both orders, so the
 gold label says which side of each soft label is right. What the numbers mean
 is written once, in ``judge_metrics``; they are only worth what the gold set
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,10 @@ BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).parent / "data" / "judge_gold.jsonl"
 BUILTIN_INJECTION = "builtin-injection"
 BUILTIN_INJECTION_PATH = Path(__file__).parent / "data" / "judge_injection.jsonl"
-ACCEPTED_FORMS = f"'{BUILTIN}', {RECORD_FORMS}"  # 'builtin-injection' too (docs)
+BUILTIN_TUNING = "builtin-tuning"  # half of the gold set: tune the judge's defaults on it
+BUILTIN_AUDIT = "builtin-audit"  # the other half: audit on it
+GOLD_HALVES = (BUILTIN_TUNING, BUILTIN_AUDIT)
+ACCEPTED_FORMS = f"'{BUILTIN}', {RECORD_FORMS}"  # 'builtin-injection' and the halves too
 # The question asked of a pair whose row names no principle: the CAI papers' generic one.
 GENERIC_PRINCIPLE = Principle(
     id="generic",
@@ -41,6 +48,9 @@ GENERIC_PRINCIPLE = Principle(
     revision="",
 )
 CALIBRATION_BINS = 10  # equal-width bins of confidence over [0.5, 1]
+# Length buckets of a pair: words(chosen) / words(rejected) at most 2/3, between, at least 3/2.
+LENGTH_BUCKETS = ("chosen_much_shorter", "similar", "chosen_much_longer")
+LENGTH_RATIO = 1.5
 
 
 class PreferenceSetError(ValueError):
@@ -67,9 +77,15 @@ _Row = Record
 
 
 def source_path(source: str | Path) -> Path:
-    """The file or folder a source names; ``builtin`` is the shipped gold set and
-    ``builtin-injection`` the shipped prompt-injection set."""
-    builtins = {BUILTIN: BUILTIN_PATH, BUILTIN_INJECTION: BUILTIN_INJECTION_PATH}
+    """The file or folder a source names; ``builtin`` is the shipped gold set (and
+    ``builtin-tuning`` / ``builtin-audit`` its halves) and ``builtin-injection`` the
+    shipped prompt-injection set."""
+    builtins = {
+        BUILTIN: BUILTIN_PATH,
+        BUILTIN_TUNING: BUILTIN_PATH,
+        BUILTIN_AUDIT: BUILTIN_PATH,
+        BUILTIN_INJECTION: BUILTIN_INJECTION_PATH,
+    }
     return builtins.get(str(source), Path(source))
 
 
@@ -78,7 +94,8 @@ def load_preference_set(
 ) -> list[GoldPair]:
     """The first ``limit`` pairs (all when None) of ``source``, in source order.
 
-    ``source`` is ``builtin``, ``builtin-injection``, a ``.jsonl`` file (blank lines
+    ``source`` is ``builtin``, ``builtin-tuning`` or ``builtin-audit`` (a half of it, in
+    the gold set's order), ``builtin-injection``, a ``.jsonl`` file (blank lines
     skipped), a ``.parquet`` file, or a ``datasets.save_to_disk`` folder; a DatasetDict
     gives its ``test`` split when it has one, else ``train`` (a gold set is held-out
     data). Each pair's principle
@@ -90,9 +107,14 @@ def load_preference_set(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = source_path(source)
+    half = str(source) if str(source) in GOLD_HALVES else None
+    rows = (_to_pair(row, constitution) for row in _read_rows(path))
+    if half is not None:  # the half is known only once the whole set is read
+        halves = gold_half(list(rows))
+        rows = (p for p in halves if halves[p] == half)
     pairs: list[GoldPair] = []
-    for row in _read_rows(path):
-        pairs.append(_to_pair(row, constitution))
+    for pair in rows:
+        pairs.append(pair)
         if len(pairs) == limit:
             break
     if not pairs:
@@ -102,8 +124,11 @@ def load_preference_set(
 
 def preference_set_id(source: str | Path) -> str:
     """sha256 of the set's bytes (a folder: of its files' names and bytes), so an edited
-    gold set is a different data set in the store."""
+    gold set is a different data set in the store; a half of the gold set hashes its
+    name too, so the two halves are two data sets."""
     path = source_path(source)
+    if str(source) in GOLD_HALVES:
+        return hashlib.sha256(f"{source}\0".encode() + path.read_bytes()).hexdigest()
     if not path.is_dir():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     digest = hashlib.sha256()
@@ -111,6 +136,33 @@ def preference_set_id(source: str | Path) -> str:
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def pair_id(pair: GoldPair) -> str:
+    """A pair's identity: sha256 of its principle id, prompt, chosen and rejected texts
+    (stripped), whatever line it is on."""
+    parts = (pair.principle.id, pair.prompt, pair.chosen, pair.rejected)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def gold_half(pairs: Sequence[GoldPair]) -> dict[GoldPair, str]:
+    """Each pair's half, ``builtin-tuning`` or ``builtin-audit``, fixed by pair id.
+
+    Stratified by (principle id, subset): within each stratum the pairs are ordered by
+    pair_id, the first half (the larger, for an odd count) is tuning and the rest audit.
+    So both halves have every principle and subset, neither depends on the file's order,
+    and adding or removing one pair moves at most one other pair across.
+    """
+    strata: dict[tuple[str, str | None], list[GoldPair]] = {}
+    for pair in pairs:
+        strata.setdefault((pair.principle.id, pair.subset), []).append(pair)
+    halves: dict[GoldPair, str] = {}
+    for members in strata.values():
+        ordered = sorted(members, key=pair_id)
+        cut = (len(ordered) + 1) // 2
+        for k, pair in enumerate(ordered):
+            halves[pair] = BUILTIN_TUNING if k < cut else BUILTIN_AUDIT
+    return {pair: halves[pair] for pair in pairs}  # in the pairs' order
 
 
 def to_comparisons(pairs: Sequence[GoldPair]) -> list[Comparison]:
@@ -269,6 +321,10 @@ class JudgeMetrics:
     # None when the set has no injected variants; n counts the pairs that have one.
     accuracy_injected: Share | None = None
     injection_flip_rate: Share | None = None
+    # Per length bucket (LENGTH_BUCKETS, empty ones left out): accuracy over its pairs,
+    # and the mean combined p_a (P(chosen)) over its ok labels.
+    by_length: dict[str, Share] = field(default_factory=dict)
+    p_chosen_by_length: dict[str, Share] = field(default_factory=dict)
 
     def flat(self) -> dict[str, tuple[float, int]]:
         """{metric: (value, n)}: the rows of ``judge_evals``. Empty bins and metrics that
@@ -285,6 +341,10 @@ class JudgeMetrics:
         for group in ("by_principle", "by_subset"):
             for key, share in getattr(self, group).items():
                 figures[f"{group}/{key}/accuracy"] = (share.value, share.n)
+        for key, share in self.by_length.items():
+            figures[f"by_length/{key}/accuracy"] = (share.value, share.n)
+        for key, share in self.p_chosen_by_length.items():
+            figures[f"by_length/{key}/mean_p_chosen"] = (share.value, share.n)
         for k, b in enumerate(self.calibration):
             if b.count and b.confidence is not None and b.accuracy is not None:
                 figures[f"calibration/bin{k}/confidence"] = (b.confidence, b.count)
@@ -300,6 +360,12 @@ class JudgeMetrics:
             group, _, rest = name.partition("/")
             if group in groups and rest.endswith("/accuracy"):
                 groups[group][rest.removesuffix("/accuracy")] = Share(value, count)
+        lengths: dict[str, dict[str, Share]] = {"accuracy": {}, "mean_p_chosen": {}}
+        for name, (value, count) in figures.items():
+            group, _, rest = name.partition("/")
+            bucket, _, metric = rest.partition("/")
+            if group == "by_length" and metric in lengths:
+                lengths[metric][bucket] = Share(value, count)
         optional = {
             name: Share(*figures[name]) if name in figures else None for name in _OPTIONAL_SHARES
         }
@@ -311,6 +377,8 @@ class JudgeMetrics:
             by_principle=groups["by_principle"],
             by_subset=groups["by_subset"],
             not_ok=round(figures["not_ok"][0]),
+            by_length=lengths["accuracy"],
+            p_chosen_by_length=lengths["mean_p_chosen"],
             **optional,
         )
 
@@ -409,6 +477,13 @@ def judge_metrics(
       in neither): a judge that prefers length scores high on one and low on the other.
     - ``by_principle``, ``by_subset``: accuracy and pair count per principle id and per
       subset (pairs without a subset are in no subset).
+    - ``by_length`` / ``p_chosen_by_length``: per length bucket of the pair, by the
+      ratio r = words(chosen) / words(rejected): ``chosen_much_shorter`` (r <= 2/3),
+      ``similar`` (2/3 < r < 3/2), ``chosen_much_longer`` (r >= 3/2); accuracy over the
+      bucket's pairs, and the mean combined p_a (the P(chosen) the pipeline uses) over
+      its ok labels. A judge that reads length, not content, has a mean P(chosen) well
+      below 0.5 in one outer bucket and well above in the other. Empty buckets are
+      left out.
     - ``not_ok``: how many labels were refusals, unparseable or missing log-probs.
     - ``accuracy_injected``: over the pairs with an injected variant, the share whose
       combined p_a (the label the pipeline uses) picks chosen when judged against the
@@ -449,6 +524,8 @@ def judge_metrics(
         first_picks += [_pick(p1), 1.0 - _pick(p2)]
         confidences.append((max(p_a, 1.0 - p_a), _pick(p_a)))
     calibration = _calibration(confidences)
+    buckets = [_length_bucket(p) for p in pairs]
+    p_chosen = [(a[2], b) for a, b in zip(map(_answers, labels), buckets, strict=True) if a]
     longer = [_words(p.chosen) - _words(p.rejected) for p in pairs]  # > 0: chosen is longer
     return JudgeMetrics(
         n=len(pairs),
@@ -462,6 +539,8 @@ def judge_metrics(
         by_principle=_by(correct, [p.principle.id for p in pairs]),
         by_subset=_by(correct, [p.subset for p in pairs]),
         not_ok=sum(_answers(label) is None for label in labels),
+        by_length=_by(correct, buckets),
+        p_chosen_by_length=_by([p for p, _ in p_chosen], [b for _, b in p_chosen]),
         **_injection([labels[k] for k in with_injection], injected),
     )
 
@@ -496,6 +575,16 @@ def _share(values: Sequence[float]) -> Share | None:
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def _length_bucket(pair: GoldPair) -> str:
+    """The pair's LENGTH_BUCKETS entry, by words(chosen) / words(rejected)."""
+    chosen, rejected = _words(pair.chosen), _words(pair.rejected)  # both >= 1: never empty
+    if chosen * LENGTH_RATIO <= rejected:
+        return LENGTH_BUCKETS[0]
+    if chosen >= rejected * LENGTH_RATIO:
+        return LENGTH_BUCKETS[2]
+    return LENGTH_BUCKETS[1]
 
 
 def _by(correct: Sequence[float], keys: Sequence[str | None]) -> dict[str, Share]:

@@ -771,7 +771,8 @@ def judge_eval_command(
 ) -> None:  # fmt: skip
     """Score the judge on a labelled preference set and write the metrics to `judge_evals`.
 
-    DATA is 'builtin' (the shipped gold set), a .jsonl or .parquet file, or a
+    DATA is 'builtin' (the shipped gold set), 'builtin-tuning' or 'builtin-audit' (its
+    two fixed halves: tune on one, audit on the other), a .jsonl or .parquet file, or a
     save_to_disk folder, in TRL's preference format: prompt, chosen, rejected
     (strings or messages), optional principle, principle_id, subset. Each pair is
     judged in both orders; a rerun with the same inputs reads the stored rows.

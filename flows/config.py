@@ -397,10 +397,12 @@ class LoopConfig(BaseModel):
         "of each principle in turn (null: every pair). Bounds an iteration's training time.",
     )
     judge_audit: str | None = Field(
-        "builtin",
+        "builtin-audit",
         description="Labelled preference set (TRL format: prompt/chosen/rejected [+ principle]) "
-        "the judge is scored on at the start of every iteration; 'builtin' is the shipped "
-        "gold set, null turns the audit off. Gates read its accuracy (min_judge_accuracy).",
+        "the judge is scored on at the start of every iteration; 'builtin-audit' is the "
+        "audit half of the shipped gold set (tune judge settings on the other half, "
+        "'builtin-tuning'), 'builtin' all of it, null turns the audit off. Gates read its "
+        "accuracy (min_judge_accuracy).",
     )
     judge_audit_limit: int | None = Field(
         48, gt=0, description="Pairs of the audit set used (its first N; null: all)."

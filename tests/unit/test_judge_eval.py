@@ -19,9 +19,11 @@ import flows.judge_eval
 from alignment.constitution import Check, Constitution, Principle
 from alignment.judge import SoftLabel
 from alignment.judge_eval import (
+    BUILTIN_AUDIT,
     BUILTIN_INJECTION,
     BUILTIN_INJECTION_PATH,
     BUILTIN_PATH,
+    BUILTIN_TUNING,
     CALIBRATION_BINS,
     GENERIC_PRINCIPLE,
     GoldPair,
@@ -32,6 +34,7 @@ from alignment.judge_eval import (
     judge_metrics,
     load_preference_set,
     preference_set_id,
+    source_path,
     to_comparisons,
 )
 from flows.config import PipelineConfig
@@ -214,6 +217,13 @@ def test_preference_set_id_follows_the_bytes(tmp_path: Path) -> None:
     assert preference_set_id(str(folder)) != before
 
 
+def test_gold_halves_are_sources() -> None:
+    audit = load_preference_set(BUILTIN_AUDIT, 8)
+    assert len(audit) == 8 and source_path(BUILTIN_AUDIT) == BUILTIN_PATH
+    assert preference_set_id(BUILTIN_AUDIT) != preference_set_id(BUILTIN_TUNING)
+    assert PipelineConfig().loop.judge_audit == BUILTIN_AUDIT
+
+
 def test_builtin_gold_set_loads() -> None:
     pairs = load_preference_set("builtin")
     assert len(pairs) >= 48
@@ -284,6 +294,40 @@ def test_a_judge_that_prefers_length() -> None:
     assert (m.accuracy_chosen_longer.value, m.accuracy_chosen_longer.n) == (1.0, 4)
     assert (m.accuracy_chosen_shorter.value, m.accuracy_chosen_shorter.n) == (0.0, 4)
     assert m.accuracy == 0.5
+
+
+def test_p_chosen_by_length_bucket_of_a_judge_that_prefers_length() -> None:
+    """Chosen 2 words against 5 (much shorter), 5 against 2 (much longer), 2 against 2."""
+    same = [GoldPair(f"e{i}", f"x{i} y", f"z{i} w", principle("honest")) for i in range(2)]
+    pairs = [*gold(8), *same]
+    labels = ask(lambda a, b: 0.8 if len(a.split()) > len(b.split()) else 0.2, pairs)
+    labels[-1] = SoftLabel("refusal")  # counts half in accuracy, has no P(chosen)
+    m = judge_metrics(pairs, labels)
+    assert m.by_length == {
+        "chosen_much_longer": Share(1.0, 4), "chosen_much_shorter": Share(0.0, 4),
+        "similar": Share(0.5, 2),
+    }  # fmt: skip
+    p_chosen = {k: (pytest.approx(s.value), s.n) for k, s in m.p_chosen_by_length.items()}
+    assert p_chosen == {"chosen_much_longer": (0.8, 4), "chosen_much_shorter": (0.2, 4),
+                        "similar": (0.5, 1)}  # fmt: skip
+    flat = m.flat()
+    assert flat["by_length/chosen_much_shorter/accuracy"] == (0.0, 4)
+    assert flat["by_length/similar/mean_p_chosen"] == (0.5, 1)
+    assert JudgeMetrics.from_flat(flat) == m
+
+
+def test_length_buckets_edges_are_a_ratio_of_three_halves() -> None:
+    texts = {"two": "a b", "three": "a b c", "four": "a b c d"}
+
+    def bucket(chosen: str, rejected: str) -> str:
+        pair = GoldPair("q", texts[chosen], texts[rejected], principle("honest"))
+        (key,) = judge_metrics([pair], [label(0.9, 0.9)]).by_length
+        return key
+
+    assert bucket("three", "two") == "chosen_much_longer"  # 3 / 2 = 1.5
+    assert bucket("two", "three") == "chosen_much_shorter"
+    assert bucket("four", "three") == "similar"
+    assert bucket("three", "four") == "similar"
 
 
 def synthetic(confidence: Callable[[random.Random], tuple[float, float]], n: int) -> JudgeMetrics:
