@@ -236,6 +236,23 @@ def request_seed(seed: int, prompt: Any, index: int) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
 
 
+def chat_response_tokens(tokenizer, chat: Chat) -> ResponseTokens:
+    """A chat's token ids up to the end-of-turn token, and where its last (assistant)
+    message sits, rendered by the tokenizer's chat template."""
+    if not chat or chat[-1]["role"] != "assistant":
+        raise ValueError("score_sequences needs chats that end with an assistant message")
+
+    def render(messages: Chat, **kwargs: bool) -> str:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+
+    return split_response(
+        render(chat[:-1], add_generation_prompt=True),
+        render(chat, add_generation_prompt=False, continue_final_message=True),
+        render(chat, add_generation_prompt=False),
+        lambda text: tokenizer.encode(text, add_special_tokens=False),
+    )
+
+
 class VLLMBackend:
     """Offline ``vllm.LLM``, shared per process by architecture and engine settings."""
 
@@ -362,18 +379,7 @@ class VLLMBackend:
 
     def response_tokens(self, chat: Chat) -> ResponseTokens:
         """The chat's token ids up to the end-of-turn token, and where the response sits."""
-        if not chat or chat[-1]["role"] != "assistant":
-            raise ValueError("score_sequences needs chats that end with an assistant message")
-
-        def render(messages: Chat, **kwargs: bool) -> str:
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
-
-        return split_response(
-            render(chat[:-1], add_generation_prompt=True),
-            render(chat, add_generation_prompt=False, continue_final_message=True),
-            render(chat, add_generation_prompt=False),
-            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
-        )
+        return chat_response_tokens(self.tokenizer, chat)
 
     def score_sequences(self, chats: Sequence[Chat]) -> list[SequenceScore | None]:
         from vllm import SamplingParams

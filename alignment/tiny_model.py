@@ -121,22 +121,28 @@ def corpus_chats(
     return chats
 
 
-def build_tokenizer(texts: Sequence[str], vocab_size: int):
+def byte_level_bpe(texts: Sequence[str], vocab_size: int, special_tokens: Sequence[str]):
+    """A byte-level BPE (GPT-2 style, as SmolLM2's and Qwen's) trained in memory on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
+    return bpe
+
+
+def build_tokenizer(texts: Sequence[str], vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+        tokenizer_object=byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS),
         bos_token=BOS,
         eos_token=END,
         pad_token=PAD,

@@ -288,21 +288,12 @@ def preference_rows(pairs: Sequence[dict[str, Any]], p_chosen: bool = True) -> l
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int):
     """A byte-level BPE trained on ``texts``, with Qwen's ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
+    from alignment.tiny_model import byte_level_bpe
+
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+        tokenizer_object=byte_level_bpe(texts, vocab_size, [PAD, IM_START, IM_END]),
         eos_token=IM_END,
         pad_token=PAD,
         additional_special_tokens=[IM_START],
@@ -825,17 +816,9 @@ class TransformersScorer:
         raise NotImplementedError("the GPU check's judge only scores sequences")
 
     def response_tokens(self, chat: Sequence[dict[str, str]]):
-        from alignment.backends import split_response
+        from alignment.backends import chat_response_tokens
 
-        def render(messages: Sequence[dict[str, str]], **kwargs: bool) -> str:
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
-
-        return split_response(
-            render(chat[:-1], add_generation_prompt=True),
-            render(chat, add_generation_prompt=False, continue_final_message=True),
-            render(chat, add_generation_prompt=False),
-            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
-        )
+        return chat_response_tokens(self.tokenizer, list(chat))
 
     def score_sequences(self, chats: Sequence[Sequence[dict[str, str]]]) -> list[Any]:
         import torch
