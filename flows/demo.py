@@ -179,8 +179,11 @@ def step_lines(step: Step) -> list[str]:
     head = f"  iteration {step.iteration}: {step.decision}" + (
         f" (failed: {', '.join(failed)})" if failed else ""
     )
+    # The promotion decision itself: the sign test against the incumbent, with its power.
+    paired = [f"    vs the incumbent: {g['message']}" for g in step.gates
+              if g["gate"] == "promotion_alpha"]  # fmt: skip
     if not vs:
-        return [head + "; not measured against the starting policy"]
+        return [head + "; not measured against the starting policy", *paired]
     width = max(len(label) for label, _, _ in RATE_LINES)
     return [
         head
@@ -190,6 +193,7 @@ def step_lines(step: Step) -> list[str]:
             f"    {label:<{width}}  {_fmt(vs.get(raw))}, length-controlled {_fmt(vs.get(lc))}"
             for label, raw, lc in RATE_LINES
         ),
+        *paired,
     ]
 
 

@@ -65,3 +65,15 @@ def test_each_iteration_prints_both_scales_raw_and_length_controlled_with_interv
         "  iteration 2: rejected (failed: min_lc_win_rate); not measured against the starting "
         "policy"
     ]
+
+
+def test_each_iteration_prints_the_paired_test_that_decided_it() -> None:
+    """A promoted iteration shows p < α; a rejected one shows why, with the power."""
+    why = ("sign test 12 wins of 22 decided comparisons (10 of 32 undecided), p = 0.416 ≥ α "
+           "0.05; detecting a 60% win rate (of decided comparisons) with 80% power at α 0.05 "
+           "needs 211 prompts")  # fmt: skip
+    gates = [{"gate": "promotion_alpha", "passed": False, "message": why},
+             {"gate": "min_lc_win_rate", "passed": True, "message": "fine"}]  # fmt: skip
+    lines = step_lines(Step(2, "rejected", "m2", gates, {}))
+    assert lines[0].startswith("  iteration 2: rejected (failed: promotion_alpha)")
+    assert lines[1:] == [f"    vs the incumbent: {why}"]
