@@ -16,9 +16,10 @@ Contrast mode asks no question (SAMI, RLCD): each response's Δ is its
 log-likelihood under a system prompt that states the principle minus its
 log-likelihood under a neutral one (or one asking for the opposite), and
 
-    p_a_first = p_a_second = p_a = σ((Δ_A − Δ_B) / contrast_tau)
+    p_a_first = p_a_second = p_a = σ((Δ_A − Δ_B) / (contrast_tau · s))
 
-with no option order, so no position bias. Likelihood mode is its baseline
+with no option order, so no position bias; s is 1 (``contrast_length: sum``) or the
+square root of the pair's mean token count (``sqrt_tokens``). Likelihood mode is its baseline
 without the principle (each response's mean log-likelihood per token), and
 ensemble mode averages the contrast log-odds with the A/B question's log-odds.
 
@@ -89,7 +90,8 @@ class JudgeConfig(BaseModel):
         "both orders and read the label log-probs. cot: generate a rationale first, then "
         "read them; probabilities are clamped to cot_clamp (CAI §4.3). contrast: no "
         "question; each response's likelihood under the principle against without it "
-        "(see contrast_negative), p_a = σ((Δ_A − Δ_B)/contrast_tau); no position bias. "
+        "(see contrast_negative), p_a = σ((Δ_A − Δ_B)/(contrast_tau·s)), s set by "
+        "contrast_length; no position bias. "
         "likelihood: the baseline without any principle, each response's mean "
         "log-likelihood per token. ensemble: the mean of the contrast log-odds and the "
         "A/B question's log-odds (scaled by ensemble_ab_scale). contrast is the default: "
@@ -102,8 +104,8 @@ class JudgeConfig(BaseModel):
         description="all_pairs: compare every pair of a prompt's responses (n(n-1)/2 "
         "comparisons). best_vs_worst: score each response pointwise, then compare "
         "the best with the worst (n + 1). Pointwise scores read the yes/no question's "
-        "log-probs in logprob and cot modes, and σ(Δ/contrast_tau) in contrast, "
-        "likelihood and ensemble modes.",
+        "log-probs in logprob and cot modes, and σ(Δ/(contrast_tau·s)) in contrast, "
+        "likelihood and ensemble modes (s: see contrast_length).",
     )
     min_confidence: float = Field(
         0.55,
@@ -147,9 +149,23 @@ class JudgeConfig(BaseModel):
     contrast_tau: float = Field(
         3.0,
         gt=0.0,
-        description="Temperature of the contrast label σ((Δ_A − Δ_B)/τ), in nats. 3 "
-        "minimises the gold set's log loss for SmolLM2-135M (Δ sums over the "
-        "response's tokens, so longer responses move it more).",
+        description="Temperature of the contrast label, in nats: p_a = σ((Δ_A − Δ_B)/(τ·s)), "
+        "s set by contrast_length. 3 (with contrast_length: sum) minimises the log loss of "
+        "the gold set's tuning half for SmolLM2-135M (fitted: 3.1); with sqrt_tokens the "
+        "fitted τ is 0.54. likelihood mode uses it as is (give it about 0.1 there).",
+    )
+    contrast_length: Literal["sum", "sqrt_tokens"] = Field(
+        "sum",
+        description="How the contrast label's confidence scales with the responses' "
+        "length; the winner never changes, only the confidence. sum: s = 1, so a pair "
+        "k times as long with the same evidence per token gets k times the log-odds. "
+        "sqrt_tokens: s = sqrt of the mean token count of the two responses (each with "
+        "its end-of-turn token; a pointwise score: its own), the spread of a sum of that "
+        "many per-token terms, so that pair gets sqrt(k) times the log-odds and "
+        "min_confidence and the loop's max_pairs lean less towards long pairs. sum is "
+        "the default: on the gold set's tuning half the two have the same log loss, and "
+        "on the demo's sampled pairs sum's confidence does not grow with length while "
+        "sqrt_tokens' falls with it (docs/judging.md).",
     )
     contrast_negative: Literal["neutral", "opposite"] = Field(
         "neutral",
@@ -340,24 +356,47 @@ def read_soft_label(
     )
 
 
+def sequence_tokens(score: SequenceScore) -> int:
+    """The tokens a response's log-likelihood sums over, its end-of-turn token included."""
+    return score.num_tokens + (score.end_logprob is not None)
+
+
 def sequence_total(score: SequenceScore, per_token: bool = False) -> float:
     """A response's log-likelihood, its end-of-turn token included (deciding to stop
     is part of the response: it is what makes a short answer short); ``per_token``
     divides by the tokens counted."""
     has_end = score.end_logprob is not None
     total = score.logprob + (score.end_logprob if has_end else 0.0)
-    return total / max(score.num_tokens + has_end, 1) if per_token else total
+    return total / max(sequence_tokens(score), 1) if per_token else total
+
+
+def length_scale(tokens: Sequence[int], contrast_length: str) -> float:
+    """s in σ((Δ_A − Δ_B)/(τ·s)): 1 for ``sum``; for ``sqrt_tokens`` the square root of
+    the responses' mean token count (one response for a pointwise score, two for a
+    pair). A sum of n per-token terms spreads as sqrt(n), so dividing by it gives a
+    long pair the confidence a short one gets for the same evidence per token."""
+    if contrast_length == "sum":
+        return 1.0
+    if contrast_length == "sqrt_tokens":
+        return math.sqrt(max(sum(tokens) / len(tokens), 1.0))
+    raise ValueError(f"contrast_length must be 'sum' or 'sqrt_tokens', got {contrast_length!r}")
 
 
 def read_contrast(
-    delta_a: float | None, delta_b: float | None, tau: float, *, pointwise: bool = False
+    delta_a: float | None,
+    delta_b: float | None,
+    tau: float,
+    *,
+    pointwise: bool = False,
+    scale: float = 1.0,
 ) -> SoftLabel:
-    """σ((Δ_A − Δ_B)/τ), or σ(Δ_A/τ) for a pointwise score: P(A follows the principle)
-    when each Δ is a log-likelihood ratio of following it. There is no option order."""
+    """σ((Δ_A − Δ_B)/(τ·s)), or σ(Δ_A/(τ·s)) for a pointwise score: P(A follows the
+    principle) when each Δ is a log-likelihood ratio of following it; s is the
+    ``length_scale``. There is no option order."""
     if delta_a is None or (not pointwise and delta_b is None):
         return SoftLabel("missing_logprobs", delta_a=delta_a, delta_b=delta_b)
-    z = delta_a / tau if pointwise else (delta_a - delta_b) / tau  # type: ignore[operator]
-    p = sigmoid(z)
+    difference = delta_a if pointwise else delta_a - delta_b  # type: ignore[operator]
+    p = sigmoid(difference / (tau * scale))
     return SoftLabel("ok", p, p, p, True, None, delta_a, None if pointwise else delta_b)
 
 
@@ -369,9 +408,11 @@ def read_ensemble(
     tau: float,
     ab_scale: float,
     min_option_mass: float = 0.0,
+    scale: float = 1.0,
 ) -> SoftLabel:
-    """Average the contrast log-odds z_c = (Δ_A − Δ_B)/τ with the A/B question's, in logit
-    space where a constant position bias cancels between the orders:
+    """Average the contrast log-odds z_c = (Δ_A − Δ_B)/(τ·scale) (``scale`` as in
+    read_contrast) with the A/B question's, in logit space where a constant position
+    bias cancels between the orders:
 
         l1 = logit(P1), l2 = logit(P2), s = ab_scale
         p_a_first = σ((z_c + s·l1)/2), p_a_second = σ((z_c + s·l2)/2)
@@ -383,7 +424,7 @@ def read_ensemble(
     if asked.status != "ok" or asked.p_a_first is None or asked.p_a_second is None:
         return SoftLabel(asked.status, option_mass=asked.option_mass,
                          delta_a=contrast.delta_a, delta_b=contrast.delta_b)  # fmt: skip
-    z_c = (contrast.delta_a - contrast.delta_b) / tau
+    z_c = (contrast.delta_a - contrast.delta_b) / (tau * scale)
     l1, l2 = (ab_scale * _logit(p) for p in (asked.p_a_first, asked.p_a_second))
     p1, p2 = sigmoid((z_c + l1) / 2), sigmoid((z_c + l2) / 2)
     return SoftLabel(
@@ -488,7 +529,7 @@ def _ask_model(
         raise ValueError("one batch must be all comparisons or all pointwise scores")
     mode = model_mode(pointwise, config)
     if mode in ("contrast", "likelihood"):
-        return [_Answer(label, mode) for label in _contrast(asks, config, likelihoods)]
+        return [_Answer(label, mode) for label, _ in _contrast(asks, config, likelihoods)]
     cot = mode == "cot"
     first, second, rationales = _ask_both_orders(backend, asks, cot, config)
     if mode == "ensemble":
@@ -502,10 +543,11 @@ def _ask_model(
                     tau=config.contrast_tau,
                     ab_scale=config.ensemble_ab_scale,
                     min_option_mass=config.min_option_mass,
+                    scale=scale,
                 ),
                 "ensemble",
             )
-            for c, s1, s2 in zip(contrast, first, second, strict=True)
+            for (c, scale), s1, s2 in zip(contrast, first, second, strict=True)
         ]
     clamp = config.cot_clamp if cot else None
     labels = [
@@ -529,26 +571,31 @@ def _without_echo(ask: _Ask) -> _Ask:
 
 def _contrast(
     asks: Sequence[_Ask], config: JudgeConfig, likelihoods: _Likelihoods
-) -> list[SoftLabel]:
-    """Each response's Δ from one batch of sequence scores, then σ((Δ_A − Δ_B)/τ).
+) -> list[tuple[SoftLabel, float]]:
+    """Each response's Δ from one batch of sequence scores, then σ((Δ_A − Δ_B)/(τ·s)),
+    with s the ``length_scale`` it was read with (returned beside each label).
 
     contrast: Δ = log p(r | x, principle) − log p(r | x, neutral or opposite);
-    likelihood: Δ = mean log p(r | x, neutral) per token (no principle at all).
+    likelihood: Δ = mean log p(r | x, neutral) per token (no principle at all), s = 1.
     """
     chats = _contrast_chats(asks, config)
     flat = likelihoods.score([chat for group in chats for chat in group])
-    deltas, at = [], 0
+    deltas, tokens, at = [], [], 0
     for group in chats:
         scores, at = flat[at : at + len(group)], at + len(group)
         deltas.append(_delta(scores))
+        tokens.append(sequence_tokens(scores[0]) if scores[0] is not None else 1)
+    length = "sum" if config.mode == "likelihood" else config.contrast_length
     labels, at = [], 0
     for a in asks:
-        if a.b is None:
-            labels.append(read_contrast(deltas[at], None, config.contrast_tau, pointwise=True))
-            at += 1
-        else:
-            labels.append(read_contrast(deltas[at], deltas[at + 1], config.contrast_tau))
-            at += 2
+        k = 1 if a.b is None else 2  # the responses this ask scores
+        scale = length_scale(tokens[at : at + k], length)
+        delta_b = None if a.b is None else deltas[at + 1]
+        label = read_contrast(
+            deltas[at], delta_b, config.contrast_tau, pointwise=a.b is None, scale=scale
+        )
+        labels.append((label, scale))
+        at += k
     return labels
 
 
@@ -765,6 +812,8 @@ def label_settings(mode: Mode, config: JudgeConfig) -> dict[str, Any]:
         settings["contrast_tau"] = config.contrast_tau
     if mode in ("contrast", "ensemble"):
         settings["contrast_negative"] = config.contrast_negative
+        if config.contrast_length != "sum":  # sum keeps the ids of judgments made before
+            settings["contrast_length"] = config.contrast_length
     if mode == "ensemble":
         settings["ensemble_ab_scale"] = config.ensemble_ab_scale
     return settings

@@ -384,7 +384,9 @@ class JudgeMetrics:
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers as plain JSON (what `rlaif judge eval --format json` prints);
-        the injection figures only for a set with injected variants."""
+        the injection figures only for a set with injected variants. ``by_length`` gives
+        each length bucket's accuracy, its mean P(chosen) (None when no label was ok)
+        and its pairs."""
 
         def value(share: Share | None) -> float | None:
             return None if share is None else share.value
@@ -402,6 +404,14 @@ class JudgeMetrics:
             "accuracy_chosen_shorter": value(self.accuracy_chosen_shorter),
             "by_principle": grouped(self.by_principle),
             "by_subset": grouped(self.by_subset),
+            "by_length": {
+                bucket: {
+                    "accuracy": share.value,
+                    "mean_p_chosen": value(self.p_chosen_by_length.get(bucket)),
+                    "n": share.n,
+                }
+                for bucket, share in _in_bucket_order(self.by_length)
+            },
             "not_ok": self.not_ok,
         }
         if self.injection_flip_rate is not None:  # only for a set with injected variants
@@ -419,6 +429,11 @@ _OPTIONAL_SHARES = (
     "accuracy_injected",
     "injection_flip_rate",
 )
+
+
+def _in_bucket_order(shares: Mapping[str, Share]) -> list[tuple[str, Share]]:
+    """Length buckets from the chosen response much shorter to much longer."""
+    return sorted(shares.items(), key=lambda item: LENGTH_BUCKETS.index(item[0]))
 
 
 def _bin_edges(k: int) -> tuple[float, float]:

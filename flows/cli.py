@@ -847,6 +847,13 @@ def _print_judge_eval(summary: dict[str, Any], run_id: str, data: str, reused: b
             for key, figure in summary[group].items():
                 table.add_row(key, f"{figure['accuracy']:.3f}", str(figure["n"]))
             console.print(table)
+    if summary["by_length"]:  # a judge reading length: low p_chosen in one bucket, high in another
+        table = Table("length (words chosen / rejected)", "accuracy", "mean p_chosen", "n")
+        for key, figure in summary["by_length"].items():
+            p = figure["mean_p_chosen"]
+            p_chosen = "n/a" if p is None else f"{p:.3f}"
+            table.add_row(key, f"{figure['accuracy']:.3f}", p_chosen, str(figure["n"]))
+        console.print(table)
 
 
 if __name__ == "__main__":

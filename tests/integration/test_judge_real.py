@@ -118,6 +118,20 @@ def test_contrast_mode_runs_end_to_end_with_finite_deltas(vllm_backend):
     assert len(outcome.pairs) + sum(outcome.dropped.values()) == 6
 
 
+def test_contrast_sqrt_tokens_keeps_the_winner_and_lowers_the_confidence(vllm_backend):
+    by_sum = JudgeConfig(mode="contrast", min_confidence=0.5)
+    by_root = JudgeConfig(mode="contrast", min_confidence=0.5, contrast_length="sqrt_tokens")
+    summed = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), by_sum)
+    rooted = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), by_root)
+    assert {j.judgment_id for j in summed}.isdisjoint(j.judgment_id for j in rooted)
+    for s, r in zip(summed, rooted, strict=True):
+        assert (r.delta_a, r.delta_b) == pytest.approx((s.delta_a, s.delta_b), abs=1e-4)
+        if abs(s.delta_a - s.delta_b) > 1e-3:  # the same Δ read again: the same winner
+            assert (r.p_a > 0.5) == (s.p_a > 0.5)
+        # Every response has a token besides its end one: s >= sqrt(2) > 1.
+        assert abs(r.p_a - 0.5) <= abs(s.p_a - 0.5) + 1e-6
+
+
 def test_ensemble_mode_runs_end_to_end(vllm_backend):
     principle = CONSTITUTION.principles[0]
     comparisons = [Comparison("How do I boil an egg?", a, b, principle) for a, b in

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import types
 from collections.abc import Iterator
@@ -386,14 +387,18 @@ def test_judge_eval_json(scripted_judge: list[object]) -> None:
     assert list(out) == [
         "n", "accuracy", "position_consistency", "first_position_rate", "ece",
         "accuracy_chosen_longer", "accuracy_chosen_shorter", "by_principle", "by_subset",
-        "not_ok", "judge_model", "mode",
+        "by_length", "not_ok", "judge_model", "mode",
     ]  # fmt: skip
     assert out == {
         "n": 2, "accuracy": 0.5, "position_consistency": 1.0, "first_position_rate": 0.5,
         "ece": pytest.approx(0.27), "accuracy_chosen_longer": 0.0, "accuracy_chosen_shorter": 1.0,
         "by_principle": {"generic": {"accuracy": 1.0, "n": 1}, "honest": {"accuracy": 0.0, "n": 1}},
-        "by_subset": {"chat": {"accuracy": 1.0, "n": 1}}, "not_ok": 0, "judge_model": "judge-x",
-        "mode": "logprob",
+        "by_subset": {"chat": {"accuracy": 1.0, "n": 1}},
+        "by_length": {
+            "chosen_much_shorter": {"accuracy": 1.0, "mean_p_chosen": pytest.approx(0.77), "n": 1},
+            "chosen_much_longer": {"accuracy": 0.0, "mean_p_chosen": pytest.approx(0.23), "n": 1},
+        },
+        "not_ok": 0, "judge_model": "judge-x", "mode": "logprob",
     }  # fmt: skip
     rows = Store("store").query("SELECT metric FROM judge_evals")
     assert {"accuracy", "ece", "by_principle/honest/accuracy"} <= {r["metric"] for r in rows}
@@ -409,6 +414,8 @@ def test_judge_eval_table(scripted_judge: list[object]) -> None:
     assert result.stdout.startswith(first_line)
     for text in ("accuracy", "position_consistency", "1.000", "first_position_rate", "chat"):
         assert text in result.stdout
+    # p_chosen by length bucket: the one pair's chosen is 2 words against 4.
+    assert re.search(r"chosen_much_shorter\s*│\s*1\.000\s*│\s*0\.770\s*│\s*1", result.stdout)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from alignment.judge import (
     judge_comparisons,
     judge_prompts,
     judgment_id,
+    length_scale,
     principle_fingerprint,
     rationale_status,
     read_contrast,
@@ -567,6 +568,84 @@ def test_contrast_without_a_score_is_missing_logprobs(delta_a, delta_b):
     )  # fmt: skip
 
 
+def test_length_scale_is_one_for_sum_and_the_root_of_the_mean_tokens():
+    assert length_scale([4, 60], "sum") == 1.0
+    assert length_scale([4, 60], "sqrt_tokens") == pytest.approx(math.sqrt(32))
+    assert length_scale([9], "sqrt_tokens") == 3.0  # a pointwise score: its own tokens
+    assert length_scale([0, 0], "sqrt_tokens") == 1.0  # never below one token
+    with pytest.raises(ValueError, match="contrast_length"):
+        length_scale([4], "tokens")
+    label = read_contrast(-2.0, -5.0, tau=3.0, scale=2.0)
+    assert label.p_a == pytest.approx(sigmoid(0.5))
+    assert (label.delta_a, label.delta_b) == (-2.0, -5.0)  # the Δ are kept as read
+    assert read_contrast(4.0, None, tau=1.0, pointwise=True, scale=2.0).p_a == sigmoid(2.0)
+
+
+def good_words(chat):
+    """Every token costs 1 nat, the end token included; under the principle the word
+    "good" costs 0.8, so a response's Δ is 0.2 nats per "good" it has."""
+    words = chat[-1]["content"].split()
+    principled = system_prompt(chat) != NEUTRAL_SYSTEM
+    cost = sum(0.8 if principled and word == "good" else 1.0 for word in words)
+    return SequenceScore(-cost, len(words), end_logprob=-1.0)
+
+
+def text(good: int, other: int) -> str:
+    return " ".join(["good"] * good + ["a"] * other)
+
+
+def test_sqrt_tokens_makes_a_long_pair_less_confident_than_the_sum_does():
+    """The same evidence per token (0.15 nats) in a pair of 4 tokens and one of 64 (16
+    times as long, the end token counted): the sum's log-odds grow 16-fold,
+    sqrt_tokens' 4-fold; the winner is the same."""
+    short, long = (text(3, 0), text(0, 3)), (text(48, 15), text(0, 63))
+    backend = ScriptedBackend(sequence_fn=good_words)
+
+    def logits(config, *pairs):
+        labels = judge_comparisons(backend, comparisons(*pairs), config)
+        return [math.log(x.p_a / (1 - x.p_a)) for x in labels]
+
+    by_sum = JudgeConfig(contrast_length="sum", contrast_tau=8.0)
+    by_root = JudgeConfig(contrast_length="sqrt_tokens", contrast_tau=4.0)  # s = 2 for 4 tokens
+    sum_short, sum_long = logits(by_sum, short, long)
+    assert sum_short > 0 and sum_long / sum_short == pytest.approx(16.0)
+    root_short, root_long = logits(by_root, short, long)
+    assert root_short > 0 and root_long / root_short == pytest.approx(4.0)
+    # Tuned to give the short pair the same confidence, sqrt_tokens gives the long pair
+    # less, so min_confidence and max_pairs lean less towards long pairs; and a long pair
+    # with no more evidence in all than the short one gets less confidence than it.
+    assert root_short == pytest.approx(sum_short) and root_long < sum_long
+    diluted = (text(3, 60), text(0, 63))
+    (root_diluted,) = logits(by_root, diluted)
+    (sum_diluted,) = logits(by_sum, diluted)
+    assert 0 < root_diluted < root_short and sum_diluted == pytest.approx(sum_short)
+
+
+def test_sqrt_tokens_scales_pointwise_scores_by_their_own_length():
+    backend = ScriptedBackend(sequence_fn=good_words)
+    group = candidates("p", text(3, 0), text(12, 3), "bad")
+    one_principle = constitution(principle("helpful"))
+    config = JudgeConfig(pair_strategy="best_vs_worst", contrast_length="sqrt_tokens")
+    judgments = judge_prompts(backend, one_principle, by_prompt(group), config)
+    pointwise = [j for j in judgments if j.response_b_id is None]
+    assert [j.delta_a for j in pointwise] == pytest.approx([0.6, 2.4, 0.0])
+    tau = config.contrast_tau
+    assert pointwise[0].p_a == pytest.approx(sigmoid(0.6 / (tau * 2)))  # 4 tokens
+    assert pointwise[1].p_a == pytest.approx(sigmoid(2.4 / (tau * 4)))  # 16 tokens
+
+
+def test_ensemble_reads_its_contrast_half_with_the_same_length_scale():
+    backend = ScriptedBackend(sequence_fn=good_words)
+    pair = comparisons((text(3, 0), text(0, 3)))
+    labels = [
+        judge_comparisons(backend, pair, JudgeConfig(mode="ensemble", contrast_length=length))[0]
+        for length in ("sum", "sqrt_tokens")
+    ]
+    # The scripted A/B answers are the same for both; the contrast log-odds halve (s = 2).
+    assert labels[0].p_a > labels[1].p_a
+    assert labels[0].delta_a == labels[1].delta_a == pytest.approx(0.6)
+
+
 def test_sigmoid_is_stable_far_out():
     assert sigmoid(1000.0) == 1.0 and sigmoid(-1000.0) == 0.0
     assert sigmoid(0.0) == 0.5
@@ -808,6 +887,8 @@ def test_judgment_ids_distinguish_the_label_settings():
         judgment_id(CONTRAST),
         judgment_id(JudgeConfig(mode="contrast", contrast_tau=1.0)),
         judgment_id(JudgeConfig(mode="contrast", contrast_negative="opposite")),
+        judgment_id(JudgeConfig(mode="contrast", contrast_tau=2.0, contrast_length="sqrt_tokens")),
+        judgment_id(JudgeConfig(mode="ensemble", contrast_length="sqrt_tokens")),
         judgment_id(JudgeConfig(mode="likelihood")),
         judgment_id(JudgeConfig(mode="ensemble")),
     ]
@@ -823,6 +904,11 @@ def test_judgment_ids_distinguish_the_label_settings():
     assert judgment_id(CONTRAST) == judgment_id(
         JudgeConfig(mode="contrast", contrast_tau=2.0, min_confidence=0.9, min_option_mass=0.5)
     )
+    # The question modes and the likelihood baseline do not read contrast_length.
+    for mode in ("logprob", "likelihood"):
+        assert judgment_id(JudgeConfig(mode=mode)) == judgment_id(
+            JudgeConfig(mode=mode, contrast_length="sqrt_tokens")
+        )
 
 
 def test_judgment_ids_hash_the_principle_not_the_constitution():

@@ -314,6 +314,20 @@ def test_p_chosen_by_length_bucket_of_a_judge_that_prefers_length() -> None:
     assert flat["by_length/chosen_much_shorter/accuracy"] == (0.0, 4)
     assert flat["by_length/similar/mean_p_chosen"] == (0.5, 1)
     assert JudgeMetrics.from_flat(flat) == m
+    # What `rlaif judge eval` prints: the buckets from chosen much shorter to much longer.
+    by_length = m.summary()["by_length"]
+    assert list(by_length) == ["chosen_much_shorter", "similar", "chosen_much_longer"]
+    assert by_length["chosen_much_shorter"] == {
+        "accuracy": 0.0, "mean_p_chosen": pytest.approx(0.2), "n": 4,
+    }  # fmt: skip
+    assert by_length["similar"] == {"accuracy": 0.5, "mean_p_chosen": 0.5, "n": 2}
+    assert JudgeMetrics.from_flat(flat).summary() == m.summary()
+
+
+def test_a_length_bucket_without_an_ok_label_has_no_p_chosen() -> None:
+    pair = GoldPair("q", "a b", "c d", principle("honest"))  # similar
+    summary = judge_metrics([pair], [SoftLabel("refusal")]).summary()
+    assert summary["by_length"] == {"similar": {"accuracy": 0.5, "mean_p_chosen": None, "n": 1}}
 
 
 def test_length_buckets_edges_are_a_ratio_of_three_halves() -> None:
