@@ -527,6 +527,8 @@ def markdown(result: dict) -> str:
         f"Total {result['seconds']:.0f} s.",
         "",
     ]
+    if "sampling_note" in result:  # a part rerun alone and merged into the file
+        lines += [result["sampling_note"], ""]
     if "sampling" in result:
         lines += [
             "### 1. Sampling (tokens/s; ratios to raw `vllm.LLM.chat`, goal ≥ 0.95)",
