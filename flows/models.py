@@ -1,4 +1,5 @@
-"""Turn a ModelConfig into a backend; build an embedded model (tiny, smollm2) when it is named.
+"""Turn a ModelConfig into a backend; build an embedded model (tiny, smollm2,
+qwen-coder-0.5b) when it is named.
 
 A model is known by its content, not by where it lies. The name recorded in lineage,
 and hashed into every response, critique, judgment, run and judge-audit id, is
@@ -10,7 +11,7 @@ the hub id), the hex its identity, which ``model_identity`` says:
   14 GB checkpoint is read once);
 - a hub id: the commit the local Hugging Face cache resolves ``main`` to, or
   ``unresolved`` when it has none offline (vLLM will download whatever ``main`` is);
-- an embedded model (tiny, smollm2): its folder is already named by the hash of its
+- an embedded model (tiny, smollm2, qwen-coder-0.5b): its folder is already named by the hash of its
   recipe, so its name stays the folder's name (e.g. ``tiny-329b297ff38d``);
 - a model the store registered (a trained candidate, named by its model_id, in the
   folder ``<stage>-<12 hex of that id>`` it was written to once): its model_id, which
@@ -38,9 +39,9 @@ from alignment.backends import Backend, OpenAIBackend, VLLMBackend
 from alignment.constitution import load_constitution
 from alignment.ids import content_id
 from alignment.prompts import load_prompts
-from alignment.smollm2 import build_smollm2
 from alignment.tiny_model import TinyModelConfig, build_tiny_model, corpus_chats, default_cache_dir
-from flows.config import HUB_ID, SMOLLM2, TINY, ModelConfig, hub_config_file, weight_files
+from alignment.wheel_models import SMOLLM2, WHEEL_MODELS, build_model
+from flows.config import HUB_ID, TINY, ModelConfig, hub_config_file, weight_files
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The tiny model learns from the shipped text only, so editing your own
@@ -70,20 +71,27 @@ def tiny_model_path(
 
 
 @functools.cache
-def smollm2_model_path() -> Path:
-    """SmolLM2's folder in the default cache, converted on first use (about 20 s).
+def wheel_model_path(name: str) -> Path:
+    """The folder of a model taken from pinned wheels ('smollm2', 'qwen-coder-0.5b') in
+    the default cache, converted on first use (SmolLM2: about 20 s).
 
-    Cached per process: every task asks for it, and the wheel is never looked at twice.
+    Cached per process: every task asks for it, and the wheels are never looked at twice.
     """
-    return build_smollm2()
+    return build_model(WHEEL_MODELS[name])
+
+
+def smollm2_model_path() -> Path:
+    """SmolLM2's folder in the default cache, converted on first use (about 20 s)."""
+    return wheel_model_path(SMOLLM2.name)
 
 
 def embedded_model_path(name: str) -> Path | None:
-    """The folder of an embedded model ('tiny', 'smollm2'), built on first use; else None."""
+    """The folder of an embedded model ('tiny', 'smollm2', 'qwen-coder-0.5b'), built on
+    first use; else None."""
     if name == TINY:
         return tiny_model_path()
-    if name == SMOLLM2:
-        return smollm2_model_path()
+    if name in WHEEL_MODELS:
+        return wheel_model_path(name)
     return None
 
 
@@ -131,7 +139,7 @@ EMBEDDED_FOLDER = re.compile(r".+-[0-9a-f]{12}")  # e.g. tiny-329b297ff38d
 
 
 def _embedded(folder: Path) -> bool:
-    """Whether ``folder`` is an embedded model's build (``tiny``, ``smollm2``) named by the
+    """Whether ``folder`` is an embedded model's build (``tiny``, ``smollm2``, ...) named by the
     hash of its recipe, e.g. the starting policy that the loop passes by its folder."""
     return (
         EMBEDDED_FOLDER.fullmatch(folder.name) is not None

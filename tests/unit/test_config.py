@@ -198,8 +198,9 @@ def test_offline_a_hub_id_must_be_in_the_cache(
 def test_a_model_name_that_is_nothing_is_refused(tmp_path: Path, model: str, hint: str) -> None:
     path, error = refusal(tmp_path, f"policy:\n  dtype: auto\n  model: {model}\n")
     assert error == (
-        f"{path}:3: policy.model: model '{model}' is not an embedded model (tiny, smollm2), an "
-        f"existing folder (write ./{model} for one here), or a hub id (org/name){hint}"
+        f"{path}:3: policy.model: model '{model}' is not an embedded model (tiny, smollm2, "
+        f"qwen-coder-0.5b), an existing folder (write ./{model} for one here), or a hub id "
+        f"(org/name){hint}"
     )
 
 

