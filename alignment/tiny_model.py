@@ -15,14 +15,12 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alignment import templates
+from alignment import atomic, templates
 from alignment.ids import content_id
 
 BOS, END, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -227,21 +225,19 @@ def build_tiny_model(
     started = time.monotonic()
     losses = train(model, token_ids, config, progress)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    build = {
-        "config": asdict(config),
-        "corpus_chats": len(chats),
-        "corpus_tokens": len(token_ids),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "loss_first": losses[0],
-        "loss_last": sum(losses[-10:]) / min(10, len(losses)),
-        "train_seconds": round(time.monotonic() - started, 1),
-    }
-    (staging / "rlaif_build.json").write_text(json.dumps(build, indent=2))
-    if target.exists():  # a half-built folder from a crash; the marker file was missing
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    # A half-built folder at `target` (a crash; its marker file is missing) is replaced.
+    with atomic.replacing(target) as staging:
+        staging.mkdir()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        build = {
+            "config": asdict(config),
+            "corpus_chats": len(chats),
+            "corpus_tokens": len(token_ids),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "loss_first": losses[0],
+            "loss_last": sum(losses[-10:]) / min(10, len(losses)),
+            "train_seconds": round(time.monotonic() - started, 1),
+        }
+        (staging / "rlaif_build.json").write_text(json.dumps(build, indent=2))
     return target

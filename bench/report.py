@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from alignment import atomic
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # the scripts import bench/common.py as `common`
+
 DOC = BENCH.parent / "docs" / "benchmarks.md"
 SECTIONS = ("store", "stages", "training", "scaling", "gpu")  # bench/<name>.py, results/<name>.json
 # Sections whose missing result is written as this line instead of leaving the section alone.
@@ -61,10 +64,7 @@ def render(doc: str, results: Path = BENCH / "results") -> str:
 
 
 def main() -> None:
-    doc = render(DOC.read_text())
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(doc)
-    tmp.replace(DOC)
+    atomic.write_text(DOC, render(DOC.read_text()))
 
 
 if __name__ == "__main__":

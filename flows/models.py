@@ -24,17 +24,18 @@ its name (the run id also hashes its base_url).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from alignment import atomic
 from alignment.backends import Backend, OpenAIBackend, VLLMBackend
 from alignment.constitution import load_constitution
 from alignment.ids import content_id
@@ -268,14 +269,8 @@ def _write_hash_cache(new: dict[str, dict[str, Any]]) -> None:
     path = hash_cache_path()
     files = {key: entry for key, entry in _read_hash_cache().items() if os.path.exists(key)}
     files.update(new)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".file-hashes-", suffix=".json")
-        with os.fdopen(fd, "w") as out:
-            json.dump({"version": HASH_CACHE_VERSION, "files": files}, out)
-        os.replace(temp, path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        atomic.write_text(path, json.dumps({"version": HASH_CACHE_VERSION, "files": files}))
 
 
 def engine_dtype(config: ModelConfig) -> str:

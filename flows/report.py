@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from alignment import atomic
 from flows import report_rows
 from flows.report_rows import SHORT, IterationRow, ModelRow, PairsPage, lineage_line
 from flows.report_store import (
@@ -166,18 +165,8 @@ def write_report(store: Store, out: Path, loop: str | None = None) -> Path:
     pairs, page = None, None
     if history.iterations:
         pairs, page = loop_pairs(store, history), pairs_page_path(out)
-        _write_atomic(page, render_pairs_page(report_rows.pairs_page(history, pairs, store.root)))
+        pairs_page = report_rows.pairs_page(history, pairs, store.root)
+        atomic.write_text(page, render_pairs_page(pairs_page))
     rows = report_rows.report(store, history, pairs, page.name if page else None)
-    _write_atomic(out, render_report(rows))
+    atomic.write_text(out, render_report(rows))
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

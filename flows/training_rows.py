@@ -10,13 +10,11 @@ what a trainer sees.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alignment import atomic
 from storage import Store
 
 ExportFormat = Literal["hf", "jsonl", "parquet"]
@@ -135,23 +133,13 @@ def export_rows(rows: list[dict[str, Any]], fmt: ExportFormat, out: Path) -> Pat
     import datasets
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic.replacing(out) as built:
         if fmt == "hf":
-            datasets.Dataset.from_list(rows).save_to_disk(str(staging / "data"))
-            built = staging / "data"
+            datasets.Dataset.from_list(rows).save_to_disk(str(built))
         elif fmt == "jsonl":
-            built = staging / "data.jsonl"
             with built.open("w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         else:
-            built = staging / "data.parquet"
             datasets.Dataset.from_list(rows).to_parquet(str(built))
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(built, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

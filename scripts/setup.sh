@@ -33,7 +33,7 @@ if [ "$RLAIF_DEVICE" = cpu ]; then
   # `import transformers` / `import vllm`, and text-only work needs none of them.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"$VENV/bin/python" -c "import vllm, transformers, trl, prefect, duckdb, pyarrow" 2>/dev/null \
+"$VENV/bin/python" -c "import vllm, transformers, trl, prefect, duckdb, pyarrow, pytest_timeout" 2>/dev/null \
   || { echo "rlaif setup: the environment does not import; see the pip output above" >&2; exit 1; }
 # Headless Chromium renders the HTML report in tests/unit/test_report_browser.py (skipped
 # without it): Debian's package, as root only, about 20 s; bounded by the timeouts, and a

@@ -11,8 +11,9 @@ from storage.errors import (
     StoreNotFound,
     UnknownTable,
 )
+from storage.sandbox import sql
 from storage.schemas import DERIVED_VIEWS, TABLES, TableSpec
-from storage.store import CompactResult, Store, WriteResult, sql
+from storage.store import CompactResult, Store, WriteResult
 
 __all__ = [
     "CompactResult",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -84,3 +86,13 @@ class StoreFull(StoreError):
             f"no space left on device while writing {what} under {path}; {outcome}. "
             "Free some space and run it again."
         )
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(error: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised by Python, pyarrow (no errno) or DuckDB (an IOException)."""
+    return getattr(error, "errno", None) in _NO_SPACE or any(
+        os.strerror(code) in str(error) for code in _NO_SPACE
+    )

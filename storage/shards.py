@@ -29,9 +29,6 @@ compaction, which deletes the staging folders no one holds.
 Levels keep the cost of a write flat: write() merges the small shards into one of level 1
 once there are COMPACT_AT of them, and FANOUT shards of a level into one of the next
 (storage/store.py), so a row is rewritten about log_FANOUT(writes / COMPACT_AT) times.
-
-Stores made before this layout kept each run's shards in `<table>/run_id=<id>/`; the first
-writer to open one moves them up, with the same atomic swap (`migrate`).
 """
 
 from __future__ import annotations
@@ -45,14 +42,13 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-LEGACY_PREFIX = "run_id="  # a run's folder in the layout before the flat one
 STAGING_PREFIX = ".compact-"  # a table being compacted; never matches the views' glob
 TMP_SUFFIX = ".parquet.tmp"  # a shard being written; never matches the views' glob
 # write() and its merges favour speed: LZ4 writes 100 rows 2x faster than zstd and reads
@@ -62,7 +58,6 @@ ROW_GROUP_ROWS = 65_536  # rows per row group of a merged shard
 ROW_GROUP_BYTES = 64 << 20  # ... or fewer, when they hold this much (long texts)
 PLAIN_ROWS = 4_096  # a write()'s shard smaller than this has no dictionaries or statistics
 _LEVEL = re.compile(r"-L(\d+)\.parquet$")
-_OLD_COMPACTED = "-compacted.parquet"  # a merged shard of the run-folder layout
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -73,8 +68,6 @@ def level(shard: Path | str) -> int:
 
 
 def _level_of(name: str) -> int:
-    if name.endswith(_OLD_COMPACTED):
-        return 1
     found = _LEVEL.search(name) if "-L" in name else None
     return int(found.group(1)) if found else 0
 
@@ -86,7 +79,6 @@ class Listing:
     shards: list[str]  # every `<table>/*.parquet`, what the views read (paths as text: fast)
     levels: dict[str, int]  # of each shard
     orphans: list[Path]  # temp files and staging folders a killed process left behind
-    legacy: list[Path]  # `run_id=<id>/` folders of the layout before the flat one
 
     def small(self) -> list[str]:
         """Shards written by write() and not compacted yet."""
@@ -106,11 +98,10 @@ class Listing:
 
 
 def list_table(folder: Path) -> Listing:
-    """Shards, orphans and old-layout folders of the table stored in `folder` (one scandir;
-    the staging folders beside it are `remove_orphans`' to find)."""
+    """Shards and orphans of the table stored in `folder` (one scandir; the staging folders
+    beside it are `remove_orphans`' to find)."""
     levels: dict[str, int] = {}
     orphans: list[Path] = []
-    legacy: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
@@ -121,9 +112,7 @@ def list_table(folder: Path) -> Listing:
             levels[entry.path] = _level_of(name)
         elif name.endswith(TMP_SUFFIX) or name.startswith(STAGING_PREFIX):
             orphans.append(Path(entry.path))
-        elif name.startswith(LEGACY_PREFIX) and entry.is_dir():
-            legacy.append(Path(entry.path))
-    return Listing(sorted(levels), levels, orphans, sorted(legacy))
+    return Listing(sorted(levels), levels, orphans)
 
 
 def remove_orphans(folder: Path, listing: Listing) -> None:
@@ -205,9 +194,8 @@ class Staging:
         """Write the merge of `sources` into the staging folder; its file name. Needs no
         lock: shards never change, and `swap` checks that none is gone meanwhile."""
         name = f"part-{uuid.uuid4().hex}-L{merged_level}.parquet"
-        tmp = self.path / f".{name}.tmp"
-        _merge(sources, tmp, in_memory, compression)
-        os.replace(tmp, self.path / name)
+        with replacing(self.path / name) as tmp:
+            _merge(sources, tmp, in_memory, compression)
         return name
 
     def swap(self, replaced: Iterable[str | Path]) -> None:
@@ -243,28 +231,6 @@ def compact(
     finally:
         staging.close()
     return folder / name
-
-
-def migrate(folder: Path, listing: Listing) -> None:
-    """Move the shards of the old `run_id=<id>/` folders up into `folder`, atomically.
-    A shard without a run_id column (hand-made) is rewritten with its folder's."""
-    staging = Staging(folder)
-    try:
-        for partition in listing.legacy:
-            run_id = partition.name.removeprefix(LEGACY_PREFIX)
-            for shard in partition.iterdir():
-                target = staging.path / shard.name
-                if not shard.name.endswith(".parquet") or target.exists():
-                    continue
-                if "run_id" in pq.read_schema(shard).names:
-                    os.link(shard, target)
-                else:
-                    table = pq.read_table(shard)
-                    column = pa.array([run_id] * table.num_rows, pa.string())
-                    write_durably(table.append_column("run_id", column), target)
-        staging.swap(listing.legacy)
-    finally:
-        staging.close()
 
 
 def _keep(folder: Path, staging: Path, skip: set[Path]) -> None:
@@ -356,6 +322,21 @@ def exchange(a: Path, b: Path) -> None:
         if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise ExchangeUnsupported(code, "no atomic folder exchange here", str(a))
         raise OSError(code, os.strerror(code), str(a))
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """`.<name>.tmp` beside `path` for the block to write, renamed to `path` when the block
+    ends, deleted if it raises. The block fsyncs what it writes (write_durably and merges
+    do); the rename is durable once the folder is fsynced (fsync_dir), where that matters.
+    alignment/atomic.py is the same shape for alignment/ and flows/, without fsync: storage/
+    and alignment/ never import each other."""
+    tmp = path.with_name(f".{path.name}.tmp")  # never matches the views' *.parquet glob
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(folder: Path) -> None:

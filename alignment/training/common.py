@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from alignment import atomic
 
 MASTER_DTYPE = torch.float32
 T = TypeVar("T")
@@ -212,17 +213,16 @@ def save_for_vllm(
         if dtype is not None:
             model = model.to(dtype)
         # Saved beside the target and renamed into place: a killed run leaves no half model.
-        staging = output_dir.parent / f".{output_dir.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        stage_record = {**extra, "precision": record}
-        (staging / "rlaif_stage.json").write_text(json.dumps(stage_record, indent=2, default=str))
-        for name, text in (files or {}).items():
-            (staging / name).write_text(text)
-        shutil.rmtree(output_dir, ignore_errors=True)
-        os.replace(staging, output_dir)
+        with atomic.replacing(output_dir) as staging:
+            staging.mkdir()
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            stage_record = {**extra, "precision": record}
+            (staging / "rlaif_stage.json").write_text(
+                json.dumps(stage_record, indent=2, default=str)
+            )
+            for name, text in (files or {}).items():
+                (staging / name).write_text(text)
     wait_for_everyone()
     return output_dir
 

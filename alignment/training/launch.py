@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignment import atomic
+
 STAGES = ("sft", "reward", "dpo", "ppo", "rloo", "grpo")
 REWARD_STAGES = ("ppo", "rloo", "grpo")  # the stages that learn from a reward model
 RESULT_FILE = "result.json"
@@ -246,9 +248,7 @@ def write_results(job: StageJob, path: Path, metrics: dict[str, Any], digest: st
             "metrics": metrics,
             "world_size": world_size(),
         }
-        staging = results / f".{RESULT_FILE}.partial"
-        staging.write_text(json.dumps(record, indent=2, default=str))
-        os.replace(staging, results / RESULT_FILE)
+        atomic.write_text(results / RESULT_FILE, json.dumps(record, indent=2, default=str))
 
 
 def read_result(results: str | Path) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import pytest
 from storage import Store
 from tests.integration.loop_helpers import RLAIF, write_loop_config
 
+pytestmark = pytest.mark.integration
+
 PREFECT = str(Path(sys.executable).parent / "prefect")
 DEPLOYMENT = "self-improve/e2e"
 

@@ -18,6 +18,8 @@ from tests.integration.loop_helpers import (
     write_loop_config,
 )
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def loop_store(tmp_path_factory, prefect_harness, vllm_backend):

@@ -25,7 +25,7 @@ from storage import (
     UnknownTable,
     sql,
 )
-from storage import store as store_module
+from storage import views as views_module
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 RUN = "run-1"
@@ -385,7 +385,7 @@ def test_open_reader_blocks_only_writes_that_change_a_view(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.write("prompts", [prompt(1)], RUN)
-    monkeypatch.setattr(store_module, "OPEN_RETRY_S", 0.1)
+    monkeypatch.setattr(views_module, "OPEN_RETRY_S", 0.1)
     reader = duckdb.connect(str(store.db_path), read_only=True)
     try:
         assert store.write("prompts", [prompt(2)], RUN).written == 1  # views unchanged

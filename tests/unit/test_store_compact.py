@@ -14,8 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from flows.cli import main
@@ -119,36 +117,6 @@ def test_background_merges_keep_every_row_once_while_writes_go_on(
     assert levels[0] < 4 and all(n < 2 for k, n in levels.items() if k > 0), levels
     assert not strays(store)
     assert store.write("prompts", batch(3), "run0").written == 0
-
-
-def test_a_store_of_the_run_folder_layout_is_moved_up(tmp_path: Path) -> None:
-    """Stores made before the flat layout kept each run's shards in `run_id=<id>/`; the
-    first Store to open one moves them up, hand-made shards without run_id included."""
-    Store(tmp_path).ensure()
-    table = tmp_path / "parquet" / "prompts"
-    for run_id, name, rows in [
-        ("a", "part-1", 3),
-        ("a", "part-2-compacted", 2),
-        ("b", "part-3", 1),
-    ]:
-        (table / f"run_id={run_id}").mkdir(exist_ok=True)
-        data = pa.Table.from_pylist(
-            [{"prompt_id": f"{name}-{i}", "text": "t", "source": "seed", "run_id": run_id}
-             for i in range(rows)]
-        )  # fmt: skip
-        pq.write_table(data, table / f"run_id={run_id}" / f"{name}.parquet")
-    old = pa.table({"prompt_id": ["old"], "text": ["before run_id was a column"]})
-    pq.write_table(old, table / "run_id=b" / "part-old.parquet")
-    store = Store(tmp_path)
-    rows = store.query("SELECT run_id, count(*) AS n FROM prompts GROUP BY 1 ORDER BY 1")
-    assert rows == [{"run_id": "a", "n": 5}, {"run_id": "b", "n": 2}]
-    assert not list(table.glob("run_id=*")) and len(shards(store)) == 4
-    assert store.write("prompts", [{"prompt_id": "old", "text": "x"}], "c").written == 0
-    store.compact("prompts")
-    assert store.query("SELECT run_id, source FROM prompts WHERE prompt_id = 'old'") == [
-        {"run_id": "b", "source": None}
-    ]
-    assert store.count("prompts") == 7
 
 
 def test_key_index_is_completed_and_rebuilt_from_the_shards(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ from click.testing import CliRunner
 
 from flows.cli import user_errors
 from storage import Store, StoreError, StoreFull, sql
-from storage import store as store_module
+from storage import views as views_module
 from storage.shards import STAGING_PREFIX, Staging
-from storage.store import TMP_GLOB, _is_lock_conflict
+from storage.store import TMP_GLOB
+from storage.views import is_lock_conflict
 from tests.unit.test_store import RUN, SAMPLES
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -304,7 +305,7 @@ def test_is_lock_conflict_matches_duckdbs_real_conflicts_only(tmp_path: Path) ->
     finally:
         con.close()
     for error in other_process + this_process:
-        assert _is_lock_conflict(error), str(error)
+        assert is_lock_conflict(error), str(error)
     (tmp_path / "garbage").mkdir()
     garbage = tmp_path / "garbage" / "blocked.duckdb"
     garbage.write_text("not a database " * 100)
@@ -317,14 +318,14 @@ def test_is_lock_conflict_matches_duckdbs_real_conflicts_only(tmp_path: Path) ->
         duckdb_error(lambda: sandboxed().execute("SELECT * FROM read_csv('/etc/passwd')")),
     ]
     for error in not_conflicts:
-        assert not _is_lock_conflict(error), str(error)
-    assert _is_lock_conflict(BlockingIOError())
+        assert not is_lock_conflict(error), str(error)
+    assert is_lock_conflict(BlockingIOError())
 
 
 def test_a_broken_db_file_fails_at_once_not_after_the_lock_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "OPEN_RETRY_S", 30.0)
+    monkeypatch.setattr(views_module, "OPEN_RETRY_S", 30.0)
     (tmp_path / "rlaif.duckdb").write_text("not a database, and blocked " * 100)
     started = time.monotonic()
     with pytest.raises(StoreError, match="not a valid DuckDB database"):
