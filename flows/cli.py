@@ -157,7 +157,7 @@ def run(config_path: str, store: str | None) -> None:
 @click.option("--store", default=None, help="Store root (default: the demo config's).")
 @user_errors
 def demo(store: str | None) -> None:
-    """Three self-improvement iterations on SmolLM2-135M-Instruct, then what changed.
+    """Two self-improvement iterations on SmolLM2-135M-Instruct, then what changed.
 
     Rerunning finishes an interrupted demo; a finished one is only summarised.
 
