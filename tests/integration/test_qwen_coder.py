@@ -48,7 +48,9 @@ def test_folder_is_qwen_coder(qwen_model: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(qwen_model)
-    assert (config.model_type, config.num_hidden_layers, config.head_dim) == ("qwen2", 24, 64)
+    # Qwen2Config has no head_dim attribute: it is hidden_size / num_attention_heads.
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert (config.model_type, config.num_hidden_layers, head_dim) == ("qwen2", 24, 64)
     assert (config.num_attention_heads, config.num_key_value_heads) == (14, 2)
     assert json.loads((qwen_model / "config.json").read_text())["dtype"] == "float32"
     tokenizer = AutoTokenizer.from_pretrained(qwen_model)
