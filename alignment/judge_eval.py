@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from alignment.asking import Comparison
 from alignment.constitution import Constitution, Principle
-from alignment.judge import Comparison, SoftLabel
+from alignment.labels import SoftLabel
 from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
 from alignment.records import Record, dataset_rows, read_records
 

@@ -857,7 +857,8 @@ def judge_with(folder: Path, dtype_name: str, comparisons: list[Any], ctx: Conte
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.judge import JudgeConfig, judge_comparisons
+    from alignment.judge import judge_comparisons
+    from alignment.judge_config import JudgeConfig
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(

@@ -32,7 +32,8 @@ from typing import Any
 
 from alignment import templates
 from alignment.backends import Backend, Chat, SamplingConfig, logsumexp
-from alignment.judge import JudgeConfig, judge_comparisons
+from alignment.judge import judge_comparisons
+from alignment.judge_config import JudgeConfig
 from alignment.judge_eval import (
     BUILTIN_INJECTION_PATH,
     JudgeMetrics,

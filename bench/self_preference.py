@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 from common import REPO, machine, timed, write_results  # first: the offline settings
 
+from alignment.asking import Comparison  # noqa: E402
 from alignment.backends import SamplingConfig  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
 from alignment.evaluation import wilson_interval  # noqa: E402
-from alignment.judge import Comparison, judge_comparisons  # noqa: E402
+from alignment.judge import judge_comparisons  # noqa: E402
 from alignment.prompts import load_prompts  # noqa: E402
 from flows.config import QWEN_CODER, SMOLLM2, load_config  # noqa: E402
 from flows.models import make_backend  # noqa: E402

@@ -42,7 +42,8 @@ from common import REPO, machine, timed, write_results  # noqa: F401  (first: th
 from alignment.backends import Chat, SamplingConfig, VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
 from alignment.ids import content_id  # noqa: E402
-from alignment.judge import Candidate, JudgeConfig, judge_comparisons, judge_prompts  # noqa: E402
+from alignment.judge import Candidate, judge_comparisons, judge_prompts  # noqa: E402
+from alignment.judge_config import JudgeConfig  # noqa: E402
 from alignment.judge_eval import load_preference_set, to_comparisons  # noqa: E402
 from alignment.prompts import load_prompts  # noqa: E402
 from flows.config import ModelConfig  # noqa: E402

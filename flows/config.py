@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from alignment.critique import CritiqueConfig
 from alignment.evaluation import EvalConfig
 from alignment.gates import GateConfig
-from alignment.judge import JudgeConfig
+from alignment.judge_config import JudgeConfig
 from alignment.training.dpo import DPOStageConfig
 from alignment.training.online_rl import OnlineRLConfig
 from alignment.training.ppo import PPOConfig

@@ -18,9 +18,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from alignment.asking import template_fingerprint
 from alignment.constitution import load_constitution
 from alignment.ids import content_id
-from alignment.judge import JudgeConfig, judge_comparisons, model_mode, template_fingerprint
+from alignment.judge import judge_comparisons
+from alignment.judge_config import JudgeConfig, model_mode
 from alignment.judge_eval import (
     GoldPair,
     JudgeMetrics,

@@ -30,15 +30,15 @@ from alignment.critique import critique_and_revise, critique_ids
 from alignment.ids import content_id
 from alignment.judge import (
     Candidate,
-    JudgeConfig,
     Judgment,
     Question,
-    build_pairs,
     first_questions,
     judge_questions,
     judgment_id,
     second_questions,
 )
+from alignment.judge_config import JudgeConfig
+from alignment.pairs import build_pairs
 from alignment.prompts import SeedPrompt, load_prompts
 from alignment.synthesis import filter_synthetic, self_instruct_chats
 from flows.config import ModelConfig, PipelineConfig

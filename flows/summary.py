@@ -29,7 +29,7 @@ def next_queries(run_id: str) -> list[tuple[str, str]]:
     ]
 
 
-# Why a judgment did not become a pair, in SQL, mirroring alignment.judge.drop_reason.
+# Why a judgment did not become a pair, in SQL, mirroring alignment.pairs.drop_reason.
 _OUTCOME = """
 CASE
   WHEN j.response_b_id IS NULL THEN 'pointwise score'

@@ -6,17 +6,13 @@ import math
 
 import pytest
 
+from alignment.asking import Comparison
 from alignment.backends import OpenAIBackend
 from alignment.constitution import from_dict
-from alignment.judge import (
-    Candidate,
-    Comparison,
-    JudgeConfig,
-    build_pairs,
-    judge_comparisons,
-    judge_prompts,
-    sigmoid,
-)
+from alignment.judge import Candidate, judge_comparisons, judge_prompts
+from alignment.judge_config import JudgeConfig
+from alignment.labels import sigmoid
+from alignment.pairs import build_pairs
 
 pytestmark = pytest.mark.integration
 

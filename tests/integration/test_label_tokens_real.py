@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import alignment.backends
 from alignment.backends import release_engines
-from alignment.judge import JudgeConfig, judge_comparisons
+from alignment.judge import judge_comparisons
+from alignment.judge_config import JudgeConfig
 from alignment.judge_eval import load_preference_set, to_comparisons
 from alignment.templates import LABELS, LEAD_IN
 from flows.cli import main

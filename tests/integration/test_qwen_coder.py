@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from alignment.asking import Comparison
 from alignment.backends import SamplingConfig, VLLMBackend, label_token_variants, release_engines
 from alignment.constitution import load_constitution
-from alignment.judge import Comparison, JudgeConfig, judge_comparisons
+from alignment.judge import judge_comparisons
+from alignment.judge_config import JudgeConfig
 from alignment.judge_eval import load_preference_set, to_comparisons
 from alignment.templates import LABELS
 from alignment.wheel_models import MARKER, QWEN_CODER, build_model, is_built, model_target

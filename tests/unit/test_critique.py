@@ -7,9 +7,11 @@ from pydantic import ValidationError
 
 import alignment.critique
 import alignment.templates
+from alignment.asking import template_fingerprint
 from alignment.constitution import from_dict
 from alignment.critique import CritiqueConfig, critique_and_revise, critique_ids
-from alignment.judge import Candidate, JudgeConfig, Question, judgment_id, template_fingerprint
+from alignment.judge import Candidate, Question, judgment_id
+from alignment.judge_config import JudgeConfig
 from tests.scripted_backend import ScriptedBackend, last_user_message
 
 CONSTITUTION = from_dict(

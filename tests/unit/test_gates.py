@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from alignment.evaluation import Metric
 from alignment.gates import GateConfig, GateResult, check_gates, failed_reasons
-from alignment.judge import Judgment, read_soft_label
+from alignment.judge import Judgment
+from alignment.labels import read_soft_label
 from alignment.promotion import paired_metrics
 
 ALL_OFF = {  # every gate, in check order (min_judge_accuracy is a condition, not a gate)

@@ -10,33 +10,33 @@ from itertools import combinations
 
 import pytest
 
+import alignment.asking
 import alignment.critique
-import alignment.judge
 import alignment.templates
+from alignment.asking import Comparison, template_fingerprint
 from alignment.backends import SequenceScore
 from alignment.constitution import Check, from_dict
 from alignment.judge import (
-    DROP_REASONS,
     Candidate,
-    Comparison,
-    JudgeConfig,
     Judgment,
     Question,
-    build_pairs,
-    decide_by_checks,
     judge_comparisons,
     judge_prompts,
     judgment_id,
-    length_scale,
     principle_fingerprint,
+)
+from alignment.judge_config import JudgeConfig
+from alignment.labels import (
+    decide_by_checks,
+    length_scale,
     rationale_status,
     read_contrast,
     read_ensemble,
     read_soft_label,
     sequence_total,
     sigmoid,
-    template_fingerprint,
 )
+from alignment.pairs import DROP_REASONS, build_pairs
 from alignment.templates import (
     COT_LEAD_IN,
     FEW_SHOT,
@@ -997,25 +997,25 @@ def reworded(function: Callable, old: str, new: str) -> Callable:
     return edited
 
 
-T, J, C = alignment.templates, alignment.judge, alignment.critique
+T, A, C = alignment.templates, alignment.asking, alignment.critique
 EDITS = {  # edit: (patches (module, name, new value), the ways whose ids change)
     "LEAD_IN": ([(T, "LEAD_IN", "The better one is (")], {"pairwise", "few_shot", "pointwise",
                                                           "ensemble"}),
     "COT_LEAD_IN": ([(T, "COT_LEAD_IN", "So the answer is (")], {"cot"}),
     "FEW_SHOT": ([(T, "FEW_SHOT", (FEW_SHOT[1], FEW_SHOT[0]))], {"few_shot", "ensemble"}),
-    "NEUTRAL_SYSTEM": ([(T, "NEUTRAL_SYSTEM", "You help."), (J, "NEUTRAL_SYSTEM", "You help.")],
+    "NEUTRAL_SYSTEM": ([(T, "NEUTRAL_SYSTEM", "You help."), (A, "NEUTRAL_SYSTEM", "You help.")],
                        {"contrast", "opposite", "likelihood", "ensemble"}),
     "INDENT": ([(T, "INDENT", "  ")], QUESTION_MODES),
     "question": ([(T, "_pairwise_question", reworded(T._pairwise_question, "follows the",
                                                      "keeps to the"))],
                  {"pairwise", "few_shot", "cot", "ensemble"}),
-    "yes/no question": ([(J, "pointwise_judge_chat", reworded(J.pointwise_judge_chat,
+    "yes/no question": ([(A, "pointwise_judge_chat", reworded(A.pointwise_judge_chat,
                                                              "Does the", "Did the"))],
                         {"pointwise"}),
     "instruction": ([(T, "principle_instruction", reworded(T.principle_instruction,
                                                            "Write a", "Give a"))],
                     {"contrast", "opposite", "ensemble"}),
-    "opposite": ([(J, "contrast_systems", reworded(J.contrast_systems, "opposite of this",
+    "opposite": ([(A, "contrast_systems", reworded(A.contrast_systems, "opposite of this",
                                                    "reverse of this"))], {"opposite"}),
     "control tokens": ([(T, "_SPECIAL_TOKEN", re.compile(r"<\|im_start\|>"))],
                        {*QUESTION_MODES, "contrast", "opposite", "likelihood"}),

@@ -17,7 +17,6 @@ from prefect.logging import disable_run_logger
 
 import flows.judge_eval
 from alignment.constitution import Check, Constitution, Principle
-from alignment.judge import SoftLabel
 from alignment.judge_eval import (
     BUILTIN_AUDIT,
     BUILTIN_INJECTION,
@@ -37,6 +36,7 @@ from alignment.judge_eval import (
     source_path,
     to_comparisons,
 )
+from alignment.labels import SoftLabel
 from flows.config import PipelineConfig
 from flows.judge_eval import audit_judge, evaluate_judge
 from storage import Store

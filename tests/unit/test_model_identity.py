@@ -21,7 +21,8 @@ import flows.pipeline
 from alignment.backends import SamplingConfig
 from alignment.constitution import load_constitution
 from alignment.ids import content_id
-from alignment.judge import Candidate, JudgeConfig
+from alignment.judge import Candidate
+from alignment.judge_config import JudgeConfig
 from flows.config import ModelConfig
 from flows.models import folder_identity, make_backend, model_identity, model_location
 from storage import Store
