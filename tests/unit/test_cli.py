@@ -455,7 +455,7 @@ def test_judge_eval_refuses_a_mode_the_judge_settings_forbid(
 
 
 def test_judge_eval_offers_every_judge_mode() -> None:
-    from alignment.judge import JudgeConfig
+    from alignment.judge_config import JudgeConfig
 
     modes = get_args(JudgeConfig.model_fields["mode"].annotation)
     result = rlaif("judge", "eval", "builtin", "--mode", "coin-flip")
@@ -497,3 +497,30 @@ def test_every_command_is_documented(path: tuple[str, ...], command: click.Comma
     assert (result.exit_code, result.stderr) == (0, "")
     assert result.stdout.startswith(f"Usage: {' '.join(('rlaif', *path))} ")
     assert "Example: rlaif" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), COMMANDS, ids=[" ".join(p) or "rlaif" for p, _ in COMMANDS]
+)
+def test_every_option_is_documented(path: tuple[str, ...], command: click.Command) -> None:
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"rlaif {' '.join(path)} {param.opts[0]} has no help text"
+
+
+def test_store_options_are_the_shared_ones() -> None:
+    """--store names a store to read (default ./rlaif-data) or overrides a config's `store`."""
+    stores = {
+        " ".join(path): param
+        for path, command in COMMANDS
+        for param in command.params
+        if param.name == "store"
+    }
+    readers = {name for name, param in stores.items() if param.default == "rlaif-data"}
+    assert readers == {"summary", "status", "report", "sql", "export", "store compact"}
+    for name, param in stores.items():
+        assert isinstance(param, click.Option) and param.help is not None
+        if name in readers:
+            assert (param.help, param.show_default) == ("Store root.", True)
+        else:
+            assert param.default is None and param.help.startswith("Store root ("), name
