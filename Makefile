@@ -26,7 +26,7 @@ demo: model smollm2
 
 test: model smollm2
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests/unit tests/integration -q
+	$(BIN)/python -m pytest tests/unit tests/integration -q --durations=15
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q
