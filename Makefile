@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Offline settings (no hub, no telemetry) are set by the `rlaif` CLI and tests/conftest.py.
 
-.PHONY: setup model smollm2 qwen-coder demo test test-unit test-integration lint bench clean
+.PHONY: setup model smollm2 qwen-coder demo test test-qwen test-unit test-integration lint bench clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -27,6 +27,10 @@ demo: model smollm2
 test: model smollm2
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests/unit tests/integration -q --durations=15
+
+# The second judge's tests (after `make qwen-coder`): not part of `make test`'s budget.
+test-qwen: qwen-coder
+	RLAIF_TEST_QWEN=1 $(BIN)/python -m pytest tests/integration/test_qwen_coder.py -q
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q

@@ -7,6 +7,7 @@ Only when it is already built (`make qwen-coder`): `make test` never downloads i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ pytestmark = [
     pytest.mark.skipif(
         not is_built(model_target(QWEN_CODER)),
         reason="qwen-coder-0.5b is not built (make qwen-coder downloads 470 MB)",
+    ),
+    # Opt-in (`make test-qwen`): its engine and judge take about 80 s, which `make test`'s
+    # 15-minute budget on 2 cores does not have, on machines that built it for other work.
+    pytest.mark.skipif(
+        os.environ.get("RLAIF_TEST_QWEN") != "1", reason="set RLAIF_TEST_QWEN=1 (make test-qwen)"
     ),
 ]
 REPO = Path(__file__).resolve().parents[2]
