@@ -14,8 +14,8 @@ by hand and are a few kilobytes, and PyYAML, pure Python, would take minutes on 
 
 Why not ruamel.yaml's round-trip loader (installed with Prefect, 0.19): tried on the cases
 tests/bad_inputs/ covers, it reports only the first duplicate key, accepts unknown tags
-(``!foo`` becomes a TaggedScalar) and list keys (a tuple), gives merged keys no line, reads a
-recursive alias without complaint, and follows YAML 1.2 (``on`` a string, ``010`` ten) where
+(``!foo`` becomes a TaggedScalar) and list keys (a tuple), gives merged keys no line, turns a
+recursive alias into null without a word, and follows YAML 1.2 (``on`` a string, ``010`` ten) where
 every file here was written against safe_load's YAML 1.1. Keeping those messages would need
 this same walk over its output, so the composer below stays.
 """
