@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.constitution import Constitution
+from alignment.ids import content_id
 from alignment.judge import Judgment
 
 if TYPE_CHECKING:
@@ -50,6 +51,19 @@ class EvalConfig(BaseModel):
     min_words: int = Field(
         3, ge=1, description="A response with fewer words counts as degenerate/short."
     )
+
+
+def eval_run_id(
+    candidate: str, baseline: str, settings: dict[str, Any], constitution_id: str
+) -> str:
+    """An evaluation's run id: both models' names, the settings that decide its data and
+    its metrics (the eval section included), and the constitution."""
+    return content_id("eval", candidate, baseline, settings, constitution_id)
+
+
+def eval_metric_id(run_id: str, metric: str) -> str:
+    """The id of one metric of an evaluation run."""
+    return content_id("eval-metric", run_id, metric)
 
 
 @dataclass(frozen=True)

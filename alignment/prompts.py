@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignment.ids import content_id
 from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
 from alignment.records import Record, dataset_rows, read_records
 
@@ -61,6 +62,11 @@ class SeedPrompt:
     def group(self) -> str:
         """Top-level category: ``"redteam"`` for ``"redteam/privacy"``; ``""`` if none."""
         return self.category.split("/", 1)[0]
+
+
+def prompt_id(text: str) -> str:
+    """A prompt's id: its text's hash, so the same prompt from any source is one row."""
+    return content_id("prompt", text)
 
 
 class PromptSourceError(ValueError):

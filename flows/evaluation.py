@@ -22,6 +22,8 @@ from alignment.constitution import load_constitution
 from alignment.evaluation import (
     Metric,
     degenerate_rates,
+    eval_metric_id,
+    eval_run_id,
     kl_metrics,
     kl_to_baseline,
     lc_win_rate,
@@ -30,15 +32,14 @@ from alignment.evaluation import (
     win_rate,
 )
 from alignment.gates import ORDER_FREE_MODES
-from alignment.ids import content_id
 from alignment.judge import Candidate
+from alignment.model_ref import ModelRef
 from alignment.promotion import ALPHA, paired_metrics
 from alignment.prompts import load_prompts
 from alignment.training.reward import RewardScorer
 from flows.config import PipelineConfig
-from flows.models import model_location
-from flows.pipeline import judge_model, judge_stage, prompt_rows, sample_stage, store_prompt_rows
-from flows.training import resolve_base
+from flows.models import model_ref, registered_ref
+from flows.stages import judge_model, judge_stage, prompt_rows, sample_stage, store_prompt_rows
 from storage import Store
 
 
@@ -54,19 +55,18 @@ def _answers(
     config: PipelineConfig,
     store: Store,
     run_id: str,
-    model: tuple[str, str],
+    model: ModelRef,
     prompts: dict[str, str],
 ) -> tuple[list[str], list[Completion]]:
-    """(response ids, responses) of ``model`` (path, name) to every prompt, by the
-    pipeline's sampling stage: stored answers are read back, only the missing sampled.
+    """(response ids, responses) of ``model`` to every prompt, by the pipeline's
+    sampling stage: stored answers are read back, only the missing sampled.
 
     A checkpoint of the policy's architecture runs on the policy's engine with its own
     weights swapped in, so evaluating a candidate starts no new engine.
     """
     if config.policy.backend != "vllm":
         raise ValueError("evaluation samples the candidate with the vllm backend")
-    path, name = model
-    policy = config.policy.model_copy(update={"model": path, "name": name})
+    policy = config.policy.model_copy(update={"model": model.location, "name": model.name})
     wanted, _ = sample_stage(store, run_id, policy, prompts, _eval_sampling(config))
     ids = [wanted[pid][0] for pid in prompts]
     rows = {
@@ -90,23 +90,24 @@ class EvalResult:
 
 @task(cache_policy=NO_CACHE)
 def evaluate_candidate(
-    config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
+    config: PipelineConfig,
+    candidate: ModelRef,
+    baseline: ModelRef,
+    reward_model: ModelRef | None = None,
 ) -> EvalResult:
     logger = get_run_logger()
     store = Store(config.store)
     constitution = load_constitution(config.constitution)
-    cand_path, cand_name, cand_id = resolve_base(store, candidate)
-    base_path, base_name, base_id = resolve_base(store, baseline)
     settings = config.identity() | {"eval": config.eval.model_dump(mode="json")}
-    run_id = content_id("eval", cand_name, base_name, settings, constitution.constitution_id)
+    run_id = eval_run_id(candidate.name, baseline.name, settings, constitution.constitution_id)
     source = load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
     held_out = [p for p in source if p.split == "eval"][: config.eval.max_prompts]
     rows = prompt_rows(held_out, run_id)
     store_prompt_rows(store, run_id, rows)
     prompts = {row["prompt_id"]: row["text"] for row in rows}
     prompt_ids, texts = list(prompts), list(prompts.values())
-    cand_ids, cand = _answers(config, store, run_id, (cand_path, cand_name), prompts)
-    base_ids, base = _answers(config, store, run_id, (base_path, base_name), prompts)
+    cand_ids, cand = _answers(config, store, run_id, candidate, prompts)
+    base_ids, base = _answers(config, store, run_id, baseline, prompts)
 
     # Judge: the candidate is always side A; both orders are asked by the judge itself.
     pairs = {
@@ -124,7 +125,9 @@ def evaluate_candidate(
     cand_texts, base_texts = [c.text for c in cand], [c.text for c in base]
     lengths = dict(zip(cand_ids + base_ids, [c.num_tokens for c in cand + base], strict=True))
     stopped = [c.finish_reason == "stop" for c in cand]
-    kls = kl_to_baseline(cand_path, base_path, texts, cand_texts, stopped, config.eval.temperature)
+    kls = kl_to_baseline(
+        candidate.location, baseline.location, texts, cand_texts, stopped, config.eval.temperature
+    )
     min_words = config.eval.min_words
     metrics = [
         *win_rate(judgments, config.eval.confidence, seed=config.seed),
@@ -140,15 +143,15 @@ def evaluate_candidate(
         *mean_metric("length", [c.num_tokens for c in cand]),
         *mean_metric("baseline/length", [c.num_tokens for c in base]),
         *kl_metrics(kls),
-        *_reward_scores(store, reward_model, texts, cand_texts, base_texts),
+        *_reward_scores(reward_model, texts, cand_texts, base_texts),
     ]
     store.write(
         "evals",
         [
             {
-                "eval_id": content_id("eval-metric", run_id, m.metric),
-                "model_id": cand_id or cand_name,
-                "baseline_model_id": base_id or base_name,
+                "eval_id": eval_metric_id(run_id, m.metric),
+                "model_id": candidate.content_id or candidate.name,
+                "baseline_model_id": baseline.content_id or baseline.name,
                 "metric": m.metric,
                 "value": m.value,
                 "n": m.n,
@@ -161,8 +164,8 @@ def evaluate_candidate(
         run_id,
     )
     _record_run(
-        store, run_id, config, constitution.constitution_id, cand_name,
-        model_location(judge_model(config))[1],
+        store, run_id, config, constitution.constitution_id, candidate.name,
+        model_ref(judge_model(config)).name,
     )  # fmt: skip
     for m in metrics:
         logger.info("%s = %.4f (n=%d)", m.metric, m.value, m.n)
@@ -170,8 +173,7 @@ def evaluate_candidate(
 
 
 def _reward_scores(
-    store: Store,
-    reward_model: str | None,
+    reward_model: ModelRef | None,
     prompts: list[str],
     candidate: list[str],
     baseline: list[str],
@@ -184,7 +186,7 @@ def _reward_scores(
     """
     if not reward_model:
         return []
-    scorer = RewardScorer(resolve_base(store, reward_model)[0])
+    scorer = RewardScorer(reward_model.location)
     chats = [[{"role": "user", "content": prompt}] for prompt in prompts]
     return [
         *mean_metric("reward", scorer(chats, candidate)),
@@ -217,5 +219,10 @@ def evaluate_flow(
     config: PipelineConfig, candidate: str, baseline: str, reward_model: str | None = None
 ) -> list[Metric]:
     """Candidate vs baseline on the eval split: win rates (raw and length-controlled),
-    check violations, degenerate output, length, KL at the sampling temperature, reward."""
-    return evaluate_candidate(config, candidate, baseline, reward_model).metrics
+    check violations, degenerate output, length, KL at the sampling temperature, reward.
+    Each model is 'tiny', 'smollm2', a registered model_id, a folder or a hub id."""
+    store = Store(config.store)
+    reward = registered_ref(store, reward_model) if reward_model else None
+    return evaluate_candidate(
+        config, registered_ref(store, candidate), registered_ref(store, baseline), reward
+    ).metrics

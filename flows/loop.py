@@ -39,24 +39,17 @@ from alignment.backends import release_engines
 from alignment.constitution import load_constitution
 from alignment.evaluation import Metric
 from alignment.gates import GateResult, check_gates, failed_reasons
-from alignment.ids import content_id
+from alignment.ids import iteration_id
+from alignment.model_ref import ModelRef
 from alignment.yaml_spec import Problem, SpecError, load_yaml
 from flows.config import PipelineConfig, config_from_data
 from flows.evaluation import EvalResult, evaluate_candidate
 from flows.judge_eval import audit_judge
-from flows.models import model_location
-from flows.pipeline import Run, collect_preferences, run_pair_ids, write_run_event
+from flows.models import model_ref, registered_ref
+from flows.pipeline import collect_preferences, run_pair_ids, write_run_event
+from flows.stages import Run, judge_model
 from flows.training import DataConfig, TrainConfig, train_stage
 from storage import Store, StoreBusy
-
-
-@dataclass(frozen=True)
-class Incumbent:
-    """The policy that samples an iteration: a registered model, or the starting model."""
-
-    model: str  # what training starts from: a model_id, or the config's policy.model
-    name: str  # the name in lineage: model_id, or e.g. tiny-1c6521e8ec56, my-model@<12 hex>
-    path: str  # the folder vLLM and transformers load
 
 
 @dataclass(frozen=True)
@@ -83,13 +76,13 @@ def _holder() -> str:
 # --- Reading the loop's state ------------------------------------------------------------
 
 
-def starting_model(config: PipelineConfig) -> Incumbent:
-    path, name = model_location(config.policy)
-    return Incumbent(config.policy.model, name, path)
+def starting_model(config: PipelineConfig) -> ModelRef:
+    return model_ref(config.policy)
 
 
-def current_incumbent(config: PipelineConfig) -> Incumbent:
-    """The last promoted candidate of this loop, else the starting model."""
+def current_incumbent(config: PipelineConfig) -> ModelRef:
+    """The policy that samples an iteration: the last promoted candidate of this loop (a
+    registered model), else the starting model."""
     store = Store(config.store)
     if store.db_path.exists():
         promoted = store.query(
@@ -100,8 +93,15 @@ def current_incumbent(config: PipelineConfig) -> Incumbent:
         )
         if promoted:
             row = promoted[0]
-            return Incumbent(row["model_id"], row["model_id"], row["path"])
+            return ModelRef(row["model_id"], row["path"], content_id=row["model_id"])
     return starting_model(config)
+
+
+def training_base(config: PipelineConfig, incumbent: ModelRef) -> str:
+    """What training starts from and evaluation compares with: the incumbent's model_id,
+    else the config's policy.model (named as ``rlaif train`` names it, without the
+    policy's configured name)."""
+    return incumbent.content_id or config.policy.model
 
 
 def last_iteration(store: Store, loop: str) -> int:
@@ -125,9 +125,9 @@ def unfinished_session(store: Store, loop: str) -> Session | None:
     return Session(rows[0]["run_id"], first, rows[0]["iteration"], resumed=True)
 
 
-def iteration_config(config: PipelineConfig, k: int, incumbent: Incumbent) -> PipelineConfig:
+def iteration_config(config: PipelineConfig, k: int, incumbent: ModelRef) -> PipelineConfig:
     """Iteration k's data settings: the incumbent samples, the starting model judges."""
-    policy = config.policy.model_copy(update={"model": incumbent.path, "name": incumbent.name})
+    policy = config.policy.model_copy(update={"model": incumbent.location, "name": incumbent.name})
     return eval_config(config, k).model_copy(
         update={"seed": config.seed + k, "policy": policy}  # fresh samples every iteration
     )
@@ -160,7 +160,7 @@ def open_session(config: PipelineConfig, iterations: int) -> Session | None:
 
 def _session_event(config: PipelineConfig, session: Session, status: str) -> None:
     incumbent = current_incumbent(config)
-    judge = model_location(config.judge_model or config.policy)[1]
+    judge = model_ref(judge_model(config))
     store = Store(config.store)
     started = store.query(
         "SELECT started_at FROM run_events WHERE run_id = ? ORDER BY updated_at LIMIT 1",
@@ -171,7 +171,7 @@ def _session_event(config: PipelineConfig, session: Session, status: str) -> Non
         session.last,
         str(store.root),
         load_constitution(config.constitution).constitution_id,
-        incumbent.name,
+        incumbent,
         judge,
         started[0]["started_at"] if started else datetime.now(UTC),
     )
@@ -184,7 +184,7 @@ def close_session(config: PipelineConfig, session: Session) -> None:
 
 
 def train_candidate(
-    config: PipelineConfig, k: int, incumbent: Incumbent, pairs: list[str]
+    config: PipelineConfig, k: int, incumbent: ModelRef, pairs: list[str]
 ) -> tuple[str, str | None]:
     """Train this iteration's candidate from the incumbent on the iteration's pairs;
     (candidate, the reward model it learnt from, if any)."""
@@ -202,7 +202,7 @@ def train_candidate(
         reward_config = TrainConfig(**settings, **common, base_model=config.policy.model)
         reward_model = train_stage(reward_config, "reward")
     train_config = TrainConfig(
-        **settings, **common, base_model=incumbent.model, reward_model=reward_model
+        **settings, **common, base_model=training_base(config, incumbent), reward_model=reward_model
     )
     return train_stage(train_config, method), reward_model
 
@@ -212,7 +212,7 @@ def record_iteration(
     config: PipelineConfig,
     session: Session,
     k: int,
-    incumbent: Incumbent,
+    incumbent: ModelRef,
     data_run: str,
     pairs: int,
     started: datetime,
@@ -231,7 +231,7 @@ def record_iteration(
         reasons = failed_reasons(results)
         decision = "rejected" if reasons else "promoted"
     row = {
-        "iteration_id": content_id("iteration", config.loop.name, k),
+        "iteration_id": iteration_id(config.loop.name, k),
         "loop": config.loop.name,
         "iteration": k,
         "method": config.loop.method,
@@ -325,18 +325,19 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     if config.loop.release_engines_for_training:
         release_engines()
     candidate, reward_model = train_candidate(config, k, incumbent, pairs)
-    evaluation = evaluate_candidate(
-        eval_config(config, k), candidate, incumbent.model, reward_model
-    )
+    store = Store(config.store)
+    trained = registered_ref(store, candidate)
+    reward = registered_ref(store, reward_model) if reward_model else None
+    baseline = registered_ref(store, training_base(config, incumbent))
+    evaluation = evaluate_candidate(eval_config(config, k), trained, baseline, reward)
     # A candidate that will be promoted is also measured against the starting policy:
     # how far the loop has come, not only this step.
     start = starting_model(config)
     versus_start = evaluation if incumbent.name == start.name else None
     passes = not failed_reasons(_gate_results(config, evaluation.metrics, judge_quality))
     if versus_start is None and passes:
-        versus_start = evaluate_candidate(
-            eval_config(config, k), candidate, start.model, reward_model
-        )
+        start_ref = registered_ref(store, config.policy.model)
+        versus_start = evaluate_candidate(eval_config(config, k), trained, start_ref, reward)
     return record_iteration(
         config, session, k, incumbent, data_run, len(pairs), started, candidate, evaluation,
         versus_start, judge_quality,

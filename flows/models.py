@@ -1,9 +1,11 @@
-"""Turn a ModelConfig into a backend; build an embedded model (tiny, smollm2,
-qwen-coder-0.5b) when it is named.
+"""Turn a ModelConfig into a ``ModelRef`` and a backend; build an embedded model (tiny,
+smollm2, qwen-coder-0.5b) when it is named.
 
-A model is known by its content, not by where it lies. The name recorded in lineage,
-and hashed into every response, critique, judgment, run and judge-audit id, is
-``<label>@<12 hex>``: the label is the config's ``name`` (else a folder's own name, or
+Every ModelRef is made here: ``model_ref`` from a config, ``registered_ref`` from a name
+as training and evaluation take one (an embedded name, a registered model_id, a folder
+or a hub id). A model is known by its content, not by where it lies. The name recorded
+in lineage, and hashed into every response, critique, judgment, run and judge-audit id,
+is ``<label>@<12 hex>``: the label is the config's ``name`` (else a folder's own name, or
 the hub id), the hex its identity, which ``model_identity`` says:
 
 - a local folder: a hash of its config, tokenizer and chat template files and of each
@@ -38,11 +40,13 @@ from typing import Any
 from alignment import atomic
 from alignment.backends import Backend, OpenAIBackend, VLLMBackend
 from alignment.constitution import load_constitution
-from alignment.ids import content_id
+from alignment.model_ref import ModelRef, folder_id
 from alignment.prompts import load_prompts
 from alignment.tiny_model import TinyModelConfig, build_tiny_model, corpus_chats, default_cache_dir
 from alignment.wheel_models import SMOLLM2, WHEEL_MODELS, build_model
-from flows.config import HUB_ID, TINY, ModelConfig, hub_config_file, weight_files
+from flows.config import ModelConfig
+from flows.model_checks import HUB_ID, TINY, hub_config_file, weight_files
+from storage import Store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The tiny model learns from the shipped text only, so editing your own
@@ -96,13 +100,32 @@ def embedded_model_path(name: str) -> Path | None:
     return None
 
 
-def model_location(config: ModelConfig) -> tuple[str, str]:
-    """(what the engine loads, the name recorded in lineage and hashed into ids)."""
+def model_ref(config: ModelConfig) -> ModelRef:
+    """The model a config names: what the engine loads, and the name recorded in lineage
+    and hashed into ids (see the module's notes). The one place a ModelRef is made from a
+    config."""
     location, label, identity = _resolve(config)
     label = config.name or label
     # A label that already holds the identity (an embedded model's folder name, a
     # registered model's id, a name made here) is kept as it is.
-    return location, label if identity is None or identity in label else f"{label}@{identity}"
+    name = label if identity is None or identity in label else f"{label}@{identity}"
+    folder = Path(location)
+    registered = folder.is_dir() and _registered(folder, config.name)
+    return ModelRef(name, location, config.name if registered else None, config.dtype)
+
+
+def registered_ref(store: Store, model: str) -> ModelRef:
+    """A model as training and evaluation name it: an embedded model ('tiny', 'smollm2',
+    ...), a model_id the store registered, or a folder or hub id known by its content (or
+    revision), so retraining a folder in place is seen."""
+    path = embedded_model_path(model)
+    if path is not None:
+        return ModelRef(path.name, str(path))
+    if store.db_path.exists():
+        found = store.query("SELECT path FROM models WHERE model_id = ?", [model])
+        if found:
+            return ModelRef(model, found[0]["path"], content_id=model)
+    return model_ref(ModelConfig.model_construct(model=model))
 
 
 def model_identity(config: ModelConfig) -> str | None:
@@ -133,7 +156,7 @@ ID_CHARS = 12  # of an identity in a lineage name: a folder's 32-hex content id,
 UNRESOLVED = "unresolved"
 
 
-MODEL_ID = re.compile(r"[0-9a-f]{32}")  # a registered model's id (alignment.ids.content_id)
+MODEL_ID = re.compile(r"[0-9a-f]{32}")  # a registered model's id (trained_model_id)
 
 
 EMBEDDED_FOLDER = re.compile(r".+-[0-9a-f]{12}")  # e.g. tiny-329b297ff38d
@@ -188,9 +211,8 @@ def folder_identity(folder: Path) -> str:
     name and place do not count, so a moved or renamed copy is the same model."""
     files = identity_files(folder)
     digests = file_digests(files)
-    return content_id(
-        "model-folder",
-        [[p.name, p.stat().st_size, digest] for p, digest in zip(files, digests, strict=True)],
+    return folder_id(
+        [(p.name, p.stat().st_size, digest) for p, digest in zip(files, digests, strict=True)]
     )
 
 
@@ -289,20 +311,21 @@ def engine_dtype(config: ModelConfig) -> str:
 
 
 def make_backend(config: ModelConfig, seed: int) -> Backend:
+    """The engine of a model config, writing the name the flows' ids use."""
+    ref = model_ref(config)
     if config.backend == "openai":
         assert config.base_url is not None  # the config validator guarantees it
         return OpenAIBackend(
             config.base_url,
             config.model,
             max_concurrency=config.max_concurrency,
-            model_name=model_location(config)[1],  # the name the flows' ids use
+            model_name=ref.name,
         )
-    location, name = model_location(config)
     return VLLMBackend(
-        location,
+        ref.location,
         seed=seed,
         max_model_len=config.max_model_len,
         kv_cache_gib=config.kv_cache_gib,
         dtype=engine_dtype(config),
-        model_name=name,
+        model_name=ref.name,
     )

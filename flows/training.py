@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignment.ids import content_id
+from alignment.model_ref import ModelRef, trained_model_id
 from alignment.training.launch import (
     REWARD_STAGES,
     StageJob,
@@ -39,8 +39,8 @@ from alignment.training.launch import (
     write_spec,
 )
 from alignment.yaml_spec import load_yaml
-from flows.config import TINY, ModelConfig, StageConfigs, config_from_data
-from flows.models import embedded_model_path, model_location
+from flows.config import TINY, StageConfigs, config_from_data
+from flows.models import registered_ref
 from flows.training_rows import DataFilter, preference_rows, sft_rows
 from storage import Store
 
@@ -104,19 +104,6 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     return config_from_data(load_yaml(path), overrides, model=TrainConfig)
 
 
-def resolve_base(store: Store, base_model: str) -> tuple[str, str, str | None]:
-    """(folder to load, name for lineage, parent model_id) of a starting model."""
-    path = embedded_model_path(base_model)  # 'tiny' or 'smollm2'
-    if path is not None:
-        return str(path), path.name, None
-    if store.db_path.exists():
-        found = store.query("SELECT path, model_id FROM models WHERE model_id = ?", [base_model])
-        if found:
-            return found[0]["path"], base_model, base_model
-    # A folder or hub id by its content (or revision), so retraining it in place is seen.
-    return base_model, model_location(ModelConfig.model_construct(model=base_model))[1], None
-
-
 def _lineage(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "data_runs": sorted({row["run_id"] for row in rows}),
@@ -130,8 +117,7 @@ def _register(
     stage: Stage,
     model_id: str,
     path: Path,
-    base_name: str,
-    parent: str | None,
+    base: ModelRef,
     config: TrainConfig,
     stage_config: BaseModel,
     rows: list[dict[str, Any]],
@@ -146,8 +132,8 @@ def _register(
                 "model_id": model_id,
                 "stage": stage,
                 "path": str(path),
-                "base_model": base_name,
-                "parent_model_id": parent,
+                "base_model": base.name,
+                "parent_model_id": base.content_id,
                 "iteration": config.iteration,
                 "metrics": metrics,
                 "promoted": False,
@@ -184,8 +170,8 @@ def resolve_reward_model(store: Store, config: TrainConfig) -> tuple[str, str]:
     the trained model's id, so a new reward model makes a new policy."""
     name = config.reward_model
     if name:
-        path, label, model_id = resolve_base(store, name)
-        return path, model_id or label
+        reward = registered_ref(store, name)
+        return reward.location, reward.content_id or reward.name
     latest = store.query(
         "SELECT path, model_id FROM models WHERE stage = 'reward' ORDER BY created_at DESC "
         "LIMIT 1"
@@ -345,27 +331,18 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
     """Train one stage on rows from the store and register it; returns the model_id."""
     logger = get_run_logger()
     store = Store(config.store)
-    path, base_name, parent = resolve_base(store, config.base_model)
+    base = registered_ref(store, config.base_model)
     stage_config = getattr(config, stage)
-    run = StageRun(store, config, path, Path())
+    run = StageRun(store, config, base.location, Path())
     rows = STAGES[stage](run)
     if not rows:
         raise ValueError(no_rows_message(config, stage))
     reward_path, reward = (
         resolve_reward_model(store, config) if stage in REWARD_STAGES else (None, None)
     )
-    # Batch sizes are per process: N processes train a different model. One process keeps
-    # the ids of models registered before the option existed.
     nproc = config.nproc_per_node
-    scale = [{"world_size": nproc}] if nproc > 1 else []
-    model_id = content_id(
-        "model",
-        stage,
-        base_name,
-        sorted(map(_row_id, rows)),
-        reward,
-        stage_config.model_dump(),
-        *scale,
+    model_id = trained_model_id(
+        stage, base.name, list(map(_row_id, rows)), reward, stage_config.model_dump(), nproc
     )
     if store.existing_keys("models", [model_id]):
         logger.info("%s model %s is already registered; nothing to train", stage, model_id)
@@ -373,7 +350,7 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
     run = replace(run, output=store.root / "models" / f"{stage}-{model_id[:12]}")
     job = stage_job(run, stage, rows, reward_path)
     logger.info(
-        "training %s on %d rows from %s, %d process(es)", stage, len(rows), base_name, nproc
+        "training %s on %d rows from %s, %d process(es)", stage, len(rows), base.name, nproc
     )
     if nproc == 1:
         saved, metrics, _ = run_stage(job, fingerprint=False)  # one process: nothing to compare
@@ -381,9 +358,7 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
         folder = store.root / "launches" / f"{stage}-{model_id[:12]}"
         result = launch_stage(job, folder, nproc, config.launch_timeout_s, logger.info)
         saved, metrics = Path(result["path"]), result["metrics"]
-    _register(
-        store, stage, model_id, saved, base_name, parent, config, stage_config, rows, metrics, nproc
-    )
+    _register(store, stage, model_id, saved, base, config, stage_config, rows, metrics, nproc)
     logger.info("registered %s model %s at %s", stage, model_id, saved)
     return model_id
 

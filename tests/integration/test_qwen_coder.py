@@ -18,10 +18,11 @@ from alignment.constitution import load_constitution
 from alignment.judge import judge_comparisons
 from alignment.judge_config import JudgeConfig
 from alignment.judge_eval import load_preference_set, to_comparisons
+from alignment.model_ref import ModelRef
 from alignment.templates import LABELS
 from alignment.wheel_models import MARKER, QWEN_CODER, build_model, is_built, model_target
 from flows.config import ModelConfig
-from flows.models import make_backend, model_location
+from flows.models import make_backend, model_ref
 
 pytestmark = [
     pytest.mark.integration,
@@ -74,7 +75,7 @@ def test_folder_is_qwen_coder(qwen_model: Path) -> None:
     record = json.loads((qwen_model / MARKER).read_text())
     assert record["source"]["gguf_sha256"] == QWEN_CODER.gguf_sha256
     assert record["parameters"] > 400_000_000
-    assert model_location(CONFIG) == (str(qwen_model), qwen_model.name)
+    assert model_ref(CONFIG) == ModelRef(qwen_model.name, str(qwen_model))
 
 
 def test_greedy_answer_is_right(qwen_backend: VLLMBackend) -> None:

@@ -60,9 +60,9 @@ def test_train_config_errors_have_lines(tmp_path: Path) -> None:
         load_train_config(path)
     assert str(caught.value) == (
         f"{path}:3: data.min_p_chosen: Input should be greater than or equal to 0.5 (got 0.2)\n"
-        f"{path}:5: unknown key 'lr' in sft (allowed: learning_rate, num_train_epochs, "
-        "per_device_train_batch_size, max_length, completion_only_loss, use_lora, lora_r, "
-        "lora_alpha, seed)"
+        f"{path}:5: unknown key 'lr' in sft (allowed: use_lora, lora_r, lora_alpha, seed, "
+        "learning_rate, num_train_epochs, per_device_train_batch_size, max_length, "
+        "completion_only_loss)"
     )
 
 
@@ -98,58 +98,69 @@ def test_override_is_validated(tmp_path: Path) -> None:
     )
 
 
-def test_unknown_top_level_key(tmp_path: Path) -> None:
-    path, error = refusal(tmp_path, "store: s\nbogus: 1\n")
-    assert error == f"{path}:2: unknown key 'bogus' at top level (allowed: {TOP_KEYS})"
-
-
-def test_unknown_top_level_key_suggests(tmp_path: Path) -> None:
-    path, error = refusal(tmp_path, "seed: 1\nbatch_sise: 4\n")
-    assert error == (
-        f"{path}:2: unknown key 'batch_sise' at top level (allowed: {TOP_KEYS}); "
-        "did you mean 'batch_size'?"
-    )
-
-
-def test_unknown_nested_key_lists_the_sections_keys(tmp_path: Path) -> None:
-    path, error = refusal(tmp_path, "seed: 1\ngeneration:\n  n: 2\n  temprature: 1\n")
-    assert error == (
-        f"{path}:4: unknown key 'temprature' in generation "
-        "(allowed: n, temperature, top_p, max_tokens); did you mean 'temperature'?"
-    )
-
-
-def test_unknown_key_in_optional_section(tmp_path: Path) -> None:
-    # judge_model is `ModelConfig | None`: the allowed keys are still ModelConfig's.
-    path, error = refusal(tmp_path, "judge_model:\n  modle: tiny\n")
-    assert error == (
-        f"{path}:2: unknown key 'modle' in judge_model (allowed: {MODEL_KEYS}); "
-        "did you mean 'model'?"
-    )
-
-
-def test_wrong_type(tmp_path: Path) -> None:
-    path, error = refusal(tmp_path, "seed: 1\nbatch_size: many\n")
-    assert error == (
-        f"{path}:2: batch_size: Input should be a valid integer, "
-        "unable to parse string as an integer (got 'many')"
-    )
-
-
-def test_section_must_be_a_mapping(tmp_path: Path) -> None:
-    path, error = refusal(tmp_path, "generation: 3\npolicy: [tiny]\n")
-    assert error == (
-        f"{path}:1: generation: must be a mapping of settings, got 3\n"
-        f"{path}:2: policy: must be a mapping of settings, got a list"
-    )
-
-
-def test_choice(tmp_path: Path) -> None:
-    path, error = refusal(tmp_path, "judge:\n  mode: vibes\n")
-    assert error == (
-        f"{path}:2: judge.mode: Input should be 'logprob', 'cot', 'contrast', 'likelihood' "
-        "or 'ensemble' (got 'vibes')"
-    )
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "store: s\nbogus: 1\n",
+            [f"2: unknown key 'bogus' at top level (allowed: {TOP_KEYS})"],
+            id="unknown_top_level_key",
+        ),
+        pytest.param(
+            "seed: 1\nbatch_sise: 4\n",
+            [
+                f"2: unknown key 'batch_sise' at top level (allowed: {TOP_KEYS}); "
+                "did you mean 'batch_size'?"
+            ],
+            id="unknown_top_level_key_suggests",
+        ),
+        pytest.param(
+            "seed: 1\ngeneration:\n  n: 2\n  temprature: 1\n",
+            [
+                "4: unknown key 'temprature' in generation "
+                "(allowed: n, temperature, top_p, max_tokens); did you mean 'temperature'?"
+            ],
+            id="unknown_nested_key_lists_the_sections_keys",
+        ),
+        pytest.param(
+            # judge_model is `ModelConfig | None`: the allowed keys are still ModelConfig's.
+            "judge_model:\n  modle: tiny\n",
+            [
+                f"2: unknown key 'modle' in judge_model (allowed: {MODEL_KEYS}); "
+                "did you mean 'model'?"
+            ],
+            id="unknown_key_in_optional_section",
+        ),
+        pytest.param(
+            "seed: 1\nbatch_size: many\n",
+            [
+                "2: batch_size: Input should be a valid integer, "
+                "unable to parse string as an integer (got 'many')"
+            ],
+            id="wrong_type",
+        ),
+        pytest.param(
+            "generation: 3\npolicy: [tiny]\n",
+            [
+                "1: generation: must be a mapping of settings, got 3",
+                "2: policy: must be a mapping of settings, got a list",
+            ],
+            id="section_must_be_a_mapping",
+        ),
+        pytest.param(
+            "judge:\n  mode: vibes\n",
+            [
+                "2: judge.mode: Input should be 'logprob', 'cot', 'contrast', 'likelihood' "
+                "or 'ensemble' (got 'vibes')"
+            ],
+            id="choice",
+        ),
+    ],
+)
+def test_refusal_says_where_and_why(tmp_path: Path, text: str, expected: list[str]) -> None:
+    """Each line of the error is the config's path, the line number and the problem."""
+    path, error = refusal(tmp_path, text)
+    assert error == "\n".join(f"{path}:{line}" for line in expected)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +382,7 @@ def test_the_tiny_models_context_is_known_without_building_it(tmp_path: Path) ->
     ],
 )  # fmt: skip
 def test_context_length_is_read_as_vllm_reads_it(config: dict, context: int | None) -> None:
-    from flows.config import context_length
+    from flows.model_checks import context_length
 
     found = context_length(config)
     assert (found[0] if found else None) == context

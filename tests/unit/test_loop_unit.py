@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 import flows.loop
+from alignment.model_ref import ModelRef
 from flows.cli import OFFLINE_ENV, main
 from flows.config import ModelConfig, PipelineConfig
 from flows.loop import (
-    Incumbent,
     Session,
     eval_config,
     iteration_config,
@@ -285,7 +285,7 @@ def pipeline(**updates: object) -> PipelineConfig:
     )
 
 
-INCUMBENT = Incumbent("cand-3", "cand-3", "/models/cand-3")
+INCUMBENT = ModelRef("cand-3", "/models/cand-3", content_id="cand-3")
 
 
 def test_iteration_config_samples_with_the_incumbent_and_judges_with_the_start() -> None:

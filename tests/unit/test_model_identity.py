@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 
 import flows.models
-import flows.pipeline
+import flows.stages
 from alignment.backends import SamplingConfig
 from alignment.constitution import load_constitution
 from alignment.ids import content_id
 from alignment.judge import Candidate
 from alignment.judge_config import JudgeConfig
+from alignment.model_ref import ModelRef
 from flows.config import ModelConfig
-from flows.models import folder_identity, make_backend, model_identity, model_location
+from flows.models import folder_identity, make_backend, model_identity, model_ref
 from storage import Store
 from tests.scripted_backend import ScriptedBackend
 
@@ -82,20 +83,20 @@ def test_retraining_in_place_changes_the_identity_and_moving_keeps_it(tmp_path: 
     model = save_model(folder)
     before = model_identity(ModelConfig(model=str(folder)))
     assert before is not None and len(before) == 12
-    assert model_location(ModelConfig(model=str(folder))) == (str(folder), f"my-policy@{before}")
+    assert model_ref(ModelConfig(model=str(folder))) == ModelRef(f"my-policy@{before}", str(folder))
 
     retrain_in_place(model, folder)
     after = model_identity(ModelConfig(model=str(folder)))
     assert after != before
-    assert model_location(ModelConfig(model=str(folder)))[1] == f"my-policy@{after}"
+    assert model_ref(ModelConfig(model=str(folder))).name == f"my-policy@{after}"
 
     moved = tmp_path / "elsewhere" / "renamed"
     moved.parent.mkdir()
     shutil.move(folder, moved)
     assert model_identity(ModelConfig(model=str(moved))) == after
     # The lineage label is the folder's own name unless the config names the model.
-    assert model_location(ModelConfig(model=str(moved)))[1] == f"renamed@{after}"
-    assert model_location(ModelConfig(model=str(moved), name="policy"))[1] == f"policy@{after}"
+    assert model_ref(ModelConfig(model=str(moved))).name == f"renamed@{after}"
+    assert model_ref(ModelConfig(model=str(moved), name="policy")).name == f"policy@{after}"
 
 
 def test_the_tokenizer_and_chat_template_count_other_files_do_not(tmp_path: Path) -> None:
@@ -155,7 +156,7 @@ def test_hub_ids_are_known_by_the_commit_the_cache_resolves(
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # an uncached id may then be downloaded
     model = ModelConfig(model="org/chat-model")
-    assert model_location(model) == ("org/chat-model", "org/chat-model@unresolved")
+    assert model_ref(model) == ModelRef("org/chat-model@unresolved", "org/chat-model")
 
     repo = cache / "models--org--chat-model"
     for commit in ("a" * 40, "b" * 40):
@@ -164,7 +165,7 @@ def test_hub_ids_are_known_by_the_commit_the_cache_resolves(
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / "main").write_text(commit)
         assert model_identity(model) == commit[:12]
-        assert model_location(model) == ("org/chat-model", f"org/chat-model@{commit[:12]}")
+        assert model_ref(model) == ModelRef(f"org/chat-model@{commit[:12]}", "org/chat-model")
 
 
 def test_an_embedded_model_keeps_its_recipe_named_folder(
@@ -172,9 +173,9 @@ def test_an_embedded_model_keeps_its_recipe_named_folder(
 ) -> None:
     folder = tmp_path / "tiny-0123456789ab"  # as built: named by the hash of its recipe
     monkeypatch.setattr(flows.models, "embedded_model_path", lambda name: folder)
-    assert model_location(ModelConfig()) == (str(folder), "tiny-0123456789ab")
+    assert model_ref(ModelConfig()) == ModelRef("tiny-0123456789ab", str(folder))
     assert model_identity(ModelConfig()) == "0123456789ab"
-    assert model_location(ModelConfig(name="judge"))[1] == "judge@0123456789ab"
+    assert model_ref(ModelConfig(name="judge")).name == "judge@0123456789ab"
 
 
 def test_an_embedded_model_passed_by_its_folder_keeps_its_name(
@@ -189,12 +190,12 @@ def test_an_embedded_model_passed_by_its_folder_keeps_its_name(
     real = flows.models.file_sha256
     monkeypatch.setattr(flows.models, "file_sha256", hashed.append)
     by_folder = ModelConfig(model=str(folder), name=folder.name)
-    assert model_location(by_folder) == (str(folder), "tiny-0123456789ab") and hashed == []
+    assert model_ref(by_folder) == ModelRef("tiny-0123456789ab", str(folder)) and hashed == []
     # The same folder name outside the model cache is an ordinary folder, known by content.
     elsewhere = tmp_path / "copies" / "tiny-0123456789ab"
     save_model(elsewhere)
     monkeypatch.setattr(flows.models, "file_sha256", real)
-    assert "@" in model_location(ModelConfig(model=str(elsewhere), name=elsewhere.name))[1]
+    assert "@" in model_ref(ModelConfig(model=str(elsewhere), name=elsewhere.name)).name
 
 
 def test_a_registered_model_is_known_by_its_model_id(
@@ -209,17 +210,17 @@ def test_a_registered_model_is_known_by_its_model_id(
     real = flows.models.file_sha256
     monkeypatch.setattr(flows.models, "file_sha256", hashed.append)
     candidate = ModelConfig(model=str(folder), name=model_id)
-    assert model_location(candidate) == (str(folder), model_id)
+    assert model_ref(candidate) == ModelRef(model_id, str(folder), content_id=model_id)
     assert model_identity(candidate) == model_id[:12] and hashed == []
     # Another name, or a folder not named after it, is known by its content as usual.
     other = content_id("model", "another")
     monkeypatch.setattr(flows.models, "file_sha256", real)
-    assert model_location(candidate.model_copy(update={"name": other}))[1].startswith(f"{other}@")
+    assert model_ref(candidate.model_copy(update={"name": other})).name.startswith(f"{other}@")
 
 
 def test_an_openai_model_is_its_name() -> None:
     config = ModelConfig(model="gpt", backend="openai", base_url="http://127.0.0.1:9/v1")
-    assert (model_location(config), model_identity(config)) == (("gpt", "gpt"), None)
+    assert (model_ref(config), model_identity(config)) == (ModelRef("gpt", "gpt"), None)
     named = config.model_copy(update={"name": "served-gpt"})
     # The backend writes the name the flows' ids expect.
     assert make_backend(named, seed=0).model_name == "served-gpt"
@@ -234,11 +235,11 @@ def test_a_retrained_folder_is_sampled_and_judged_again_a_moved_one_is_not(
     made: list[ScriptedBackend] = []
 
     def scripted(config: ModelConfig, seed: int) -> ScriptedBackend:
-        made.append(ScriptedBackend(model_name=model_location(config)[1]))  # as make_backend
+        made.append(ScriptedBackend(model_name=model_ref(config).name))  # as make_backend
         return made[-1]
 
-    monkeypatch.setattr(flows.pipeline, "make_backend", scripted)
-    monkeypatch.setattr(flows.pipeline, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(flows.stages, "make_backend", scripted)
+    monkeypatch.setattr(flows.stages, "get_run_logger", lambda: logging.getLogger("test"))
     store = Store(tmp_path / "store")
     constitution = load_constitution(REPO / "constitutions" / "demo.yaml")
     prompts = {content_id("prompt", text): text for text in ("Hi?", "Why is the sky blue?")}
@@ -247,7 +248,7 @@ def test_a_retrained_folder_is_sampled_and_judged_again_a_moved_one_is_not(
     def collect(folder: Path) -> tuple[tuple[int, int, int, int], set[str]]:
         """(samples reused, computed, judgments reused, computed), the judge's names."""
         model = ModelConfig(model=str(folder))
-        wanted, sampled = flows.pipeline.sample_stage(store, "run", model, prompts, sampling)
+        wanted, sampled = flows.stages.sample_stage(store, "run", model, prompts, sampling)
         rows = store.query(
             "SELECT response_id, prompt_id, text FROM responses "
             "WHERE response_id IN (SELECT unnest(?))",
@@ -257,7 +258,7 @@ def test_a_retrained_folder_is_sampled_and_judged_again_a_moved_one_is_not(
         for row in sorted(rows, key=lambda r: r["response_id"]):
             pid = row["prompt_id"]
             candidates[pid].append(Candidate(row["response_id"], pid, prompts[pid], row["text"]))
-        judgments, judged = flows.pipeline.judge_stage(
+        judgments, judged = flows.stages.judge_stage(
             store, "run", model, 0, constitution, candidates, JudgeConfig(mode="logprob")
         )
         counts = (sampled.reused, sampled.computed, judged.reused, judged.computed)
