@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from alignment.backends import Backend, Chat, SamplingConfig, SequenceScore
 from alignment.constitution import Principle
 from alignment.ids import content_id
-from alignment.judge_config import JudgeConfig, model_mode
+from alignment.judge_config import JudgeConfig, id_mode_name, model_mode
 from alignment.labels import (
     LabelLogprobs,
     Mode,
@@ -67,8 +67,7 @@ class Answer:
 
 class Likelihoods:
     """Sequence scores, each distinct chat scored once per judge call: a response's
-    neutral chat is shared by every principle, and best_vs_worst's comparison reuses
-    the pointwise pass's chats."""
+    neutral chat is shared by every principle."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -273,13 +272,16 @@ _SENTINEL_RESPONSES = (
 _SENTINEL_RATIONALE = "One reason."
 
 
-def _sentinel_chats(mode: Mode, config: JudgeConfig) -> list[Chat]:
+def _sentinel_chats(mode: Mode, pointwise: bool, config: JudgeConfig) -> list[Chat]:
     """The chats a judgment in ``mode`` is asked in, rendered as the judge renders them
-    under ``config`` (the same functions, the same order) for the sentinel texts."""
+    under ``config`` (the same functions, the same order) for the sentinel texts.
+
+    A pointwise score is worded apart only by the yes/no question (logprob); the
+    contrast chats are per response, so the sentinel pair renders them for both kinds."""
     a, b = _SENTINEL_RESPONSES
-    pointwise = mode == "pointwise"
+    yes_no = pointwise and mode == "logprob"
     asks = [
-        Comparison(_SENTINEL_PROMPT, a, None if pointwise else b, Principle("p", text, "", ""))
+        Comparison(_SENTINEL_PROMPT, a, None if yes_no else b, Principle("p", text, "", ""))
         for text in _SENTINEL_PRINCIPLES
     ]
     if config.sanitize:
@@ -287,7 +289,7 @@ def _sentinel_chats(mode: Mode, config: JudgeConfig) -> list[Chat]:
     chats: list[Chat] = []
     if mode in ("contrast", "likelihood", "ensemble"):
         chats += [chat for group in _contrast_chats(asks, config) for chat in group]
-    if mode in ("pairwise", "pointwise", "ensemble"):
+    if mode in ("logprob", "ensemble"):
         chats += [chat for ask in asks for chat in _question_chats(ask, False, config)]
     if mode == "cot":
         questions = [chat for ask in asks for chat in _question_chats(ask, True, config)]
@@ -296,14 +298,16 @@ def _sentinel_chats(mode: Mode, config: JudgeConfig) -> list[Chat]:
 
 
 @functools.lru_cache(maxsize=256)  # templates are code: one rendering per process and mode
-def template_fingerprint(mode: Mode, config: JudgeConfig) -> str | None:
-    """A hash of the wording a judgment made in ``mode`` is asked in: the mode's chats
-    rendered for fixed sentinel texts, and the option labels it reads. Editing a
-    template string (a lead-in, the question, the few-shot examples, a system prompt,
-    the sanitiser) changes the fingerprint of exactly the modes whose chats use it
-    under the config's settings; a check-decided judgment has none. Cached: a test
-    that patches a template calls ``template_fingerprint.cache_clear()``."""
+def template_fingerprint(mode: Mode, pointwise: bool, config: JudgeConfig) -> str | None:
+    """A hash of the wording a judgment made in ``mode`` (of a pointwise score, or of a
+    comparison) is asked in: the mode's chats rendered for fixed sentinel texts, and the
+    option labels it reads. Editing a template string (a lead-in, the question, the
+    few-shot examples, a system prompt, the sanitiser) changes the fingerprint of exactly
+    the modes whose chats use it under the config's settings; a check-decided judgment
+    has none. Cached: a test that patches a template calls
+    ``template_fingerprint.cache_clear()``."""
     if mode == "checks":
         return None
-    labels = list(LABELS) if mode in ("pairwise", "cot", "pointwise", "ensemble") else None
-    return content_id("judge-templates", mode, _sentinel_chats(mode, config), labels)
+    labels = list(LABELS) if mode in ("logprob", "cot", "ensemble") else None
+    name = id_mode_name(mode, pointwise)
+    return content_id("judge-templates", name, _sentinel_chats(mode, pointwise, config), labels)

@@ -36,7 +36,7 @@ and pairs in alignment/pairs.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from typing import Any
@@ -51,7 +51,7 @@ from alignment.asking import (
 from alignment.backends import Backend
 from alignment.constitution import Constitution, Principle
 from alignment.ids import content_id
-from alignment.judge_config import JudgeConfig, model_mode
+from alignment.judge_config import JudgeConfig, id_mode_name, model_mode
 from alignment.labels import Mode, SoftLabel, Status
 
 
@@ -140,16 +140,17 @@ def principle_fingerprint(principle: Principle) -> str:
     return content_id("judged-principle", principle.id, principle.text, checks)
 
 
-def label_settings(mode: Mode, config: JudgeConfig) -> dict[str, Any]:
-    """The judge settings that decide the numbers of a judgment made in ``mode``, and
-    the fingerprint of the templates it is asked in."""
-    settings: dict[str, Any] = {"mode": mode}
+def label_settings(mode: Mode, pointwise: bool, config: JudgeConfig) -> dict[str, Any]:
+    """The judge settings that decide the numbers of a judgment made in ``mode`` (of a
+    pointwise score, or of a comparison), and the fingerprint of the templates it is
+    asked in."""
+    settings: dict[str, Any] = {"mode": id_mode_name(mode, pointwise)}
     if mode != "checks":
         settings["sanitize"] = config.sanitize
-        settings["templates"] = template_fingerprint(mode, config)
-    if mode in ("pairwise", "cot", "pointwise", "ensemble"):
+        settings["templates"] = template_fingerprint(mode, pointwise, config)
+    if mode in ("logprob", "cot", "ensemble"):
         settings["min_option_mass"] = config.min_option_mass
-    if mode == "pairwise":
+    if mode == "logprob" and not pointwise:
         settings["few_shot"] = config.few_shot
     if mode == "cot":
         settings |= {
@@ -182,7 +183,7 @@ def judgment_id(question: Question, judge_model: str, config: JudgeConfig) -> st
         b_id,
         principle_fingerprint(question.principle),
         None if mode == "checks" else judge_model,
-        label_settings(mode, config),
+        label_settings(mode, question.b is None, config),
     )
 
 
@@ -193,7 +194,6 @@ def _judgment(
     judge_model: str,
     config: JudgeConfig,
 ) -> Judgment:
-    label = answer.label
     return Judgment(
         judgment_id=judgment_id(question, judge_model, config),
         prompt_id=question.a.prompt_id,
@@ -203,15 +203,8 @@ def _judgment(
         constitution_id=constitution_id,
         judge_model=judge_model,
         mode=answer.mode,
-        p_a_first=label.p_a_first,
-        p_a_second=label.p_a_second,
-        p_a=label.p_a,
-        position_consistent=label.position_consistent,
-        option_mass=label.option_mass,
-        status=label.status,
         rationale=answer.rationale,
-        delta_a=label.delta_a,
-        delta_b=label.delta_b,
+        **asdict(answer.label),  # the status, probabilities and deltas, named as in SoftLabel
     )
 
 
@@ -220,13 +213,12 @@ def judge_questions(
     questions: Sequence[Question],
     config: JudgeConfig,
     constitution_id: str,
-    likelihoods: Likelihoods | None = None,
 ) -> list[Judgment]:
     """Answer questions (comparisons first, then pointwise scores), in the given order.
 
     ``constitution_id`` is lineage only: it is not part of a judgment's id.
     """
-    likelihoods = likelihoods or Likelihoods(backend)
+    likelihoods = Likelihoods(backend)
     answers: dict[int, Answer] = {}
     for pointwise in (False, True):  # one kind per batch
         idx = [i for i, q in enumerate(questions) if (q.b is None) == pointwise]
@@ -300,20 +292,16 @@ def _best_vs_worst(
     return _comparison(constitution, a, b, seed)
 
 
-def judge_prompts(
-    backend: Backend,
+def judgments_in_rounds(
     constitution: Constitution,
     candidates_by_prompt: Mapping[str, Sequence[Candidate]],
     config: JudgeConfig,
+    judgments_for: Callable[[list[Question]], list[Judgment]],
 ) -> list[Judgment]:
-    """Judge each prompt's candidates in one go (first questions, then second ones).
-
-    The pipeline asks the same questions in two rounds, each skipping stored judgments.
-    """
-    likelihoods, cid = Likelihoods(backend), constitution.constitution_id
-    first = judge_questions(
-        backend, first_questions(constitution, candidates_by_prompt, config), config, cid,
-        likelihoods,
-    )  # fmt: skip
+    """The judgments of each prompt's candidates, in the rounds the questions depend on:
+    ``judgments_for`` the first questions, then for the second ones, which best_vs_worst
+    asks from the first round's judgments. ``judgments_for`` answers one round (the
+    pipeline: reads the stored judgments and asks the judge only for the missing ones)."""
+    first = judgments_for(first_questions(constitution, candidates_by_prompt, config))
     second = second_questions(constitution, candidates_by_prompt, first, config)
-    return first + judge_questions(backend, second, config, cid, likelihoods)
+    return first + judgments_for(second)

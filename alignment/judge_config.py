@@ -6,13 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignment.labels import Mode
+from alignment.labels import Mode, ModelMode
 
 
 class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["logprob", "cot", "contrast", "likelihood", "ensemble"] = Field(
+    mode: ModelMode = Field(
         "contrast",
         description="logprob: ask which response follows the principle, (A) or (B), in "
         "both orders and read the label log-probs. cot: generate a rationale first, then "
@@ -138,14 +138,23 @@ class JudgeConfig(BaseModel):
         return self
 
 
-def model_mode(pointwise: bool, config: JudgeConfig) -> Mode:
+def model_mode(pointwise: bool, config: JudgeConfig) -> ModelMode:
     """How the model answers a question in the config's mode (the store's
-    ``judgments.mode``): pointwise scores have no A/B order, so ensemble scores them
-    by contrast and logprob and cot by the yes/no question."""
-    if config.mode == "likelihood":
-        return "likelihood"
-    if config.mode == "contrast" or (config.mode == "ensemble" and pointwise):
+    ``judgments.mode``): a pointwise score has no A/B order and no rationale, so logprob
+    and cot ask it the yes/no question (logprob) and ensemble scores it by contrast."""
+    if pointwise and config.mode == "cot":
+        return "logprob"
+    if pointwise and config.mode == "ensemble":
         return "contrast"
-    if pointwise:
-        return "pointwise"
-    return {"cot": "cot", "ensemble": "ensemble"}.get(config.mode, "pairwise")  # type: ignore[return-value]
+    return config.mode
+
+
+# id compatibility: judgment ids and template fingerprints hash the name the store gave a
+# mode before it took the config's names, so the ids of stored judgments do not change.
+# Only the logprob mode was named otherwise: "pairwise" for the A/B question and
+# "pointwise" for the yes/no question of a pointwise score.
+def id_mode_name(mode: Mode, pointwise: bool) -> str:
+    """The name of ``mode`` that a judgment's id hashes (see id compatibility above)."""
+    if mode == "logprob":
+        return "pointwise" if pointwise else "pairwise"
+    return mode

@@ -25,8 +25,11 @@ from alignment.constitution import Principle
 from alignment.templates import LABELS
 
 Status = Literal["ok", "refusal", "unparseable", "missing_logprobs"]
-# How one judgment was made (the store's ``judgments.mode``).
-Mode = Literal["pairwise", "cot", "checks", "pointwise", "contrast", "likelihood", "ensemble"]
+# How the model answers (``judge.mode``); one name per mode, in config and store alike.
+ModelMode = Literal["logprob", "cot", "contrast", "likelihood", "ensemble"]
+# How one judgment was made (the store's ``judgments.mode``): the model's mode that
+# answered it, or its principle's checks.
+Mode = ModelMode | Literal["checks"]
 LabelLogprobs = Mapping[str, float | None]
 
 # Anchored at the start: a rationale often quotes a response that itself refuses.

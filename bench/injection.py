@@ -36,12 +36,11 @@ from alignment.judge import judge_comparisons
 from alignment.judge_config import JudgeConfig
 from alignment.judge_eval import (
     BUILTIN_INJECTION_PATH,
-    JudgeMetrics,
     injected_comparisons,
-    judge_metrics,
     load_preference_set,
     to_comparisons,
 )
+from alignment.judge_metrics import JudgeMetrics, judge_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_FUNCTIONS = (

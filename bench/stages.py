@@ -34,6 +34,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,12 @@ from common import REPO, machine, timed, write_results  # noqa: F401  (first: th
 from alignment.backends import Chat, SamplingConfig, VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
 from alignment.ids import content_id  # noqa: E402
-from alignment.judge import Candidate, judge_comparisons, judge_prompts  # noqa: E402
+from alignment.judge import (  # noqa: E402
+    Candidate,
+    judge_comparisons,
+    judge_questions,
+    judgments_in_rounds,
+)
 from alignment.judge_config import JudgeConfig  # noqa: E402
 from alignment.judge_eval import load_preference_set, to_comparisons  # noqa: E402
 from alignment.prompts import load_prompts  # noqa: E402
@@ -74,7 +80,7 @@ def without_prefix_caching(backend: VLLMBackend, name: str) -> VLLMBackend:
     """
     from vllm import LLM
 
-    from alignment import backends
+    from alignment.backends import vllm_backend
 
     config = MODELS[name]
     llm = LLM(
@@ -94,7 +100,7 @@ def without_prefix_caching(backend: VLLMBackend, name: str) -> VLLMBackend:
     assert on.scheduler_config.max_num_batched_tokens == off.scheduler_config.max_num_batched_tokens
     clone = copy.copy(backend)
     clone.llm = llm
-    backends._LOADED[id(llm)] = backend.model_path
+    vllm_backend._LOADED[id(llm)] = backend.model_path
     return clone
 
 
@@ -153,7 +159,7 @@ def sampling_figures(
 ) -> dict:
     from vllm import SamplingParams
 
-    from flows.pipeline import sample_stage
+    from flows.stages import sample_stage
     from storage import Store
 
     backend = backend_for(name)
@@ -360,6 +366,7 @@ def strategy_figures(
     backend: VLLMBackend, candidates: dict[str, list[Candidate]], mode: str, ns: Sequence[int]
 ) -> list[dict]:
     constitution = load_constitution(REPO / "constitutions" / "default.yaml")
+    cid = constitution.constitution_id
     rows = []
     for n in ns:
         subset = {pid: cs[:n] for pid, cs in candidates.items()}
@@ -367,7 +374,11 @@ def strategy_figures(
             config = JudgeConfig(mode=mode, pair_strategy=strategy)
             counting = CountingBackend(backend)
             backend.llm.reset_prefix_cache()
-            judged, seconds = timed(lambda: judge_prompts(counting, constitution, subset, config))  # noqa: B023
+            # The judge stage's rounds as flows/stages.py asks them, without the store.
+            rounds = partial(judge_questions, counting, config=config, constitution_id=cid)
+            judged, seconds = timed(
+                lambda: judgments_in_rounds(constitution, subset, config, rounds)  # noqa: B023
+            )
             requests = sum(len(chats) for _, chats, _ in counting.log)
             row = {
                 "mode": mode,

@@ -25,15 +25,14 @@ from alignment.judge import judge_comparisons
 from alignment.judge_config import JudgeConfig, model_mode
 from alignment.judge_eval import (
     GoldPair,
-    JudgeMetrics,
     injected_comparisons,
-    judge_metrics,
     load_preference_set,
     preference_set_id,
     to_comparisons,
 )
+from alignment.judge_metrics import JudgeMetrics, judge_metrics
 from flows.config import PipelineConfig
-from flows.models import make_backend, model_location
+from flows.models import make_backend, model_ref
 from storage import Store
 
 TABLE = "judge_evals"
@@ -79,10 +78,10 @@ def evaluate_judge(
     injected = injected_comparisons(pairs)  # judged in the same batch, after the clean ones
     judge_config = judge_settings(config, mode)
     model = config.judge_model or config.policy
-    judge_model = model_location(model)[1]
+    judge_model = model_ref(model).name
     settings = judge_config.model_dump(mode="json")
     # The wording the judge is asked in decides its answers as much as its settings do.
-    templates = template_fingerprint(model_mode(False, judge_config), judge_config)
+    templates = template_fingerprint(model_mode(False, judge_config), False, judge_config)
     judge_config_id = content_id("judge-config", judge_model, settings, templates)
     dataset_id = preference_set_id(source)
     # The measurement depends on the judge and the data only; a loop's audit of an

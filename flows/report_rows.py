@@ -15,7 +15,7 @@ from typing import Any
 from alignment.evaluation import _position_biased, _win
 from alignment.gates import ORDER_FREE_MODES
 from alignment.judge import Judgment
-from alignment.judge_eval import JudgeMetrics, Share
+from alignment.judge_metrics import JudgeMetrics, Share
 from flows.report_plots import judge_plots, plots
 from flows.report_store import (
     STRONGEST,

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from alignment.constitution import Constitution, from_dict
 from alignment.judge import Judgment
-from alignment.judge_eval import JudgeMetrics
+from alignment.judge_metrics import JudgeMetrics
 from alignment.yaml_spec import SpecError
 from storage import Store
 

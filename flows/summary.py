@@ -78,7 +78,7 @@ def run_summary(store: Store, run_id: str) -> RunSummary:
     judged = mine("judgments", "judgment_id", "j")
     consistency = store.query(
         "SELECT avg(position_consistent::INT) AS rate, count(*) AS n FROM judgments j "
-        f"WHERE {judged} AND status = 'ok' AND mode IN ('pairwise', 'cot', 'ensemble') "
+        f"WHERE {judged} AND status = 'ok' AND mode NOT IN ('checks', 'contrast', 'likelihood') "
         "AND response_b_id IS NOT NULL",
         [run_id],
     )[0]

@@ -100,8 +100,11 @@ TABLES: dict[str, TableSpec] = {
         "judgment_id", text("prompt_id"), RUN_ID, text("response_a_id"),
         text("response_b_id"),  # null for pointwise scoring
         text("principle_id"), text("constitution_id"), text("judge_model"),
+        # The judge config's mode names and checks; pairwise and pointwise are what stores
+        # written before the config's names were used hold for logprob (alignment/judge_config.py).
         choice(
-            "mode", "pairwise", "pointwise", "checks", "cot", "contrast", "likelihood", "ensemble"
+            "mode", "logprob", "cot", "contrast", "likelihood", "ensemble", "checks",
+            "pairwise", "pointwise",
         ),
         real("p_a_first"), real("p_a_second"), real("p_a"), flag("position_consistent"),
         real("option_mass"), text("status"), text("rationale"),

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 
 from alignment.asking import Comparison
-from alignment.backends import OpenAIBackend
+from alignment.backends import Backend, OpenAIBackend
 from alignment.constitution import from_dict
-from alignment.judge import Candidate, judge_comparisons, judge_prompts
+from alignment.judge import (
+    Candidate,
+    Judgment,
+    judge_comparisons,
+    judge_questions,
+    judgments_in_rounds,
+)
 from alignment.judge_config import JudgeConfig
 from alignment.labels import sigmoid
 from alignment.pairs import build_pairs
@@ -43,9 +50,18 @@ def candidates(n_prompts: int = 2) -> dict[str, list[Candidate]]:
     }
 
 
+def judge_all(
+    backend: Backend, candidates_by_prompt: dict[str, list[Candidate]], config: JudgeConfig
+) -> list[Judgment]:
+    """The judge stage's rounds as flows/stages.py asks them, without the store."""
+    cid = CONSTITUTION.constitution_id
+    ask = partial(judge_questions, backend, config=config, constitution_id=cid)
+    return judgments_in_rounds(CONSTITUTION, candidates_by_prompt, config, ask)
+
+
 def test_cot_mode_generates_rationales_and_clamps(vllm_backend):
     config = JudgeConfig(mode="cot", cot_max_tokens=16, min_confidence=0.5)
-    judgments = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), config)
+    judgments = judge_all(vllm_backend, candidates(1), config)
     assert len(judgments) == 6
     for j in judgments:
         assert j.mode == "cot"
@@ -60,13 +76,13 @@ def test_cot_mode_generates_rationales_and_clamps(vllm_backend):
 
 def test_best_vs_worst_scores_pointwise_then_compares_once(vllm_backend):
     config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst", min_confidence=0.5)
-    judgments = judge_prompts(vllm_backend, CONSTITUTION, candidates(2), config)
+    judgments = judge_all(vllm_backend, candidates(2), config)
     pointwise = [j for j in judgments if j.response_b_id is None]
     pairwise = [j for j in judgments if j.response_b_id is not None]
     assert len(pointwise) == 2 * len(TEXTS)
     assert len(pairwise) <= 2  # at most one comparison per prompt
     for j in pointwise:
-        assert j.mode == "pointwise" and 0 <= j.p_a <= 1
+        assert j.mode == "logprob" and 0 <= j.p_a <= 1  # the yes/no question
 
 
 CHAT = [
@@ -99,7 +115,7 @@ def test_sequence_score_is_the_responses_loglik_from_a_transformers_forward(
 
 def test_contrast_mode_runs_end_to_end_with_finite_deltas(vllm_backend):
     config = JudgeConfig(mode="contrast", min_confidence=0.5)
-    judgments = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), config)
+    judgments = judge_all(vllm_backend, candidates(1), config)
     assert len(judgments) == 6
     deltas: dict[str, set[float]] = {}
     for j in judgments:
@@ -117,8 +133,8 @@ def test_contrast_mode_runs_end_to_end_with_finite_deltas(vllm_backend):
 def test_contrast_sqrt_tokens_keeps_the_winner_and_lowers_the_confidence(vllm_backend):
     by_sum = JudgeConfig(mode="contrast", min_confidence=0.5)
     by_root = JudgeConfig(mode="contrast", min_confidence=0.5, contrast_length="sqrt_tokens")
-    summed = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), by_sum)
-    rooted = judge_prompts(vllm_backend, CONSTITUTION, candidates(1), by_root)
+    summed = judge_all(vllm_backend, candidates(1), by_sum)
+    rooted = judge_all(vllm_backend, candidates(1), by_root)
     assert {j.judgment_id for j in summed}.isdisjoint(j.judgment_id for j in rooted)
     for s, r in zip(summed, rooted, strict=True):
         assert (r.delta_a, r.delta_b) == pytest.approx((s.delta_a, s.delta_b), abs=1e-4)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import alignment.backends
+import alignment.backends.vllm_backend
 from alignment.backends import release_engines
 from alignment.judge import judge_comparisons
 from alignment.judge_config import JudgeConfig
@@ -107,6 +107,6 @@ def test_judge_eval_reads_the_labels_of_a_dummy_prefix_tokenizer(
     def alone(tokenizer, labels, **_):
         return {x: tokenizer.encode(x, add_special_tokens=False) for x in labels}
 
-    monkeypatch.setattr(alignment.backends, "label_token_variants", alone)
+    monkeypatch.setattr(alignment.backends.vllm_backend, "label_token_variants", alone)
     backend._label_ids.clear()
     assert {x.status for x in judge_comparisons(backend, comparisons, logprob)} == {"unparseable"}

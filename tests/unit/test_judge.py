@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+from functools import partial
 from itertools import combinations
 
 import pytest
@@ -15,18 +16,20 @@ import alignment.critique
 import alignment.templates
 from alignment.asking import Comparison, template_fingerprint
 from alignment.backends import SequenceScore
-from alignment.constitution import Check, from_dict
+from alignment.constitution import Check, Constitution, from_dict
 from alignment.judge import (
     Candidate,
     Judgment,
     Question,
     judge_comparisons,
-    judge_prompts,
+    judge_questions,
     judgment_id,
+    judgments_in_rounds,
     principle_fingerprint,
 )
 from alignment.judge_config import JudgeConfig
 from alignment.labels import (
+    SoftLabel,
     decide_by_checks,
     length_scale,
     rationale_status,
@@ -80,6 +83,18 @@ def by_prompt(*groups: list[Candidate]) -> dict[str, list[Candidate]]:
     return {group[0].prompt_id: group for group in groups}
 
 
+def judge_all(
+    backend: ScriptedBackend,
+    constitution: Constitution,
+    groups: Mapping[str, Sequence[Candidate]],
+    config: JudgeConfig,
+) -> list[Judgment]:
+    """The judge stage's rounds as flows/stages.py asks them, without the store."""
+    cid = constitution.constitution_id
+    ask = partial(judge_questions, backend, config=config, constitution_id=cid)
+    return judgments_in_rounds(constitution, groups, config, ask)
+
+
 def scripted_orders(first: dict, second: dict) -> ScriptedBackend:
     """A backend answering order-1 chats with ``first`` and order-2 chats with ``second``.
 
@@ -94,7 +109,7 @@ def scripted_orders(first: dict, second: dict) -> ScriptedBackend:
 
 def judge_one(backend: ScriptedBackend, config: JudgeConfig | None = None) -> Judgment:
     group = candidates("p", "first", "second")
-    (judgment,) = judge_prompts(backend, PLAIN, by_prompt(group), config or LOGPROB)
+    (judgment,) = judge_all(backend, PLAIN, by_prompt(group), config or LOGPROB)
     return judgment
 
 
@@ -207,7 +222,7 @@ def test_checks_decide_pairwise_and_pointwise():
 def test_checked_principles_are_decided_without_the_model():
     backend = ScriptedBackend()
     group = candidates("p", "short one", "this one is far too long")
-    (judgment,) = judge_prompts(backend, SHORT, by_prompt(group), LOGPROB)
+    (judgment,) = judge_all(backend, SHORT, by_prompt(group), LOGPROB)
     assert backend.calls == []
     assert judgment.mode == "checks"
     assert judgment.status == "ok"
@@ -220,7 +235,7 @@ def test_checked_principles_are_decided_without_the_model_in_best_vs_worst():
     backend = ScriptedBackend()
     group = candidates("p", "short one", "this one is far too long", "tiny")
     config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
-    judgments = judge_prompts(backend, SHORT, by_prompt(group), config)
+    judgments = judge_all(backend, SHORT, by_prompt(group), config)
     assert backend.calls == []
     pointwise = [j for j in judgments if j.response_b_id is None]
     assert [j.p_a for j in pointwise] == [1.0, 0.0, 1.0]
@@ -235,7 +250,7 @@ def test_checked_principles_are_decided_without_the_model_in_best_vs_worst():
 def test_judge_reads_both_orders_from_the_backend():
     backend = scripted_orders({"A": log(0.8), "B": log(0.2)}, {"A": log(0.3), "B": log(0.7)})
     judgment = judge_one(backend)
-    assert judgment.mode == "pairwise" and judgment.status == "ok"
+    assert judgment.mode == "logprob" and judgment.status == "ok"
     assert (judgment.response_a_id, judgment.response_b_id) == ("p-r0", "p-r1")
     assert judgment.p_a_first == pytest.approx(0.8)
     assert judgment.p_a_second == pytest.approx(0.7)
@@ -332,9 +347,9 @@ def many_principles():
 def test_one_principle_per_comparison_stable_across_runs_and_orders():
     five = many_principles()
     group = candidates("p", "a", "bb", "ccc", "dddd", "eeeee")
-    first = judge_prompts(ScriptedBackend(), five, by_prompt(group), LOGPROB)
-    again = judge_prompts(ScriptedBackend(), five, by_prompt(group), LOGPROB)
-    reversed_ = judge_prompts(ScriptedBackend(), five, by_prompt(group[::-1]), LOGPROB)
+    first = judge_all(ScriptedBackend(), five, by_prompt(group), LOGPROB)
+    again = judge_all(ScriptedBackend(), five, by_prompt(group), LOGPROB)
+    reversed_ = judge_all(ScriptedBackend(), five, by_prompt(group[::-1]), LOGPROB)
 
     def principles(judgments):
         return {frozenset([j.response_a_id, j.response_b_id]): j.principle_id for j in judgments}
@@ -354,7 +369,7 @@ def test_principle_text_is_in_the_question():
 def test_all_pairs_batches_one_score_call_per_order():
     backend = ScriptedBackend()
     groups = [candidates(f"p{k}", "a", "bb", "ccc", "dddd") for k in range(3)]
-    judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), LOGPROB)
+    judgments = judge_all(backend, PLAIN, by_prompt(*groups), LOGPROB)
     assert len(judgments) == 3 * 6
     calls = backend.calls_to("score_options")
     assert len(backend.calls) == len(calls) == 2
@@ -367,15 +382,15 @@ def test_best_vs_worst_uses_n_pointwise_plus_one_comparison_per_prompt():
     backend = ScriptedBackend()
     groups = [candidates(f"p{k}", "bb", "a", "dddddddd", "ccc") for k in range(3)]
     config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
-    judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), config)
+    judgments = judge_all(backend, PLAIN, by_prompt(*groups), config)
 
     calls = backend.calls_to("score_options")
     assert len(backend.calls) == len(calls) == 4  # pointwise in 2 orders, then pairwise in 2
     assert [len(c.chats) for c in calls] == [12, 12, 3, 3]
-    pointwise = [j for j in judgments if j.mode == "pointwise"]
-    pairwise = [j for j in judgments if j.mode == "pairwise"]
+    pointwise = [j for j in judgments if j.response_b_id is None]
+    pairwise = [j for j in judgments if j.response_b_id is not None]
     assert len(pointwise) == 12 and len(pairwise) == 3
-    assert all(j.response_b_id is None for j in pointwise)
+    assert {j.mode for j in judgments} == {"logprob"}  # the yes/no, then the A/B question
     # The scripted judge likes longer responses: best "dddddddd" (r2), worst "a" (r1),
     # compared in their given order.
     assert {(j.response_a_id, j.response_b_id) for j in pairwise} == {
@@ -388,7 +403,7 @@ def test_best_vs_worst_uses_n_pointwise_plus_one_comparison_per_prompt():
 def test_best_vs_worst_asks_pointwise_in_both_label_orders():
     backend = ScriptedBackend()
     config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
-    judge_prompts(backend, PLAIN, by_prompt(candidates("p", "a", "bbbb")), config)
+    judge_all(backend, PLAIN, by_prompt(candidates("p", "a", "bbbb")), config)
     first, second = (c.chats[0] for c in backend.calls_to("score_options")[:2])
     assert "(A) yes\n(B) no" in last_user_message(first)
     assert "(A) no\n(B) yes" in last_user_message(second)
@@ -398,25 +413,25 @@ def test_best_vs_worst_skips_single_candidates_and_equal_scores():
     backend = ScriptedBackend()
     groups = [candidates("one", "only"), candidates("same", "abc", "xyz")]
     config = JudgeConfig(mode="logprob", pair_strategy="best_vs_worst")
-    judgments = judge_prompts(backend, PLAIN, by_prompt(*groups), config)
-    assert [j.mode for j in judgments] == ["pointwise"] * 3
+    judgments = judge_all(backend, PLAIN, by_prompt(*groups), config)
+    assert [(j.mode, j.response_b_id) for j in judgments] == [("logprob", None)] * 3
     assert len(backend.calls) == 2
 
 
 def test_empty_batch_calls_nothing():
     backend = ScriptedBackend()
-    assert judge_prompts(backend, PLAIN, {}, LOGPROB) == []
-    assert judge_prompts(backend, PLAIN, by_prompt(candidates("p", "a")), LOGPROB) == []
+    assert judge_all(backend, PLAIN, {}, LOGPROB) == []
+    assert judge_all(backend, PLAIN, by_prompt(candidates("p", "a")), LOGPROB) == []
     assert backend.calls == []
 
 
 def test_judgment_ids_are_stable_and_distinguish_what_matters():
     group = by_prompt(candidates("p", "first", "second"))
-    ids = {judge_prompts(ScriptedBackend(), PLAIN, group, LOGPROB)[0].judgment_id for _ in range(2)}
+    ids = {judge_all(ScriptedBackend(), PLAIN, group, LOGPROB)[0].judgment_id for _ in range(2)}
     assert len(ids) == 1
-    other_model = judge_prompts(ScriptedBackend("other"), PLAIN, group, LOGPROB)[0]
+    other_model = judge_all(ScriptedBackend("other"), PLAIN, group, LOGPROB)[0]
     assert other_model.judgment_id not in ids
-    cot = judge_prompts(cot_backend("fine"), PLAIN, group, JudgeConfig(mode="cot"))[0]
+    cot = judge_all(cot_backend("fine"), PLAIN, group, JudgeConfig(mode="cot"))[0]
     assert cot.judgment_id not in ids
 
 
@@ -447,6 +462,8 @@ def test_judgment_row_has_the_store_columns():
 
 
 def judgment(p_a: float | None, consistent: bool = True, status: str = "ok", **extra):
+    """A stored judgment of p-r0 against p-r1 whose both orders say ``p_a``."""
+    label = SoftLabel(status, p_a, p_a, p_a, consistent, option_mass=1.0)
     fields = dict(
         judgment_id=f"j-{p_a}-{consistent}-{status}",
         prompt_id="p",
@@ -455,16 +472,10 @@ def judgment(p_a: float | None, consistent: bool = True, status: str = "ok", **e
         principle_id="helpful",
         constitution_id="c",
         judge_model="judge",
-        mode="pairwise",
-        p_a_first=p_a,
-        p_a_second=p_a,
-        p_a=p_a,
-        position_consistent=consistent,
-        option_mass=1.0,
-        status=status,
+        mode="logprob",
         rationale=None,
     )
-    return Judgment(**{**fields, **extra})
+    return Judgment(**{**fields, **asdict(label), **extra})
 
 
 PAIR_GROUP = by_prompt(candidates("p", "alpha", "beta"))
@@ -492,7 +503,7 @@ def test_build_pairs_drops_ties_low_confidence_and_inconsistent_with_counts():
         judgment(None, consistent=None, status="refusal"),
         judgment(None, consistent=None, status="unparseable"),
         judgment(None, consistent=None, status="missing_logprobs"),
-        judgment(0.9, response_b_id=None, mode="pointwise"),
+        judgment(0.9, response_b_id=None, mode="logprob"),
     ]
     strict = build_pairs(judgments, PAIR_GROUP, JudgeConfig(require_position_consistent=True))
     assert [p.p_chosen for p in strict.pairs] == [0.9]
@@ -532,7 +543,7 @@ def test_pair_ids_are_stable_and_rows_use_lists():
 
 def test_end_to_end_scripted_judge_prefers_longer_responses():
     group = candidates("p", "short", "a much longer and more detailed answer")
-    judgments = judge_prompts(ScriptedBackend(), PLAIN, by_prompt(group), LOGPROB)
+    judgments = judge_all(ScriptedBackend(), PLAIN, by_prompt(group), LOGPROB)
     (pair,) = build_pairs(judgments, by_prompt(group), LOGPROB).pairs
     assert pair.chosen_response_id == "p-r1"
     assert pair.p_chosen > 0.55
@@ -626,7 +637,7 @@ def test_sqrt_tokens_scales_pointwise_scores_by_their_own_length():
     group = candidates("p", text(3, 0), text(12, 3), "bad")
     one_principle = constitution(principle("helpful"))
     config = JudgeConfig(pair_strategy="best_vs_worst", contrast_length="sqrt_tokens")
-    judgments = judge_prompts(backend, one_principle, by_prompt(group), config)
+    judgments = judge_all(backend, one_principle, by_prompt(group), config)
     pointwise = [j for j in judgments if j.response_b_id is None]
     assert [j.delta_a for j in pointwise] == pytest.approx([0.6, 2.4, 0.0])
     tau = config.contrast_tau
@@ -745,7 +756,7 @@ def test_contrast_scores_each_response_once_per_batch():
     texts = ["a", "b b", "c c c", "d d d d"]
     groups = [candidates(f"p{k}", *texts) for k in range(2)]
     one_principle = constitution(principle("helpful"))
-    judgments = judge_prompts(backend, one_principle, by_prompt(*groups), CONTRAST)
+    judgments = judge_all(backend, one_principle, by_prompt(*groups), CONTRAST)
     assert len(judgments) == 2 * 6
     (call,) = backend.calls
     assert len(call.chats) == 2 * 4 * 2  # per prompt and response: follow and neutral
@@ -766,12 +777,12 @@ def test_contrast_neutral_chats_are_shared_between_principles():
     assert len(call.chats) == 2 * 2 + 2  # follow per principle and response, neutral per response
 
 
-def test_contrast_best_vs_worst_ranks_by_delta_and_reuses_the_scores():
+def test_contrast_best_vs_worst_ranks_by_delta_one_batch_per_round():
     backend = ScriptedBackend()
     one_principle = constitution(principle("helpful"))
     group = candidates("p", "bb bb", "a", "dd dd dd dd", "cc cc cc")
     config = JudgeConfig(mode="contrast", pair_strategy="best_vs_worst")
-    judgments = judge_prompts(backend, one_principle, by_prompt(group), config)
+    judgments = judge_all(backend, one_principle, by_prompt(group), config)
     pointwise = [j for j in judgments if j.response_b_id is None]
     (pairwise,) = [j for j in judgments if j.response_b_id is not None]
     assert [j.delta_a for j in pointwise] == [1.0, 0.5, 2.0, 1.5]
@@ -779,13 +790,15 @@ def test_contrast_best_vs_worst_ranks_by_delta_and_reuses_the_scores():
     assert pointwise[0].p_a == pytest.approx(sigmoid(1.0 / 3.0))
     assert (pairwise.response_a_id, pairwise.response_b_id) == ("p-r1", "p-r2")
     assert (pairwise.delta_a, pairwise.delta_b) == (0.5, 2.0) and pairwise.p_a < 0.5
-    assert len(backend.calls) == 1  # the comparison's principle was scored already
+    # Each round is one prefill batch, as in the pipeline: the pointwise pass scores
+    # every response's follow and neutral chats, the comparison its two responses' again.
+    assert [len(call.chats) for call in backend.calls] == [4 * 2, 2 * 2]
 
 
 def test_contrast_checked_principles_are_still_decided_by_checks():
     backend = ScriptedBackend()
     group = candidates("p", "short one", "this one is far too long")
-    (judgment,) = judge_prompts(backend, SHORT, by_prompt(group), CONTRAST)
+    (judgment,) = judge_all(backend, SHORT, by_prompt(group), CONTRAST)
     assert backend.calls == []
     assert judgment.mode == "checks" and judgment.p_a == 1.0
     assert (judgment.delta_a, judgment.delta_b) == (None, None)
@@ -879,7 +892,7 @@ def test_judgment_ids_distinguish_the_label_settings():
     group = by_prompt(candidates("p", "first", "second"))
 
     def judgment_id(config):
-        return judge_prompts(ScriptedBackend(), PLAIN, group, config)[0].judgment_id
+        return judge_all(ScriptedBackend(), PLAIN, group, config)[0].judgment_id
 
     ids = [
         judgment_id(LOGPROB),
@@ -918,7 +931,7 @@ def test_judgment_ids_hash_the_principle_not_the_constitution():
 
     def ids(constitution, backend_name="judge"):
         backend = ScriptedBackend(model_name=backend_name)
-        judged = judge_prompts(backend, constitution, group, CONTRAST)
+        judged = judge_all(backend, constitution, group, CONTRAST)
         return {(j.principle_id, j.judgment_id) for j in judged}
 
     renamed = replace(PLAIN, name="another name", version="9")
@@ -958,16 +971,16 @@ def test_principles_are_sampled_by_weight_and_a_weight_edit_moves_only_its_draws
 
 # One judgment per way of asking; "checks" needs no template.
 WAYS = {  # name: (config, pointwise)
-    "pairwise": (LOGPROB, False),
+    "logprob": (LOGPROB, False),
     "few_shot": (JudgeConfig(mode="logprob", few_shot=True), False),
     "cot": (JudgeConfig(mode="cot"), False),
-    "pointwise": (LOGPROB, True),
+    "yes_no": (LOGPROB, True),
     "contrast": (CONTRAST, False),
     "opposite": (JudgeConfig(mode="contrast", contrast_negative="opposite"), False),
     "likelihood": (JudgeConfig(mode="likelihood"), False),
     "ensemble": (JudgeConfig(mode="ensemble"), False),
 }
-QUESTION_MODES = {"pairwise", "few_shot", "cot", "pointwise", "ensemble"}  # fenced text
+QUESTION_MODES = {"logprob", "few_shot", "cot", "yes_no", "ensemble"}  # fenced text
 
 
 def ids_by_way() -> dict[str, str]:
@@ -999,7 +1012,7 @@ def reworded(function: Callable, old: str, new: str) -> Callable:
 
 T, A, C = alignment.templates, alignment.asking, alignment.critique
 EDITS = {  # edit: (patches (module, name, new value), the ways whose ids change)
-    "LEAD_IN": ([(T, "LEAD_IN", "The better one is (")], {"pairwise", "few_shot", "pointwise",
+    "LEAD_IN": ([(T, "LEAD_IN", "The better one is (")], {"logprob", "few_shot", "yes_no",
                                                           "ensemble"}),
     "COT_LEAD_IN": ([(T, "COT_LEAD_IN", "So the answer is (")], {"cot"}),
     "FEW_SHOT": ([(T, "FEW_SHOT", (FEW_SHOT[1], FEW_SHOT[0]))], {"few_shot", "ensemble"}),
@@ -1008,10 +1021,10 @@ EDITS = {  # edit: (patches (module, name, new value), the ways whose ids change
     "INDENT": ([(T, "INDENT", "  ")], QUESTION_MODES),
     "question": ([(T, "_pairwise_question", reworded(T._pairwise_question, "follows the",
                                                      "keeps to the"))],
-                 {"pairwise", "few_shot", "cot", "ensemble"}),
+                 {"logprob", "few_shot", "cot", "ensemble"}),
     "yes/no question": ([(A, "pointwise_judge_chat", reworded(A.pointwise_judge_chat,
                                                              "Does the", "Did the"))],
-                        {"pointwise"}),
+                        {"yes_no"}),
     "instruction": ([(T, "principle_instruction", reworded(T.principle_instruction,
                                                            "Write a", "Give a"))],
                     {"contrast", "opposite", "ensemble"}),
@@ -1049,11 +1062,11 @@ def test_the_fingerprint_renders_the_chats_the_judge_asks(fresh_fingerprints, mo
     """The sentinel rendering goes through the judge's own chat builders: a template the
     judge stops asking in (few_shot off) no longer counts, and one it asks in does."""
     few_shot = JudgeConfig(mode="logprob", few_shot=True)
-    plain = template_fingerprint("pairwise", LOGPROB)
-    shots = template_fingerprint("pairwise", few_shot)
+    plain = template_fingerprint("logprob", False, LOGPROB)
+    shots = template_fingerprint("logprob", False, few_shot)
     assert plain != shots
     monkeypatch.setattr(alignment.templates, "FEW_SHOT", FEW_SHOT[:1])
     template_fingerprint.cache_clear()
-    assert template_fingerprint("pairwise", LOGPROB) == plain
-    assert template_fingerprint("pairwise", few_shot) != shots
-    assert template_fingerprint("checks", LOGPROB) is None
+    assert template_fingerprint("logprob", False, LOGPROB) == plain
+    assert template_fingerprint("logprob", False, few_shot) != shots
+    assert template_fingerprint("checks", False, LOGPROB) is None

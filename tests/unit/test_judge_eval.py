@@ -23,27 +23,22 @@ from alignment.judge_eval import (
     BUILTIN_INJECTION_PATH,
     BUILTIN_PATH,
     BUILTIN_TUNING,
-    CALIBRATION_BINS,
     GENERIC_PRINCIPLE,
     GoldPair,
-    JudgeMetrics,
     PreferenceSetError,
-    Share,
     injected_comparisons,
-    judge_metrics,
     load_preference_set,
     preference_set_id,
     source_path,
     to_comparisons,
 )
+from alignment.judge_metrics import CALIBRATION_BINS, JudgeMetrics, Share, judge_metrics
 from alignment.labels import SoftLabel
+from alignment.model_ref import ModelRef
 from flows.config import PipelineConfig
 from flows.judge_eval import audit_judge, evaluate_judge
 from storage import Store
 from tests.scripted_backend import ScriptedBackend
-
-REPO = Path(__file__).resolve().parents[2]
-CONSTITUTION = REPO / "constitutions" / "demo.yaml"
 
 ROW = {"prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "Go away."}
 
@@ -427,14 +422,15 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> list[ScriptedBackend]:
         return made[-1]
 
     monkeypatch.setattr(flows.judge_eval, "make_backend", make_backend)
-    monkeypatch.setattr(flows.judge_eval, "model_location", lambda config: ("/x", "judge-x"))
+    monkeypatch.setattr(flows.judge_eval, "model_ref", lambda config: ModelRef("judge-x", "/x"))
     return made
 
 
 def config(tmp_path: Path) -> PipelineConfig:
     # The scripted judge answers A/B questions, so the A/B mode (not the default contrast).
+    demo = Path(__file__).resolve().parents[2] / "constitutions" / "demo.yaml"
     return PipelineConfig(
-        store=str(tmp_path / "store"), constitution=str(CONSTITUTION), judge={"mode": "logprob"}
+        store=str(tmp_path / "store"), constitution=str(demo), judge={"mode": "logprob"}
     )
 
 

@@ -281,7 +281,7 @@ def test_json_and_list_values(store: Store) -> None:
         ("responses", {"text": 3}, "text", "expected a string, got int"),
         ("responses", {"sampling": "{oops"}, "sampling", "not valid JSON"),
         ("judgments", {"p_a": "high"}, "p_a", "expected a number"),
-        ("judgments", {"mode": "vibes"}, "mode", "'vibes' is not one of pairwise"),
+        ("judgments", {"mode": "vibes"}, "mode", "'vibes' is not one of logprob"),
         ("preference_pairs", {"principle_ids": "kind"}, "principle_ids", "a list of strings"),
         ("runs", {"started_at": NOW.replace(tzinfo=None)}, "started_at", "timezone-aware"),
         ("runs", {"run_id": "other"}, "run_id", "differs from the run_id given to write"),
