@@ -107,13 +107,18 @@ def assert_same_run(resumed: dict[str, Any], clean: dict[str, Any]) -> None:
 
 
 def run_until(
-    args: list[str], log: Path, ready: Callable[[], bool], timeout_s: float = 400
+    args: list[str],
+    log: Path,
+    ready: Callable[[], bool],
+    timeout_s: float = 400,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """Start `rlaif ARGS` in its own process group and SIGKILL it once `ready()` holds."""
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [RLAIF, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            [RLAIF, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+        )  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while not ready():
         if process.poll() is not None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL
 
-from alignment import backends
+from alignment.backends import vllm_backend as backends
 from flows.loop import current_incumbent, load_loop_config, self_improve
 from storage import Store
 from tests.integration.loop_helpers import (
@@ -184,13 +186,16 @@ def test_kill_9_during_sampling_judging_and_training_then_resume_equals_a_clean_
     store = Store(tmp_path / "store")
     config_path = write_loop_config(tmp_path / "loop.yaml", store.root)
     args = ["self-improve", "--config", str(config_path)]
+    # The session's Prefect server, not a temporary one per killed process (~12 s each).
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
 
-    run_until(args, tmp_path / "kill-0.log", lambda: bool(shards(store, "responses")))
+    run_until(args, tmp_path / "kill-0.log", lambda: bool(shards(store, "responses")), env=env)
     assert not shards(store, "judgments")  # it died while sampling
-    run_until(args, tmp_path / "kill-1.log", lambda: bool(shards(store, "judgments")))
+    run_until(args, tmp_path / "kill-1.log", lambda: bool(shards(store, "judgments")), env=env)
     assert not shards(store, "preference_pairs")  # it died while judging
     log = tmp_path / "kill-2.log"
-    run_until(args, log, lambda: log.exists() and "training dpo on" in log.read_text())
+    training = lambda: log.exists() and "training dpo on" in log.read_text()  # noqa: E731
+    run_until(args, log, training, env=env)
     assert shards(store, "preference_pairs") and not shards(store, "models")  # while training
 
     self_improve(config_path=str(config_path))  # the next run resumes the session
