@@ -213,6 +213,16 @@ class _Reader:
             return None
         return value.strip()
 
+    def optional_list(self, raw: Any, path: tuple, key: str, where: str, holding: str) -> list:
+        """The list under ``key``: empty when absent, and empty (and a problem) when it is not
+        a list; ``holding`` says what the list must be, for the message."""
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.value((*path, key), f"{key} {where} must be {holding}, got {show_value(raw)}")
+            return []
+        return raw
+
 
 def _read(doc: LocatedYaml) -> tuple[Constitution | None, list[Problem]]:
     r = _Reader(doc)
@@ -339,11 +349,7 @@ def _weight(r: _Reader, raw: Any, path: tuple, where: str) -> float:
 
 
 def _tags(r: _Reader, raw: Any, path: tuple, where: str) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.value((*path, "tags"), f"tags {where} must be a list of strings, got {show_value(raw)}")
-        return ()
+    raw = r.optional_list(raw, path, "tags", where, "a list of strings")
     for j, tag in enumerate(raw):
         if not isinstance(tag, str) or not tag.strip():
             r.value(
@@ -355,11 +361,7 @@ def _tags(r: _Reader, raw: Any, path: tuple, where: str) -> tuple[str, ...]:
 
 
 def _checks(r: _Reader, raw: Any, path: tuple, where: str) -> tuple[Check, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        r.value((*path, "checks"), f"checks {where} must be a list, got {show_value(raw)}")
-        return ()
+    raw = r.optional_list(raw, path, "checks", where, "a list")
     checks = [_check(r, item, (*path, "checks", j), where) for j, item in enumerate(raw)]
     found = [c for c in checks if c is not None]
     _word_limits_agree(r, found, checks, path, where)

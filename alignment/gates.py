@@ -165,21 +165,11 @@ def check_gates(gates: GateConfig, metrics: Mapping[str, Metric]) -> list[GateRe
             )
         )  # fmt: skip
     if gates.max_length_growth is not None:
-        ratio, detail = _length_ratio(metrics)
-        results.append(
-            _result(
-                "max_length_growth", "length / baseline/length", ratio, gates.max_length_growth,
-                ratio is not None and ratio <= gates.max_length_growth, detail,
-            )
-        )  # fmt: skip
+        growth = _length_gate("max_length_growth", gates.max_length_growth, metrics, at_most=True)
+        results.append(growth)
     if gates.max_length_shrink is not None:
-        ratio, detail = _length_ratio(metrics)
-        results.append(
-            _result(
-                "max_length_shrink", "length / baseline/length", ratio, gates.max_length_shrink,
-                ratio is not None and ratio >= gates.max_length_shrink, detail,
-            )
-        )  # fmt: skip
+        shrink = _length_gate("max_length_shrink", gates.max_length_shrink, metrics, at_most=False)
+        results.append(shrink)
     if gates.max_kl is not None:
         kl = metrics.get("kl")
         value = kl.value if kl else None
@@ -308,6 +298,16 @@ def _violation_gate(max_increase: float, metrics: Mapping[str, Metric]) -> GateR
     return _increase_gate(
         "max_violation_increase", "violation_rate", "check-violation rate", max_increase, metrics
     )
+
+
+def _length_gate(
+    gate: str, bound: float, metrics: Mapping[str, Metric], at_most: bool
+) -> GateResult:
+    """The candidate's mean length over the incumbent's must be at most (growth) or at least
+    (shrink) the bound."""
+    ratio, detail = _length_ratio(metrics)
+    passed = ratio is not None and (ratio <= bound if at_most else ratio >= bound)
+    return _result(gate, "length / baseline/length", ratio, bound, passed, detail)
 
 
 def _length_ratio(metrics: Mapping[str, Metric]) -> tuple[float | None, str]:

@@ -305,17 +305,13 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int):
 def qwen2_config(shape: Shape, tokenizer):
     from transformers import Qwen2Config
 
+    # Every field of a Shape but tokenizer_vocab is the Qwen2Config field of that name.
+    model_shape = {k: v for k, v in asdict(shape).items() if k != "tokenizer_vocab"}
     return Qwen2Config(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
+        **model_shape,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=shape.tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

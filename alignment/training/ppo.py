@@ -45,14 +45,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from alignment.training.common import (
     MASTER_DTYPE,
+    TrainingStageConfig,
     bf16_autocast,
     checkpoint_dtype,
     is_main_process,
     load_for_training,
+    lora_config,
     save_for_vllm,
     wait_for_everyone,
 )
@@ -61,9 +63,7 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses
 SumFn = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 
 
-class PPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class PPOConfig(TrainingStageConfig):
     # --- rollouts ---
     num_batches: int = Field(100, gt=0, description="Rollout batches to collect and train on.")
     batch_size: int = Field(64, gt=0, description="Rollouts per batch and per process.")
@@ -106,10 +106,8 @@ class PPOConfig(BaseModel):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (TRL: 0.1).")
     norm_adv: bool = Field(True, description="Whiten advantages over the batch (all processes).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    # --- model ---
+    # --- model (lora_r and lora_alpha come with TrainingStageConfig) ---
     use_lora: bool = Field(False, description="Train a LoRA adapter; the reference is adapter-off.")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
     seed: int = Field(0, description="Seed for prompt order, sampling and minibatch order.")
 
     @model_validator(mode="after")
@@ -300,12 +298,9 @@ def frozen_copy(lm: torch.nn.Module) -> torch.nn.Module:
 
 
 def lora_policy(lm, r: int, alpha: int):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-    return get_peft_model(lm, config)
+    return get_peft_model(lm, lora_config(r, alpha))
 
 
 def autocast():

@@ -25,27 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from alignment.training.common import (
-    from_main_process,
-    load_for_training,
-    local_device,
-    loss_summary,
-    merged,
-    peft_config,
-    save_stage,
-    train_in_scratch,
-)
+from alignment.training import common
 from alignment.training.losses import margin_from_soft_label, soft_bradley_terry_loss
 
 STATS_FILE = "rlaif_reward_stats.json"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class RewardStageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class RewardStageConfig(common.TrainingStageConfig):
     loss: Literal["margin", "soft_ce", "hard"] = Field(
         "margin",
         description="margin: Llama 2 margin loss, margin from p_chosen; soft_ce: cross-entropy "
@@ -72,16 +61,7 @@ class RewardStageConfig(BaseModel):
         lt=1,
         description="Held-out share of the training pairs when no eval set is given.",
     )
-    use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
     seed: int = Field(0, description="Seed for the head's initialisation, shuffling and split.")
-
-
-@dataclass(frozen=True)
-class RewardResult:
-    path: Path
-    metrics: dict[str, Any]
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -223,7 +203,7 @@ class RewardScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             self.model_dir, dtype=torch.float32
-        ).to(device or local_device())
+        ).to(device or common.local_device())
         self.model.eval()
         stats_file = self.model_dir / STATS_FILE
         if normalise and not stats_file.exists():
@@ -318,7 +298,7 @@ def train_reward_model(
     reference_rows: Iterable[dict[str, Any]] | None,
     config: RewardStageConfig,
     output_dir: str | Path,
-) -> RewardResult:
+) -> common.StageResult:
     """Train a reward model on a causal LM folder; save it with its score statistics.
 
     ``eval_rows`` None holds out ``config.eval_fraction`` of ``train_rows``;
@@ -348,9 +328,11 @@ def train_reward_model(
     # As TRL loads a model named by path: seeded (the score head is new and random), one
     # output; but float32 masters here, and pad_token_id set so the head reads the last token.
     set_seed(config.seed)
-    model = load_for_training(AutoModelForSequenceClassification, base_model_path, num_labels=1)
+    model = common.load_for_training(
+        AutoModelForSequenceClassification, base_model_path, num_labels=1
+    )
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    trainer, output = train_in_scratch(
+    trainer, output = common.train_in_scratch(
         _soft_ce_trainer_class() if config.loss == "soft_ce" else RewardTrainer,
         RewardConfig,
         {
@@ -364,25 +346,25 @@ def train_reward_model(
         model=model,
         train_dataset=datasets.Dataset.from_list(train),
         processing_class=tokenizer,
-        peft_config=peft_config(config, task_type="SEQ_CLS"),
+        peft_config=common.peft_config(config, task_type="SEQ_CLS"),
     )
 
     # Every rank scores the same rows with the same weights; rank 0's figures are kept.
-    model = merged(trainer.model)
+    model = common.merged(trainer.model)
     batch_size = config.per_device_train_batch_size
-    stats = from_main_process(reference_stats(model, tokenizer, reference, batch_size))
+    stats = common.from_main_process(reference_stats(model, tokenizer, reference, batch_size))
     accuracy = pairwise_accuracy(model, tokenizer, held_out, batch_size) if held_out else None
     metrics = {
-        "eval_accuracy": from_main_process(accuracy),
+        "eval_accuracy": common.from_main_process(accuracy),
         "mean": stats["mean"],
         "std": stats["std"],
         "reference_n": stats["n"],
-        **loss_summary(trainer, output),
+        **common.loss_summary(trainer, output),
         "train_pairs": len(trainer.train_dataset),  # after TRL drops pairs over max_length
         "eval_pairs": len(held_out),
     }
     stats_file = {STATS_FILE: json.dumps(stats, indent=2)}
-    path = save_stage(
+    path = common.save_stage(
         model, tokenizer, output_dir, base_model_path, "reward", config, metrics, files=stats_file
     )
-    return RewardResult(path, metrics)
+    return common.StageResult(path, metrics)

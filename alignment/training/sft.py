@@ -7,24 +7,15 @@ not the prompts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from alignment.training.common import (
-    load_for_training,
-    loss_summary,
-    peft_config,
-    save_stage,
-    train_in_scratch,
-)
+from alignment.training import common
 
 
-class SFTStageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SFTStageConfig(common.TrainingStageConfig):
     learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per step.")
@@ -32,16 +23,6 @@ class SFTStageConfig(BaseModel):
     completion_only_loss: bool = Field(
         True, description="Loss on the revision only, not on the prompt."
     )
-    use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
-    seed: int = Field(0, description="Training seed.")
-
-
-@dataclass(frozen=True)
-class SFTResult:
-    path: Path
-    metrics: dict[str, Any]
 
 
 def train_sft(
@@ -49,7 +30,7 @@ def train_sft(
     rows: list[dict[str, Any]],
     config: SFTStageConfig,
     output_dir: str | Path,
-) -> SFTResult:
+) -> common.StageResult:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -58,7 +39,7 @@ def train_sft(
     dataset = datasets.Dataset.from_list(
         [{"prompt": row["prompt"], "completion": row["completion"]} for row in rows]
     )
-    trainer, output = train_in_scratch(
+    trainer, output = common.train_in_scratch(
         SFTTrainer,
         SFTConfig,
         {
@@ -69,11 +50,13 @@ def train_sft(
             "completion_only_loss": config.completion_only_loss,
             "seed": config.seed,
         },
-        model=load_for_training(AutoModelForCausalLM, model_path),
+        model=common.load_for_training(AutoModelForCausalLM, model_path),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config(config),
+        peft_config=common.peft_config(config),
     )
-    metrics = {**loss_summary(trainer, output), "examples": len(rows)}
-    path = save_stage(trainer.model, tokenizer, output_dir, model_path, "sft", config, metrics)
-    return SFTResult(path, metrics)
+    metrics = {**common.loss_summary(trainer, output), "examples": len(rows)}
+    path = common.save_stage(
+        trainer.model, tokenizer, output_dir, model_path, "sft", config, metrics
+    )
+    return common.StageResult(path, metrics)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,14 @@ def bf16_model(tiny_model: Path, tmp_path_factory) -> Path:
     return bf16_checkpoint(tiny_model, tmp_path_factory.mktemp("bf16") / "model")
 
 
+def shared_engine(config: ModelConfig) -> Iterator[VLLMBackend]:
+    """The body of a session fixture that shares one vLLM engine of ``config``."""
+    backend = make_backend(config, seed=0)
+    assert isinstance(backend, VLLMBackend)
+    yield backend
+    release_engines()  # shut the engine down while pytest's streams are still open
+
+
 @pytest.fixture(scope="session")
 def policy_config() -> ModelConfig:
     """The engine settings every integration test uses, so they share one engine."""
@@ -53,11 +62,8 @@ def policy_config() -> ModelConfig:
 
 
 @pytest.fixture(scope="session")
-def vllm_backend(tiny_model: Path, policy_config: ModelConfig) -> VLLMBackend:
-    backend = make_backend(policy_config, seed=0)
-    assert isinstance(backend, VLLMBackend)
-    yield backend
-    release_engines()  # shut the engine down while pytest's streams are still open
+def vllm_backend(tiny_model: Path, policy_config: ModelConfig) -> Iterator[VLLMBackend]:
+    yield from shared_engine(policy_config)
 
 
 @pytest.fixture(scope="session")
@@ -67,18 +73,10 @@ def smollm2_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_config() -> ModelConfig:
-    """Engine settings for tests that need real English; dtype auto means float32 here."""
-    return ModelConfig(model="smollm2", kv_cache_gib=0.5, max_model_len=2048)
-
-
-@pytest.fixture(scope="session")
-def smollm2_backend(smollm2_model: Path, smollm2_config: ModelConfig) -> VLLMBackend:
-    """A second shared engine beside the tiny one (about 20 s to start on 2 cores)."""
-    backend = make_backend(smollm2_config, seed=0)
-    assert isinstance(backend, VLLMBackend)
-    yield backend
-    release_engines()
+def smollm2_backend(smollm2_model: Path) -> Iterator[VLLMBackend]:
+    """A second shared engine beside the tiny one (about 20 s to start on 2 cores), for tests
+    that need real English; dtype auto means float32 here."""
+    yield from shared_engine(ModelConfig(model="smollm2", kv_cache_gib=0.5, max_model_len=2048))
 
 
 def _free_port() -> int:

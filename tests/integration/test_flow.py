@@ -14,7 +14,6 @@ from storage import Store
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 TABLES = (
     "runs",
     "constitutions",
@@ -32,6 +31,11 @@ def counts(store: Store) -> dict[str, int]:
 
 def shard_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in (root / "parquet").rglob("*.parquet")}
+
+
+def stdout_of(*command: str) -> str:
+    """What a command prints; a non-zero exit fails the test."""
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
 def test_flow_fills_every_table(collected):
@@ -68,7 +72,7 @@ def test_pairs_carry_lineage(collected):
 
 def test_judgments_follow_the_protocol(collected):
     _, store, _ = collected
-    rows = store.query("SELECT * FROM judgments WHERE status = 'ok' AND mode = 'pairwise'")
+    rows = store.query("SELECT * FROM judgments WHERE status = 'ok' AND mode = 'logprob'")
     assert rows, "the demo constitution has model-judged principles"
     for j in rows:
         assert j["p_a"] == pytest.approx((j["p_a_first"] + j["p_a_second"]) / 2)
@@ -111,54 +115,39 @@ def test_rerun_resumes_after_a_crash(collected):
 
 def test_sql_from_another_process(collected):
     _, store, _ = collected
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "sql",
-            "--store",
-            str(store.root),
-            "--format",
-            "csv",
-            "SELECT count(*) AS n FROM preference_pairs",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = stdout_of(
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "sql",
+        "--store",
+        str(store.root),
+        "--format",
+        "csv",
+        "SELECT count(*) AS n FROM preference_pairs",
+    )
     assert out == f"n\n{store.count('preference_pairs')}\n"
-    plain = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
-            "print(con.execute('SELECT count(*) FROM judgments').fetchall()[0][0])",
-            str(store.db_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    plain = stdout_of(
+        sys.executable,
+        "-c",
+        "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+        "print(con.execute('SELECT count(*) FROM judgments').fetchall()[0][0])",
+        str(store.db_path),
+    )
     assert int(plain) == store.count("judgments")
 
 
 def test_the_duckdb_cli_opens_the_same_file(collected):
     _, store, _ = collected
     duckdb_cli = Path(sys.executable).parent / "duckdb"  # from the duckdb-cli package
-    out = subprocess.run(
-        [
-            str(duckdb_cli),
-            "-readonly",
-            "-csv",
-            str(store.db_path),
-            "-c",
-            "SELECT count(*) AS n FROM preference_pairs",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = stdout_of(
+        str(duckdb_cli),
+        "-readonly",
+        "-csv",
+        str(store.db_path),
+        "-c",
+        "SELECT count(*) AS n FROM preference_pairs",
+    )
     assert out == f"n\n{store.count('preference_pairs')}\n"
 
 

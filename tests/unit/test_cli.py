@@ -19,6 +19,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from alignment.model_ref import ModelRef
 from flows.cli import OFFLINE_ENV, main
 from storage import Store
 
@@ -228,29 +229,29 @@ def test_sql_table_is_the_default(store: str) -> None:
     )
 
 
-def test_sql_bad_query_is_one_line(store: str) -> None:
-    result = rlaif("sql", "--store", store, "SELEC 1")
+def sql_error(store: str, query: str) -> str:
+    """stderr of a refused `rlaif sql`: exit 2, nothing on stdout, one line, no traceback."""
+    result = rlaif("sql", "--store", store, query)
     assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr.startswith('error: Parser Error: syntax error at or near "SELEC"')
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
+    return result.stderr
+
+
+def test_sql_bad_query_is_one_line(store: str) -> None:
+    error = sql_error(store, "SELEC 1")
+    assert error.startswith('error: Parser Error: syntax error at or near "SELEC"')
 
 
 def test_sql_unknown_column_is_one_line(store: str) -> None:
-    result = rlaif("sql", "--store", store, "SELECT nope FROM prompts")
-    assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr.startswith('error: Binder Error: Referenced column "nope" not found')
-    assert result.stderr.count("\n") == 1
-    assert "Traceback" not in result.output
+    error = sql_error(store, "SELECT nope FROM prompts")
+    assert error.startswith('error: Binder Error: Referenced column "nope" not found')
 
 
 def test_sql_is_read_only(store: str) -> None:
-    result = rlaif("sql", "--store", store, "CREATE TABLE x (a INT)")
-    assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr.startswith("error: ")
-    assert "read-only" in result.stderr
-    assert result.stderr.count("\n") == 1
-    assert "Traceback" not in result.output
+    error = sql_error(store, "CREATE TABLE x (a INT)")
+    assert error.startswith("error: ")
+    assert "read-only" in error
     tables = rlaif(
         "sql", "--store", store, "SELECT count(*) AS n FROM duckdb_tables()", "--format", "csv"
     )
@@ -368,7 +369,7 @@ def scripted_judge(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         return made[-1]  # type: ignore[return-value]
 
     monkeypatch.setattr(flows.judge_eval, "make_backend", make_backend)
-    monkeypatch.setattr(flows.judge_eval, "model_location", lambda config: ("/x", "judge-x"))
+    monkeypatch.setattr(flows.judge_eval, "model_ref", lambda config: ModelRef("judge-x", "/x"))
     return made
 
 

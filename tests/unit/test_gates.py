@@ -361,14 +361,21 @@ def lengths(length: float, baseline: float) -> dict[str, Metric]:
     return metrics(Metric("length", length, 10), Metric("baseline/length", baseline, 10))
 
 
+def check_length_gate(gate: str, bound: float, length: float, passed: bool) -> None:
+    """The length gate's verdict, ratio and message for a candidate ``length`` vs 40 tokens."""
+    result = single(only(**{gate: bound}), lengths(length, 40.0))
+    assert result.passed is passed
+    assert result.value == pytest.approx(length / 40.0)
+    assert result.metric == "length / baseline/length"
+    verdict = "passed" if passed else "failed"
+    assert result.message == f"{gate} {verdict}: mean length {length:.1f} vs 40.0 tokens"
+
+
 @pytest.mark.parametrize(
     ("length", "passed"), [(40.0, True), (60.0, True), (60.5, False), (90.0, False)]
 )
 def test_length_ratio_at_most_the_growth(length: float, passed: bool) -> None:
-    result = single(only(max_length_growth=1.5), lengths(length, 40.0))
-    assert result.passed is passed
-    assert result.value == pytest.approx(length / 40.0)
-    assert result.metric == "length / baseline/length"
+    check_length_gate("max_length_growth", 1.5, length, passed)
 
 
 def test_length_message() -> None:
@@ -387,13 +394,7 @@ def test_length_not_measured_fails() -> None:
     ("length", "passed"), [(40.0, True), (20.0, True), (19.5, False), (2.1, False)]
 )
 def test_length_ratio_at_least_the_shrink(length: float, passed: bool) -> None:
-    result = single(only(max_length_shrink=0.5), lengths(length, 40.0))
-    assert result.passed is passed
-    assert result.value == pytest.approx(length / 40.0)
-    assert result.message == (
-        f"max_length_shrink {'passed' if passed else 'failed'}: "
-        f"mean length {length:.1f} vs 40.0 tokens"
-    )
+    check_length_gate("max_length_shrink", 0.5, length, passed)
 
 
 def test_length_shrink_not_measured_fails() -> None:

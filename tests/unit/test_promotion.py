@@ -9,7 +9,6 @@ from fractions import Fraction
 
 import pytest
 
-from alignment.judge import Judgment
 from alignment.promotion import (
     SignTest,
     critical_wins,
@@ -20,21 +19,7 @@ from alignment.promotion import (
     prompts_needed,
     sign_test,
 )
-
-
-def judgment(
-    p_a: float | None,
-    status: str = "ok",
-    mode: str = "pairwise",
-    consistent: bool | None = True,
-    b: str | None = "b",
-) -> Judgment:
-    return Judgment(
-        judgment_id="j", prompt_id="p", response_a_id="a", response_b_id=b, principle_id="x",
-        constitution_id="c", judge_model="judge", mode=mode, p_a_first=p_a, p_a_second=p_a,
-        p_a=p_a, position_consistent=consistent, option_mass=0.9, status=status, rationale=None,
-    )  # fmt: skip
-
+from tests.unit.judgments import judgment
 
 # --- brute force ----------------------------------------------------------------------------
 

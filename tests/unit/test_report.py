@@ -16,17 +16,15 @@ from rich.console import Console
 
 from alignment.constitution import from_dict
 from alignment.judge import Judgment
-from flows.report import (
+from flows.report import pairs_page_path, print_status, write_report
+from flows.report_store import (
     MAX_PAIRS,
     eval_examples,
     incumbent_series,
     judge_audits,
     loop_history,
     loop_pairs,
-    pairs_page_path,
     pick_examples,
-    print_status,
-    write_report,
 )
 from storage import Store, StoreNotFound
 

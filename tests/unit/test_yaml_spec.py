@@ -103,46 +103,47 @@ def test_duplicate_keys_are_refused(tmp_path):
     )
 
 
-def test_syntax_error_points_at_its_line(tmp_path):
-    path = write(tmp_path, "a: 1\nb: [1, 2\nc: 3\n")
-    assert error_lines(tmp_path, path.read_text()) == [
-        f"{path}:3: YAML syntax error: expected ',' or ']', but got ':' "
-        "(while parsing a flow sequence, line 2)"
-    ]
-
-
-def test_bad_indentation(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "a: 1\nb: [1, 2\nc: 3\n",
+            "3: YAML syntax error: expected ',' or ']', but got ':' "
+            "(while parsing a flow sequence, line 2)",
+            id="syntax_error_points_at_its_line",
+        ),
+        pytest.param(
+            "a: 1\n  b: 2\n",
+            "2: YAML syntax error: mapping values are not allowed here",
+            id="bad_indentation",
+        ),
+        pytest.param(
+            "a: 1\n---\nb: 2\n",
+            "2: YAML syntax error: but found another document "
+            "(expected a single document in the stream, line 1)",
+            id="several_documents_are_refused",
+        ),
+        pytest.param(
+            'a: 1\nb: "\x01"\n',
+            "2: YAML syntax error: unacceptable character #x0001: "
+            "special characters are not allowed",
+            id="control_character_line",
+        ),
+        pytest.param(
+            "a: 1\nb: !foo 1\n",
+            "2: YAML error: could not determine a constructor for the tag '!foo'",
+            id="unknown_tag",
+        ),
+        pytest.param(
+            "a: &x [1, *x]\n",
+            "1: recursive alias: a node cannot contain itself",
+            id="recursive_alias",
+        ),
+    ],
+)
+def test_refused_yaml_says_where_and_why(tmp_path, text, expected):
     path = tmp_path / "spec.yaml"
-    assert error_lines(tmp_path, "a: 1\n  b: 2\n") == [
-        f"{path}:2: YAML syntax error: mapping values are not allowed here"
-    ]
-
-
-def test_several_documents_are_refused(tmp_path):
-    path = tmp_path / "spec.yaml"
-    assert error_lines(tmp_path, "a: 1\n---\nb: 2\n") == [
-        f"{path}:2: YAML syntax error: but found another document "
-        "(expected a single document in the stream, line 1)"
-    ]
-
-
-def test_control_character_line(tmp_path):
-    path = tmp_path / "spec.yaml"
-    lines = error_lines(tmp_path, 'a: 1\nb: "\x01"\n')
-    assert lines == [
-        f"{path}:2: YAML syntax error: unacceptable character #x0001: "
-        "special characters are not allowed"
-    ]
-
-
-def test_unknown_tag_and_recursive_alias(tmp_path):
-    path = tmp_path / "spec.yaml"
-    assert error_lines(tmp_path, "a: 1\nb: !foo 1\n") == [
-        f"{path}:2: YAML error: could not determine a constructor for the tag '!foo'"
-    ]
-    assert error_lines(tmp_path, "a: &x [1, *x]\n") == [
-        f"{path}:1: recursive alias: a node cannot contain itself"
-    ]
+    assert error_lines(tmp_path, text) == [f"{path}:{expected}"]
 
 
 def test_missing_file_and_not_utf8(tmp_path):
