@@ -3,6 +3,7 @@ load; the machine's description; a timer. `import common` first in a bench scrip
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -50,6 +51,16 @@ def machine() -> dict[str, Any]:
         "vllm": vllm.__version__,
         "python": platform.python_version(),
     }
+
+
+def bench_parser(doc: str | None, name: str, quick: str) -> argparse.ArgumentParser:
+    """The options of every model benchmark: --quick (what it does: ``quick``), --out
+    (bench/results/NAME.json) and --md (the markdown section, also written there)."""
+    parser = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / f"{name}.json"))
+    parser.add_argument("--md", default=None, help="also write the markdown section here")
+    return parser
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

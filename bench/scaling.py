@@ -24,7 +24,6 @@ Writes bench/results/scaling.json (``--out``) and, with ``--md``, a markdown sec
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import functools
 import io
@@ -37,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, timed, write_results  # noqa: F401  (first: the offline settings)
+from common import REPO, bench_parser, machine, timed, write_results  # noqa: F401  (first: the offline settings)
 
 from alignment.backends import VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
@@ -430,14 +429,11 @@ def profile_tables(profiler: cProfile.Profile) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (~3 minutes)")
+    parser = bench_parser(__doc__, "scaling", quick="smaller sizes (~3 minutes)")
     parser.add_argument("--no-critique", action="store_true", help="leave the critique out")
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the cProfile of the worst stage"
     )
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scaling.json"))
-    parser.add_argument("--md", default=None, help="also write the markdown section here")
     args = parser.parse_args()
     start = time.monotonic()
     critique = not args.no_critique

@@ -27,7 +27,6 @@ Writes bench/results/stages.json (``--out``) and, with ``--md``, a markdown sect
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -38,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, timed, write_results  # noqa: F401  (first: the offline settings)
+from common import REPO, bench_parser, machine, timed, write_results  # noqa: F401  (first: the offline settings)
 
 from alignment.backends import Chat, SamplingConfig, VLLMBackend  # noqa: E402
 from alignment.constitution import load_constitution  # noqa: E402
@@ -637,13 +636,10 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (~2 minutes)")
+    parser = bench_parser(__doc__, "stages", quick="smaller sizes (~2 minutes)")
     parser.add_argument(
         "--only", default="sampling,judging,orchestration", help="comma-separated parts"
     )
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "stages.json"))
-    parser.add_argument("--md", default=None, help="also write the markdown section here")
     args = parser.parse_args()
     parts = args.only.split(",")
     start = time.monotonic()

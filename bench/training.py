@@ -37,7 +37,6 @@ Writes bench/results/training.json (``--out``) and, with ``--md``, a markdown se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import REPO, machine, timed, write_results  # noqa: F401  (first: the offline settings)
+from common import REPO, bench_parser, machine, timed, write_results  # noqa: F401  (first: the offline settings)
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from alignment.judge_eval import load_preference_set  # noqa: E402
@@ -526,11 +525,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (~3 minutes)")
+    parser = bench_parser(__doc__, "training", quick="fewer steps (~3 minutes)")
     parser.add_argument("--models", default="tiny,smollm2", help="comma-separated models")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "training.json"))
-    parser.add_argument("--md", default=None, help="also write the markdown section here")
     args = parser.parse_args()
     start = time.monotonic()
     install_step_clock()
