@@ -106,7 +106,7 @@ def pair_row(i: int, n: int, principles: list[str]) -> dict[str, Any]:
 
 
 def member(run_id: str, table: str, row_id: str) -> dict[str, str]:
-    """One `run_rows` row, as flows.pipeline.run_stage records a run's expected rows."""
+    """One `run_rows` row, as flows.stages.run_stage records a run's expected rows."""
     return {"member_id": f"{run_id}/{table}/{row_id}", "table_name": table, "row_id": row_id}
 
 
