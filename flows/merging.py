@@ -66,7 +66,7 @@ def merge_and_register(
         "stage": "merge",
         "path": str(out),
         "base_model": refs[0].name,
-        "parent_model_id": refs[0].content_id or refs[0].name,
+        "parent_model_id": refs[0].content_id,  # as training: a model_id, or None
         "iteration": iteration,
         "metrics": {},
         "promoted": False,

@@ -249,8 +249,10 @@ def test_cli_merge_registers_once(cli_models: tuple[str, str, str]) -> None:
     assert len(rows) == 1
     row = rows[0]
     assert first.stdout == f"merge model {row['model_id']} registered\n"
-    assert row["stage"] == "merge" and row["parent_model_id"] == row["base_model"]
+    # Unregistered folders: no parent model_id; lineage follows base_model (as training).
+    assert row["stage"] == "merge" and row["parent_model_id"] is None
     config = json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+    assert row["base_model"] == config["parents"][0]
     assert config["method"] == "linear" and config["weights"] == [0.25, 0.75]
     assert config["parent"] is None and config["t"] is None and len(config["parents"]) == 2
     assert Path(row["path"]).name == f"merge-{row['model_id'][:12]}"
