@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,21 +34,30 @@ from alignment.promotion import ALPHA, EFFECT, POWER, SignTest
 ORDER_FREE_MODES = ("contrast", "likelihood")
 
 
+def _share(default: float | None, description: str) -> Any:
+    """A gate's bound on a share or a rate: between 0 and 1."""
+    return Field(default, ge=0.0, le=1.0, description=description)
+
+
+def _increase(default: float, rate: str, why: str = "") -> Any:
+    """A gate's bound on how far the candidate's ``rate`` may exceed the incumbent's."""
+    why = f" ({why})" if why else ""
+    return Field(
+        default, ge=0.0, description=f"{rate} may exceed the incumbent's by at most this{why}."
+    )
+
+
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_win_rate: float | None = Field(
+    min_win_rate: float | None = _share(
         0.5,
-        ge=0.0,
-        le=1.0,
-        description="The lower end of the judge win rate's interval (candidate vs incumbent, "
+        "The lower end of the judge win rate's interval (candidate vs incumbent, "
         "both orders, position-inconsistent comparisons as ties) must be above this.",
     )
-    min_lc_win_rate: float | None = Field(
+    min_lc_win_rate: float | None = _share(
         None,
-        ge=0.0,
-        le=1.0,
-        description="The lower end of the length-controlled win rate's bootstrap interval "
+        "The lower end of the length-controlled win rate's bootstrap interval "
         "must be above this (AlpacaEval-LC: the win rate at equal length).",
     )
     promotion_alpha: float | None = Field(
@@ -58,30 +68,20 @@ class GateConfig(BaseModel):
         "and position-inconsistent ones dropped) against the incumbent must give p < this: "
         "an incumbent-equal candidate is promoted at most this often.",
     )
-    min_judge_accuracy: float | None = Field(
+    min_judge_accuracy: float | None = _share(
         None,
-        ge=0.0,
-        le=1.0,
-        description="The judge gates (win rates, paired test) pass only if the judge's "
+        "The judge gates (win rates, paired test) pass only if the judge's "
         "accuracy on the gold audit set (metric judge/accuracy) is at least this: an "
         "untrusted judge's win rate is noise.",
     )
-    max_violation_increase: float | None = Field(
-        0.0,
-        ge=0.0,
-        description="Check-violation rate may exceed the incumbent's by at most this.",
+    max_violation_increase: float | None = _increase(0.0, "Check-violation rate")
+    max_degenerate_increase: float | None = _increase(
+        0.05, "Share of empty, too short or repetitive responses"
     )
-    max_degenerate_increase: float | None = Field(
-        0.05,
-        ge=0.0,
-        description="Share of empty, too short or repetitive responses may exceed the "
-        "incumbent's by at most this.",
-    )
-    max_no_stop_increase: float | None = Field(
+    max_no_stop_increase: float | None = _increase(
         0.25,
-        ge=0.0,
-        description="Share of responses cut off by the token budget may exceed the "
-        "incumbent's by at most this (a candidate that no longer stops is rambling or looping).",
+        "Share of responses cut off by the token budget",
+        why="a candidate that no longer stops is rambling or looping",
     )
     max_length_growth: float | None = Field(
         1.5, gt=0.0, description="Mean response length may grow to at most this × the incumbent's."
@@ -98,11 +98,9 @@ class GateConfig(BaseModel):
         description="KL(candidate ‖ incumbent) per eval response, exact over the vocabulary "
         "at the sampling temperature (nats), must be below this.",
     )
-    min_position_consistency: float | None = Field(
+    min_position_consistency: float | None = _share(
         0.5,
-        ge=0.0,
-        le=1.0,
-        description="The judge must agree with itself across both orders at least this often "
+        "The judge must agree with itself across both orders at least this often "
         "(a judge that does not is guessing, and its win rate means nothing). Not applicable "
         "to an order-free judge (contrast, likelihood).",
     )

@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 class StoreError(Exception):
-    """Base class of every error the store raises on purpose."""
+    """Base class of every error the store raises on purpose: what went wrong, then the fix
+    where there is one."""
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}. {fix}" if fix else problem)
 
 
 class UnknownTable(StoreError):
@@ -32,7 +36,8 @@ class StoreNotFound(StoreError):
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(
-            f"No rlaif database at {path}. Run `rlaif run` or `rlaif demo` first to create it."
+            f"No rlaif database at {path}",
+            fix="Run `rlaif run` or `rlaif demo` first to create it.",
         )
 
 
@@ -43,8 +48,9 @@ class StoreLocked(StoreError):
         self.path = path
         suffix = f" ({detail})" if detail else ""
         super().__init__(
-            f"{path} stayed locked for {waited_s:.0f}s{suffix}. Another process is writing to "
-            "the store or holds the database open; retry when it is done."
+            f"{path} stayed locked for {waited_s:.0f}s{suffix}",
+            fix="Another process is writing to the store or holds the database open; "
+            "retry when it is done.",
         )
 
 
@@ -57,7 +63,8 @@ class StoreBusy(StoreError):
         self.holder = holder
         super().__init__(
             f"a {purpose} is already running on the store {root} ({holder or 'holder unknown'}); "
-            "only one may run per store at a time. Wait for it to finish, or stop it."
+            "only one may run per store at a time",
+            fix="Wait for it to finish, or stop it.",
         )
 
 
@@ -83,8 +90,8 @@ class StoreFull(StoreError):
     def __init__(self, path: Path, what: str, outcome: str) -> None:
         self.path = path
         super().__init__(
-            f"no space left on device while writing {what} under {path}; {outcome}. "
-            "Free some space and run it again."
+            f"no space left on device while writing {what} under {path}; {outcome}",
+            fix="Free some space and run it again.",
         )
 
 

@@ -44,6 +44,7 @@ METRICS = [
     "val/loss",
     "val/explained_variance",
 ]
+SMOKE = {"num_batches": 2, "batch_size": 8, "mini_batch_size": 4}  # 2 batches of 2 minibatches
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +73,17 @@ def low_id_reward(tokenizer):
     return reward
 
 
-def test_ppo_raises_reward_with_kl_bounded(tiny, tmp_path):
+def train_tiny(tiny, **config) -> tuple[PPOTrainer, list[dict]]:
+    """PPO with ``config`` on the tiny policy, rewarded by low_id_reward: the trainer and the
+    metrics of each batch."""
     tokenizer, model = tiny
-    config = PPOConfig(
+    trainer = PPOTrainer(PPOConfig(**config), model, tokenizer, low_id_reward(tokenizer), PROMPTS)
+    return trainer, trainer.train()
+
+
+def test_ppo_raises_reward_with_kl_bounded(tiny, tmp_path):
+    trainer, history = train_tiny(
+        tiny,
         num_batches=25,
         batch_size=16,
         mini_batch_size=8,
@@ -85,8 +94,6 @@ def test_ppo_raises_reward_with_kl_bounded(tiny, tmp_path):
         target_kl=3.0,
         kl_horizon=200,
     )
-    trainer = PPOTrainer(config, model, tokenizer, low_id_reward(tokenizer), PROMPTS)
-    history = trainer.train()
 
     assert len(history) == 25
     assert all(set(METRICS) <= set(m) for m in history)
@@ -94,7 +101,8 @@ def test_ppo_raises_reward_with_kl_bounded(tiny, tmp_path):
     kl = [m["objective/kl"] for m in history]
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
     assert last > first + 0.2, reward
-    assert max(kl) < 2 * config.target_kl and sum(kl[-5:]) / 5 < 1.5 * config.target_kl, kl
+    target = trainer.config.target_kl
+    assert max(kl) < 2 * target and sum(kl[-5:]) / 5 < 1.5 * target, kl
     assert history[0]["policy/approxkl"] >= 0 and history[0]["objective/kl"] == pytest.approx(0)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,11 +118,11 @@ def test_ppo_raises_reward_with_kl_bounded(tiny, tmp_path):
 
 
 def test_ppo_with_lora_trains_and_saves_merged(tiny, tmp_path):
-    tokenizer, model = tiny
-    config = PPOConfig(
-        num_batches=2,
-        batch_size=8,
-        mini_batch_size=4,
+    _, model = tiny
+    base = {name: p.clone() for name, p in model.named_parameters()}
+    trainer, history = train_tiny(
+        tiny,
+        **SMOKE,
         ppo_epochs=2,
         max_new_tokens=6,
         learning_rate=1e-2,
@@ -124,9 +132,6 @@ def test_ppo_with_lora_trains_and_saves_merged(tiny, tmp_path):
         whiten_rewards=True,
         missing_eos_penalty=1.0,
     )
-    base = {name: p.clone() for name, p in model.named_parameters()}
-    trainer = PPOTrainer(config, model, tokenizer, low_id_reward(tokenizer), PROMPTS)
-    history = trainer.train()
     assert history[0]["objective/kl"] == pytest.approx(0)  # adapter starts as a no-op
     assert history[1]["objective/kl"] > 0  # k3 is never negative; the adapter moved
 
@@ -183,9 +188,7 @@ def test_reward_model_fn_normalises_with_stored_stats(tiny, tmp_path):
 
 PROMPT = "How do I boil an egg?"  # the tiny model's first answer tokens often repeat its words
 LOW_LR = PPOConfig(
-    num_batches=2,
-    batch_size=8,
-    mini_batch_size=4,
+    **SMOKE,
     ppo_epochs=1,
     max_new_tokens=8,
     learning_rate=1e-6,  # pure-bf16 Adam rounds steps this small away

@@ -192,23 +192,11 @@ def test_sql_json(store: str) -> None:
     query = "SELECT judgment_id, p_a, position_consistent, rationale FROM judgments ORDER BY 1"
     result = rlaif("sql", "--store", store, query, "--format", "json")
     assert (result.exit_code, result.stderr) == (0, "")
-    assert result.stdout == (
-        "[\n"
-        "  {\n"
-        '    "judgment_id": "j1",\n'
-        '    "p_a": 0.75,\n'
-        '    "position_consistent": true,\n'
-        '    "rationale": null\n'
-        "  },\n"
-        "  {\n"
-        '    "judgment_id": "j2",\n'
-        '    "p_a": 0.5,\n'
-        '    "position_consistent": false,\n'
-        '    "rationale": "a tie"\n'
-        "  }\n"
-        "]\n"
-    )
-    assert json.loads(result.stdout)[1]["rationale"] == "a tie"
+    rows = [
+        {"judgment_id": "j1", "p_a": 0.75, "position_consistent": True, "rationale": None},
+        {"judgment_id": "j2", "p_a": 0.5, "position_consistent": False, "rationale": "a tie"},
+    ]
+    assert result.stdout == json.dumps(rows, indent=2) + "\n"  # one key a line, NULL as null
 
 
 def test_sql_json_no_rows(store: str) -> None:
