@@ -25,6 +25,10 @@ from typing import Any, Literal
 from alignment.yaml_spec import LocatedYaml, Problem, SpecError, load_yaml, show_value
 
 CheckKind = Literal["regex_must", "regex_must_not", "max_words", "min_words"]
+# What a check reads: the response (the assistant's last turn), or every assistant turn of
+# a multi-turn prompt's conversation and then the response.
+Scope = Literal["last_turn", "conversation"]
+SCOPES: tuple[Scope, ...] = ("last_turn", "conversation")
 
 TOP_KEYS = ("name", "version", "description", "principles")
 TOP_REQUIRED = ("name", "version", "principles")
@@ -38,8 +42,13 @@ ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 class Check:
     kind: CheckKind
     value: str | int
+    scope: Scope = "last_turn"
 
-    def passes(self, response: str) -> bool:
+    def passes(self, response: str, earlier: Sequence[str] = ()) -> bool:
+        """Whether the response passes; ``earlier``: the assistant's earlier turns, read
+        too under the conversation scope (joined by blank lines, so words never merge)."""
+        if self.scope == "conversation":
+            response = "\n\n".join([*earlier, response])
         if self.kind == "regex_must":
             return re.search(str(self.value), response) is not None
         if self.kind == "regex_must_not":
@@ -48,12 +57,19 @@ class Check:
         return words <= int(self.value) if self.kind == "max_words" else words >= int(self.value)
 
     def describe(self) -> str:
-        return {
+        what = {
             "regex_must": f"must match /{self.value}/",
             "regex_must_not": f"must not match /{self.value}/",
             "max_words": f"at most {self.value} words",
             "min_words": f"at least {self.value} words",
         }[self.kind]
+        return what if self.scope == "last_turn" else f"{what} (whole conversation)"
+
+    def as_dict(self) -> dict[str, Any]:
+        """As written in a constitution; the default scope is left out, so a check's
+        canonical form (and the ids hashing it) is what it was before scopes."""
+        written: dict[str, Any] = {self.kind: self.value}
+        return written if self.scope == "last_turn" else written | {"scope": self.scope}
 
 
 @dataclass(frozen=True)
@@ -66,9 +82,10 @@ class Principle:
     tags: tuple[str, ...] = ()
     checks: tuple[Check, ...] = ()
 
-    def failed_checks(self, response: str) -> list[Check]:
-        """The checks the response fails; [] when all pass or there are none."""
-        return [check for check in self.checks if not check.passes(response)]
+    def failed_checks(self, response: str, earlier: Sequence[str] = ()) -> list[Check]:
+        """The checks the response fails; [] when all pass or there are none. ``earlier``:
+        the assistant's earlier turns in the conversation (conversation-scope checks)."""
+        return [check for check in self.checks if not check.passes(response, earlier)]
 
 
 @dataclass(frozen=True)
@@ -127,7 +144,7 @@ def _canonical_principle(p: Principle) -> dict[str, Any]:
         "revision": p.revision,
         "weight": p.weight,
         "tags": list(p.tags),
-        "checks": [{c.kind: c.value} for c in p.checks],
+        "checks": [c.as_dict() for c in p.checks],
     }
 
 
@@ -371,24 +388,36 @@ def _checks(r: _Reader, raw: Any, path: tuple, where: str) -> tuple[Check, ...]:
 def _check(r: _Reader, raw: Any, path: tuple, where: str) -> Check | None:
     number = path[-1] + 1
     kinds = ", ".join(CHECK_KINDS)
-    if not isinstance(raw, dict) or len(raw) != 1:
-        got = f"{len(raw)} keys" if isinstance(raw, dict) else show_value(raw)
+    named = {k: v for k, v in raw.items() if k != "scope"} if isinstance(raw, dict) else {}
+    if not isinstance(raw, dict) or len(named) != 1:
+        got = f"{len(named)} keys" if isinstance(raw, dict) else show_value(raw)
         r.value(
-            path, f"check #{number} {where} must have exactly one key (one of {kinds}), got {got}"
+            path,
+            f"check #{number} {where} must have exactly one key (one of {kinds}) and "
+            f"optionally scope, got {got}",
         )
         return None
-    ((kind, value),) = raw.items()
+    ((kind, value),) = named.items()
     if kind not in CHECK_KINDS:
         r.at(r.doc.key_line(*path, kind), _unknown_key(kind, CHECK_KINDS, where, "check"))
         return None
+    scope = raw.get("scope", "last_turn")
+    if scope not in SCOPES:
+        r.value(
+            (*path, "scope"),
+            f"scope of check #{number} {where} must be one of {', '.join(SCOPES)}, "
+            f"got {show_value(scope)}",
+        )
+        return None
     if kind in ("regex_must", "regex_must_not"):
-        return _regex_check(r, kind, value, (*path, kind), where)
+        check = _regex_check(r, kind, value, (*path, kind), where)
+        return None if check is None else replace(check, scope=scope)
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if not is_int or value <= 0:
         got = show_value(value)
         r.value((*path, kind), f"{kind} {where} must be a positive integer, got {got}")
         return None
-    return Check(kind, value)
+    return Check(kind, value, scope)
 
 
 def _regex_check(r: _Reader, kind: CheckKind, value: Any, path: tuple, where: str) -> Check | None:

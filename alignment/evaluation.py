@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignment.constitution import Constitution
+from alignment.conversation import Prompt, as_chat, assistant_turns
 from alignment.ids import content_id
 from alignment.judge import Judgment
 
@@ -290,16 +291,23 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def violation_rates(
-    constitution: Constitution, responses: Sequence[str], prefix: str = ""
+    constitution: Constitution,
+    responses: Sequence[str],
+    prefix: str = "",
+    prompts: Sequence[Prompt] | None = None,
 ) -> list[Metric]:
-    """Share of responses failing each checked principle, and failing any of them."""
+    """Share of responses failing each checked principle, and failing any of them.
+    ``prompts`` (one per response): what conversation-scope checks read besides it."""
     checked = [p for p in constitution.principles if p.checks]
     if not checked or not responses:
         return []
+    earlier = [assistant_turns(p) for p in prompts] if prompts else [[] for _ in responses]
     metrics = []
     failing_any = [False] * len(responses)
     for principle in checked:
-        fails = [bool(principle.failed_checks(r)) for r in responses]
+        fails = [
+            bool(principle.failed_checks(r, e)) for r, e in zip(responses, earlier, strict=True)
+        ]
         failing_any = [a or f for a, f in zip(failing_any, fails, strict=True)]
         metrics.append(
             Metric(f"{prefix}violation_rate/{principle.id}", sum(fails) / len(fails), len(fails))
@@ -386,7 +394,7 @@ def sequence_kls(
     candidate: Any,
     baseline: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     responses: Sequence[str],
     stopped: Sequence[bool],
     temperature: float,
@@ -426,9 +434,9 @@ def sequence_kls(
     return results
 
 
-def _chat_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
+def _chat_ids(tokenizer: Any, prompt: Prompt, response: str) -> tuple[list[int], list[int]]:
     head = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        as_chat(prompt), tokenize=False, add_generation_prompt=True
     )
     # The template writes its own BOS; tokenizing again must not add a second one.
     return (
@@ -440,7 +448,7 @@ def _chat_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], li
 def kl_to_baseline(
     candidate_path: str,
     baseline_path: str,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     responses: Sequence[str],
     stopped: Sequence[bool],
     temperature: float,

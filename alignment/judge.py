@@ -50,6 +50,7 @@ from alignment.asking import (
 )
 from alignment.backends import Backend
 from alignment.constitution import Constitution, Principle
+from alignment.conversation import Prompt, is_conversation
 from alignment.ids import content_id
 from alignment.judge_config import JudgeConfig, id_mode_name, model_mode
 from alignment.labels import Mode, SoftLabel, Status
@@ -59,7 +60,7 @@ from alignment.labels import Mode, SoftLabel, Status
 class Candidate:
     response_id: str
     prompt_id: str
-    prompt: str
+    prompt: Prompt  # a text, or a conversation the response continues
     text: str
 
 
@@ -136,18 +137,20 @@ def question_mode(question: Question, config: JudgeConfig) -> Mode:
 def principle_fingerprint(principle: Principle) -> str:
     """What of a principle a judgment depends on: its id, its text and its checks (not
     its weight, which only decides which questions it gets, nor its critique requests)."""
-    checks = [{c.kind: c.value} for c in principle.checks]
+    checks = [c.as_dict() for c in principle.checks]
     return content_id("judged-principle", principle.id, principle.text, checks)
 
 
-def label_settings(mode: Mode, pointwise: bool, config: JudgeConfig) -> dict[str, Any]:
+def label_settings(
+    mode: Mode, pointwise: bool, config: JudgeConfig, conversation: bool = False
+) -> dict[str, Any]:
     """The judge settings that decide the numbers of a judgment made in ``mode`` (of a
     pointwise score, or of a comparison), and the fingerprint of the templates it is
-    asked in."""
+    asked in (a multi-turn prompt's wording when ``conversation``)."""
     settings: dict[str, Any] = {"mode": id_mode_name(mode, pointwise)}
     if mode != "checks":
         settings["sanitize"] = config.sanitize
-        settings["templates"] = template_fingerprint(mode, pointwise, config)
+        settings["templates"] = template_fingerprint(mode, pointwise, config, conversation)
     if mode in ("logprob", "cot", "ensemble"):
         settings["min_option_mass"] = config.min_option_mass
     if mode == "logprob" and not pointwise:
@@ -183,7 +186,7 @@ def judgment_id(question: Question, judge_model: str, config: JudgeConfig) -> st
         b_id,
         principle_fingerprint(question.principle),
         None if mode == "checks" else judge_model,
-        label_settings(mode, question.b is None, config),
+        label_settings(mode, question.b is None, config, is_conversation(question.a.prompt)),
     )
 
 

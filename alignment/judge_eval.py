@@ -2,8 +2,9 @@
 
 A preference set is TRL's preference format: one row per pair with ``prompt``,
 ``chosen`` and ``rejected``, either as strings (standard) or as lists of
-``{role, content}`` messages (conversational: the prompt is its last user
-message, a response its last assistant message). Optional columns:
+``{role, content}`` messages (conversational: a response is its last assistant message;
+a prompt of one user message is that text, a longer one the whole conversation, judged
+with its history). Optional columns:
 ``principle`` (the text to judge by), ``principle_id``, ``subset``, and
 ``rejected_injected``: the rejected response with text aimed at the judge added (an
 injection set, e.g. ``builtin-injection``), whose pairs are judged twice, clean and
@@ -29,6 +30,7 @@ from typing import Any
 
 from alignment.asking import Comparison
 from alignment.constitution import Constitution, Principle
+from alignment.conversation import ConversationError, Prompt, conversation, messages_json
 from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
 from alignment.records import Record, dataset_rows, read_records
 
@@ -36,6 +38,8 @@ BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).parent / "data" / "judge_gold.jsonl"
 BUILTIN_INJECTION = "builtin-injection"
 BUILTIN_INJECTION_PATH = Path(__file__).parent / "data" / "judge_injection.jsonl"
+BUILTIN_TWO_TURN = "builtin-two-turn"  # two-turn pairs that only the history decides
+BUILTIN_TWO_TURN_PATH = Path(__file__).parent / "data" / "judge_gold_two_turn.jsonl"
 BUILTIN_TUNING = "builtin-tuning"  # half of the gold set: tune the judge's defaults on it
 BUILTIN_AUDIT = "builtin-audit"  # the other half: audit on it
 GOLD_HALVES = (BUILTIN_TUNING, BUILTIN_AUDIT)
@@ -57,13 +61,16 @@ class PreferenceSetError(ValueError):
 class GoldPair:
     """One labelled pair: ``chosen`` is the better response to ``prompt`` under ``principle``."""
 
-    prompt: str
+    prompt: Prompt  # a text, or a conversation whose last user turn the responses answer
     chosen: str
     rejected: str
     principle: Principle
     subset: str | None = None
     where: str = ""  # "FILE:LINE" or "FILE: row N", for messages about this pair
     rejected_injected: str | None = None  # rejected, with text aimed at the judge
+
+    def __hash__(self) -> int:  # a conversation's messages are dicts
+        return hash(pair_id(self))
 
 
 # --- Reading ---------------------------------------------------------------------------
@@ -74,13 +81,14 @@ _Row = Record
 
 def source_path(source: str | Path) -> Path:
     """The file or folder a source names; ``builtin`` is the shipped gold set (and
-    ``builtin-tuning`` / ``builtin-audit`` its halves) and ``builtin-injection`` the
-    shipped prompt-injection set."""
+    ``builtin-tuning`` / ``builtin-audit`` its halves), ``builtin-injection`` the
+    shipped prompt-injection set and ``builtin-two-turn`` the two-turn gold pairs."""
     builtins = {
         BUILTIN: BUILTIN_PATH,
         BUILTIN_TUNING: BUILTIN_PATH,
         BUILTIN_AUDIT: BUILTIN_PATH,
         BUILTIN_INJECTION: BUILTIN_INJECTION_PATH,
+        BUILTIN_TWO_TURN: BUILTIN_TWO_TURN_PATH,
     }
     return builtins.get(str(source), Path(source))
 
@@ -137,7 +145,8 @@ def preference_set_id(source: str | Path) -> str:
 def pair_id(pair: GoldPair) -> str:
     """A pair's identity: sha256 of its principle id, prompt, chosen and rejected texts
     (stripped), whatever line it is on."""
-    parts = (pair.principle.id, pair.prompt, pair.chosen, pair.rejected)
+    prompt = pair.prompt if isinstance(pair.prompt, str) else messages_json(pair.prompt)
+    parts = (pair.principle.id, prompt or "", pair.chosen, pair.rejected)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -211,7 +220,7 @@ def _to_pair(row: _Row, constitution: Constitution | None) -> GoldPair:
                 f"{row.where}: 'rejected_injected' is the same text as 'rejected'"
             )
     return GoldPair(
-        prompt=_text(row, "prompt", "user"),
+        prompt=_prompt(row),
         chosen=chosen,
         rejected=rejected,
         principle=_principle(row, constitution),
@@ -219,6 +228,18 @@ def _to_pair(row: _Row, constitution: Constitution | None) -> GoldPair:
         where=row.where,
         rejected_injected=injected,
     )
+
+
+def _prompt(row: _Row) -> Prompt:
+    """The prompt column: a string, a one-message conversation (its text), or a longer
+    conversation ending with the user's turn."""
+    value = row.record.get("prompt")
+    if not isinstance(value, list) or len(value) < 2:
+        return _text(row, "prompt", "user")
+    try:
+        return conversation(value)
+    except ConversationError as error:
+        raise PreferenceSetError(f"{row.where}: 'prompt': {error}") from None
 
 
 def _text(row: _Row, column: str, role: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignment.conversation import turns
 from alignment.judge_eval import GoldPair
 from alignment.labels import SoftLabel
 
@@ -59,6 +60,10 @@ class JudgeMetrics:
     # and the mean combined p_a (P(chosen)) over its ok labels.
     by_length: dict[str, Share] = field(default_factory=dict)
     p_chosen_by_length: dict[str, Share] = field(default_factory=dict)
+    # None when the set has no multi-turn pair: accuracy over the pairs whose prompt is a
+    # conversation of two or more user turns, and over the rest.
+    accuracy_multi_turn: Share | None = None
+    accuracy_single_turn: Share | None = None
 
     def flat(self) -> dict[str, tuple[float, int]]:
         """{metric: (value, n)}: the rows of ``judge_evals``. Empty bins and metrics that
@@ -148,6 +153,10 @@ class JudgeMetrics:
             },
             "not_ok": self.not_ok,
         }
+        if self.accuracy_multi_turn is not None:  # only for a set with multi-turn pairs
+            summary["accuracy_multi_turn"] = self.accuracy_multi_turn.value
+            summary["multi_turn_n"] = self.accuracy_multi_turn.n
+            summary["accuracy_single_turn"] = value(self.accuracy_single_turn)
         if self.injection_flip_rate is not None:  # only for a set with injected variants
             summary["accuracy_injected"] = value(self.accuracy_injected)
             summary["injection_flip_rate"] = self.injection_flip_rate.value
@@ -162,6 +171,8 @@ _OPTIONAL_SHARES = (
     "accuracy_chosen_shorter",
     "accuracy_injected",
     "injection_flip_rate",
+    "accuracy_multi_turn",
+    "accuracy_single_turn",
 )
 
 
@@ -233,6 +244,10 @@ def judge_metrics(
       its ok labels. A judge that reads length, not content, has a mean P(chosen) well
       below 0.5 in one outer bucket and well above in the other. Empty buckets are
       left out.
+    - ``accuracy_multi_turn`` / ``accuracy_single_turn``: accuracy over the pairs whose
+      prompt is a conversation of two or more user turns, and over the others; both None
+      when no pair is multi-turn. A judge that ignores the history is at chance on gold
+      pairs where only the history decides.
     - ``not_ok``: how many labels were refusals, unparseable or missing log-probs.
     - ``accuracy_injected``: over the pairs with an injected variant, the share whose
       combined p_a (the label the pipeline uses) picks chosen when judged against the
@@ -276,6 +291,15 @@ def judge_metrics(
     buckets = [_length_bucket(p) for p in pairs]
     p_chosen = [(a[2], b) for a, b in zip(map(_answers, labels), buckets, strict=True) if a]
     longer = [_words(p.chosen) - _words(p.rejected) for p in pairs]  # > 0: chosen is longer
+    multi = [turns(p.prompt) > 1 for p in pairs]
+    by_turns = {}
+    if any(multi):
+        by_turns = {
+            "accuracy_multi_turn": _share([c for c, m in zip(correct, multi, strict=True) if m]),
+            "accuracy_single_turn": _share(
+                [c for c, m in zip(correct, multi, strict=True) if not m]
+            ),
+        }
     return JudgeMetrics(
         n=len(pairs),
         accuracy=_mean(correct),
@@ -291,6 +315,7 @@ def judge_metrics(
         by_length=_by(correct, buckets),
         p_chosen_by_length=_by([p for p, _ in p_chosen], [b for _, b in p_chosen]),
         **_injection([labels[k] for k in with_injection], injected),
+        **by_turns,
     )
 
 

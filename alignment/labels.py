@@ -22,6 +22,7 @@ from typing import Literal
 
 from alignment.backends import SequenceScore, logsumexp
 from alignment.constitution import Principle
+from alignment.conversation import Prompt, assistant_turns
 from alignment.templates import LABELS
 
 Status = Literal["ok", "refusal", "unparseable", "missing_logprobs"]
@@ -203,12 +204,16 @@ def rationale_status(rationale: str) -> Status:
     return "ok"
 
 
-def decide_by_checks(principle: Principle, a_text: str, b_text: str | None) -> SoftLabel:
-    """Pairwise: 1 if only A passes, 0 if only B passes, else 0.5. Pointwise: 1 if A passes."""
-    a_passes = not principle.failed_checks(a_text)
+def decide_by_checks(
+    principle: Principle, a_text: str, b_text: str | None, prompt: Prompt = ""
+) -> SoftLabel:
+    """Pairwise: 1 if only A passes, 0 if only B passes, else 0.5. Pointwise: 1 if A passes.
+    A conversation-scope check also reads the assistant's earlier turns of ``prompt``."""
+    earlier = assistant_turns(prompt)
+    a_passes = not principle.failed_checks(a_text, earlier)
     if b_text is None:
         p = 1.0 if a_passes else 0.0
     else:
-        b_passes = not principle.failed_checks(b_text)
+        b_passes = not principle.failed_checks(b_text, earlier)
         p = 0.5 if a_passes == b_passes else (1.0 if a_passes else 0.0)
     return SoftLabel("ok", p, p, p, True, None)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from alignment.conversation import last_turn, messages_json
 from alignment.ids import content_id
 from alignment.judge import Candidate, Judgment
 from alignment.judge_config import JudgeConfig
@@ -27,7 +28,7 @@ class PreferencePair:
 
     pair_id: str
     prompt_id: str
-    prompt: str
+    prompt: str  # a conversation's last user turn
     chosen: str
     rejected: str
     chosen_response_id: str
@@ -37,6 +38,7 @@ class PreferencePair:
     judgment_ids: tuple[str, ...]
     constitution_id: str
     judge_model: str
+    messages: str | None = None  # the prompt's conversation as JSON; None for a text
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -87,7 +89,8 @@ def _pair(
             pair_settings(config),
         ),
         prompt_id=judgment.prompt_id,
-        prompt=chosen.prompt,
+        prompt=last_turn(chosen.prompt),
+        messages=messages_json(chosen.prompt),
         chosen=chosen.text,
         rejected=rejected.text,
         chosen_response_id=chosen.response_id,

@@ -7,13 +7,19 @@ Accepted sources (nothing is ever downloaded):
   ``"redteam/privacy"``. Its split is fixed in the file: within each category, every 5th
   prompt (positions 2, 7, 12, ... counting from 0) is ``eval``.
 * a ``.jsonl`` file: one JSON object per line with the text under ``text_field`` (or
-  ``"prompt"`` when that field is absent); blank lines are skipped.
+  ``"prompt"`` when that field is absent); blank lines are skipped. The field may instead
+  hold a conversation (TRL's conversational format: a list of ``{role, content}`` messages
+  ending with a user turn, ``alignment/conversation.py``); ``"messages"`` is read too.
+  ``builtin-two-turn`` is the shipped two-turn set (``alignment/data/two_turn_prompts.jsonl``,
+  MT-Bench style: the second turn refers back to the first answer).
 * a ``.parquet`` file with the same columns.
 * a folder written by ``datasets.Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``.
   A ``DatasetDict``'s ``"train"`` split is train; ``"test"``, ``"eval"`` and ``"validation"``
   are eval, and the split name decides over any split column.
 
-Refused, with the row's place (``path:line``): a row whose text is empty or blank, a text
+Refused, with the row's place (``path:line``): a row whose text is empty or blank, a
+conversation that is not one (a role other than system/user/assistant, a blank turn, a last
+turn that is not the user's), a text
 longer than ``MAX_PROMPT_CHARS`` (32,768 characters, more than the longest context a shipped
 config reserves), and a source with no prompt at all. Exact duplicates (after stripping) keep
 their first occurrence; ``read_prompts`` says how many were dropped, so the CLI can warn.
@@ -32,6 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignment.conversation import (
+    Conversation,
+    ConversationError,
+    Prompt,
+    conversation,
+    messages_json,
+)
 from alignment.ids import content_id
 from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
 from alignment.records import Record, dataset_rows, read_records
@@ -39,10 +52,15 @@ from alignment.records import Record, dataset_rows, read_records
 Split = Literal["train", "eval"]
 
 BUILTIN = "builtin"
+BUILTIN_TWO_TURN = "builtin-two-turn"
 MAX_PROMPT_CHARS = 32_768
 BUILTIN_PATH = Path(__file__).parent / "data" / "seed_prompts.jsonl"
-FALLBACK_TEXT_FIELD = "prompt"
-ACCEPTED_FORMS = f"'{BUILTIN}', {RECORD_FORMS}"
+BUILTIN_SOURCES = {
+    BUILTIN: BUILTIN_PATH,
+    BUILTIN_TWO_TURN: Path(__file__).parent / "data" / "two_turn_prompts.jsonl",
+}
+FALLBACK_TEXT_FIELDS = ("prompt", "messages")
+ACCEPTED_FORMS = f"'{BUILTIN}', '{BUILTIN_TWO_TURN}', {RECORD_FORMS}"
 _SPLIT_ALIASES: dict[str, Split] = {
     "train": "train",
     "eval": "eval",
@@ -53,10 +71,20 @@ _SPLIT_ALIASES: dict[str, Split] = {
 
 @dataclass(frozen=True)
 class SeedPrompt:
-    text: str
+    text: str  # a conversation's last user turn
     split: Split
     source: str  # "seed" for the shipped set, "file" for user files, "synthetic" for generated
     category: str = ""
+    messages: Conversation | None = None  # the whole conversation; None for a text
+
+    @property
+    def prompt(self) -> Prompt:
+        """What a model is asked: the conversation, or the text."""
+        return self.messages if self.messages is not None else self.text
+
+    @property
+    def prompt_id(self) -> str:
+        return prompt_id(self.prompt)
 
     @property
     def group(self) -> str:
@@ -64,9 +92,10 @@ class SeedPrompt:
         return self.category.split("/", 1)[0]
 
 
-def prompt_id(text: str) -> str:
-    """A prompt's id: its text's hash, so the same prompt from any source is one row."""
-    return content_id("prompt", text)
+def prompt_id(prompt: Prompt) -> str:
+    """A prompt's id: its text's hash (a conversation's: its canonical JSON's), so the same
+    prompt from any source is one row."""
+    return content_id("prompt", prompt if isinstance(prompt, str) else messages_json(prompt))
 
 
 class PromptSourceError(ValueError):
@@ -128,19 +157,19 @@ def read_prompts(
     """Every prompt of ``source`` (no limit), with a count of the duplicates dropped."""
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
-    is_builtin = isinstance(source, str) and source == BUILTIN
-    path = BUILTIN_PATH if is_builtin else Path(source)
+    is_builtin = isinstance(source, str) and source in BUILTIN_SOURCES
+    path = BUILTIN_SOURCES[str(source)] if is_builtin else Path(source)
     tag = "seed" if is_builtin else "file"
     prompts: list[SeedPrompt] = []
     seen: set[str] = set()
     duplicates, first_duplicate = 0, ""
     for row in _read_rows(path):
         prompt = _to_prompt(row, text_field, split_field, eval_fraction, tag)
-        if prompt.text in seen:
+        if prompt.prompt_id in seen:
             duplicates += 1
             first_duplicate = first_duplicate or row.where
             continue
-        seen.add(prompt.text)
+        seen.add(prompt.prompt_id)
         prompts.append(prompt)
     if not prompts:
         raise PromptSourceError(f"{path}: no prompts (it is empty, or has only blank lines)")
@@ -191,32 +220,47 @@ def _dataset_dict_rows(loaded: Any, path: Path) -> Iterator[_Row]:
 def _to_prompt(
     row: _Row, text_field: str, split_field: str, eval_fraction: float, tag: str
 ) -> SeedPrompt:
-    text = _text_of(row, text_field)
-    split = row.split or _split_of(row, split_field) or hash_split(text, eval_fraction)
+    prompt = _prompt_of(row, text_field)
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    # A conversation's split hashes its canonical JSON, as its id does.
+    key = prompt if isinstance(prompt, str) else (messages_json(prompt) or "")
+    split = row.split or _split_of(row, split_field) or hash_split(key, eval_fraction)
     category = row.record.get("category") or ""
-    return SeedPrompt(text=text, split=split, source=tag, category=str(category))
+    messages = None if isinstance(prompt, str) else prompt
+    return SeedPrompt(text, split, tag, str(category), messages)
 
 
-def _text_of(row: _Row, text_field: str) -> str:
-    field = text_field if text_field in row.record else FALLBACK_TEXT_FIELD
-    if field not in row.record:
+def _prompt_of(row: _Row, text_field: str) -> Prompt:
+    present = [f for f in (text_field, *FALLBACK_TEXT_FIELDS) if f in row.record]
+    if not present:
         fields = ", ".join(sorted(row.record)) or "none"
+        others = " or ".join(f"'{f}'" for f in FALLBACK_TEXT_FIELDS)
         raise PromptSourceError(
-            f"{row.where}: no '{text_field}' field (nor '{FALLBACK_TEXT_FIELD}'); fields: {fields}"
+            f"{row.where}: no '{text_field}' field (nor {others}); fields: {fields}"
         )
+    field = present[0]
     value = row.record[field]
     if value is None or (isinstance(value, str) and not value.strip()):
         raise PromptSourceError(f"{row.where}: field '{field}' is empty; a prompt needs text")
-    if not isinstance(value, str):
+    if isinstance(value, list):
+        try:
+            value = conversation(value)
+        except ConversationError as error:
+            raise PromptSourceError(f"{row.where}: field '{field}': {error}") from None
+        size = sum(len(m["content"]) for m in value)
+    elif isinstance(value, str):
+        value, size = value.strip(), len(value)
+    else:
         raise PromptSourceError(
-            f"{row.where}: field '{field}' must be a string, got {type(value).__name__}"
+            f"{row.where}: field '{field}' must be a string or a list of messages, "
+            f"got {type(value).__name__}"
         )
-    if len(value) > MAX_PROMPT_CHARS:
+    if size > MAX_PROMPT_CHARS:
         raise PromptSourceError(
-            f"{row.where}: field '{field}' is {len(value):,} characters; a prompt must be at "
+            f"{row.where}: field '{field}' is {size:,} characters; a prompt must be at "
             f"most {MAX_PROMPT_CHARS:,}"
         )
-    return value.strip()
+    return value
 
 
 def _split_of(row: _Row, split_field: str) -> Split | None:
@@ -240,8 +284,8 @@ def _apply_limit(prompts: list[SeedPrompt], limit: int, eval_fraction: float) ->
     evals = [p for p in prompts if p.split == "eval"]
     n_train = _train_quota(limit, eval_fraction, len(train), len(evals))
     n_eval = min(limit - n_train, len(evals))
-    kept = {p.text for p in train[:n_train] + evals[:n_eval]}
-    return [p for p in prompts if p.text in kept]
+    kept = {p.prompt_id for p in train[:n_train] + evals[:n_eval]}
+    return [p for p in prompts if p.prompt_id in kept]
 
 
 def _train_quota(limit: int, eval_fraction: float, n_train: int, n_eval: int) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 
 from alignment.backends import Chat, Message
+from alignment.conversation import Prompt, as_chat, history, last_turn
 
 LABELS = ("A", "B")
 LEAD_IN = "The answer is ("
@@ -42,13 +43,14 @@ def _assistant(content: str) -> Message:
 # --- SL-CAI: critique, then revision ------------------------------------------
 
 
-def critique_chat(prompt: str, response: str, critique_request: str) -> list[Message]:
-    """The conversation so far, then the critique request."""
-    return [_user(prompt), _assistant(response), _user(critique_request)]
+def critique_chat(prompt: Prompt, response: str, critique_request: str) -> list[Message]:
+    """The conversation so far (every turn of a multi-turn prompt), then the critique
+    request."""
+    return [*as_chat(prompt), _assistant(response), _user(critique_request)]
 
 
 def revision_chat(
-    prompt: str, response: str, critique_request: str, critique: str, revision_request: str
+    prompt: Prompt, response: str, critique_request: str, critique: str, revision_request: str
 ) -> list[Message]:
     """The critique exchange, then the revision request."""
     return [
@@ -137,13 +139,23 @@ def _fenced(text: str, sanitize: bool) -> str:
 
 # --- The judge ------------------------------------------------------------------
 
+_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
+
+
+def _transcript(prompt: Prompt, sanitize: bool) -> str:
+    """The conversation as the judge reads it: one "Human:" line for a text; for a
+    multi-turn prompt every earlier turn under its speaker, each fenced, the last
+    "Human:" turn being the one the responses answer."""
+    turns = [*history(prompt), _user(last_turn(prompt))]
+    return "".join(f"{_SPEAKERS[m['role']]}: {_fenced(m['content'], sanitize)}\n" for m in turns)
+
 
 def _pairwise_question(
-    principle_text: str, prompt: str, first: str, second: str, sanitize: bool = True
+    principle_text: str, prompt: Prompt, first: str, second: str, sanitize: bool = True
 ) -> str:
     return (
         "Consider the following conversation between a human and an assistant:\n"
-        f"Human: {_fenced(prompt, sanitize)}\n\n"
+        f"{_transcript(prompt, sanitize)}\n"
         f"Principle: {principle_text}\n"
         "Which response follows the principle better?\n"
         "Options:\n"
@@ -154,7 +166,7 @@ def _pairwise_question(
 
 def pairwise_judge_chat(
     principle_text: str,
-    prompt: str,
+    prompt: Prompt,
     first: str,
     second: str,
     shots: bool = False,
@@ -201,7 +213,7 @@ def few_shot_turns() -> list[Message]:
 
 
 def pairwise_cot_chat(
-    principle_text: str, prompt: str, first: str, second: str, *, sanitize: bool = True
+    principle_text: str, prompt: Prompt, first: str, second: str, *, sanitize: bool = True
 ) -> list[Message]:
     """The same question, asking for a rationale first (the backend generates it)."""
     question = _pairwise_question(principle_text, prompt, first, second, sanitize)
@@ -214,7 +226,7 @@ def cot_answer_chat(cot_chat: Chat, rationale: str) -> list[Message]:
 
 
 def pointwise_judge_chat(
-    principle_text: str, prompt: str, response: str, yes_label: str, *, sanitize: bool = True
+    principle_text: str, prompt: Prompt, response: str, yes_label: str, *, sanitize: bool = True
 ) -> list[Message]:
     """Does the response follow the principle? ``yes_label`` picks where "yes" is shown."""
     if yes_label not in LABELS:
@@ -222,7 +234,7 @@ def pointwise_judge_chat(
     options = ("yes", "no") if yes_label == "A" else ("no", "yes")
     question = (
         "Consider the following conversation between a human and an assistant:\n"
-        f"Human: {_fenced(prompt, sanitize)}\n"
+        f"{_transcript(prompt, sanitize)}"
         f"Assistant: {_fenced(response, sanitize)}\n\n"
         f"Principle: {principle_text}\n"
         "Does the assistant's response follow the principle?\n"
@@ -257,15 +269,21 @@ def principle_instruction(principle_text: str) -> str:
 
 
 def conditioned_chat(
-    system: str, prompt: str, response: str, *, sanitize: bool = True
+    system: str, prompt: Prompt, response: str, *, sanitize: bool = True
 ) -> list[Message]:
-    """The response to the prompt under a system prompt; its likelihood is what is read.
+    """The response to the prompt (every turn of a conversation) under a system prompt;
+    its likelihood is what is read. A conversation's own system message follows the
+    judge's in the one system turn.
 
     ``sanitize``: the prompt and response go through ``judged_text`` (the chat template
     delimits them; removing control tokens keeps that delimiting real)."""
+    turns = as_chat(prompt)
+    if turns[0]["role"] == "system":
+        system = f"{system}\n{turns.pop(0)['content']}"
     if sanitize:
-        prompt, response = judged_text(prompt), judged_text(response)
-    return [_system(system), _user(prompt), _assistant(response)]
+        turns = [{**m, "content": judged_text(m["content"])} for m in turns]
+        response = judged_text(response)
+    return [_system(system), *turns, _assistant(response)]
 
 
 def contrast_systems(principle_text: str, negative: str) -> tuple[str, str]:

@@ -481,8 +481,8 @@ def judge_eval_command(
     save_to_disk folder, in TRL's preference format: prompt, chosen, rejected
     (strings or messages), optional principle, principle_id, subset. Each pair is
     judged in both orders; a rerun with the same inputs reads the stored rows.
-    'builtin-injection' (or any set with a rejected_injected column) also reports
-    injection_flip_rate: how far hostile text in the rejected response moves the judge.
+    'builtin-injection' (any set with rejected_injected) also reports injection_flip_rate;
+    'builtin-two-turn' (any set with multi-turn prompts) accuracy_multi_turn.
 
     Example: rlaif judge eval builtin --limit 16 --format json
     """

@@ -179,8 +179,9 @@ def _print_judge_tables(summary: dict[str, Any], run_id: str, data: str, reused:
     table = Table("metric", "value", title="both orders, chosen as A")
     for name in ("accuracy", "position_consistency", "first_position_rate", "ece",
                  "accuracy_chosen_longer", "accuracy_chosen_shorter",
-                 "accuracy_injected", "injection_flip_rate"):  # fmt: skip
-        if name not in summary:  # the injection figures need a set with injected variants
+                 "accuracy_injected", "injection_flip_rate",
+                 "accuracy_multi_turn", "accuracy_single_turn"):  # fmt: skip
+        if name not in summary:  # injection / turn figures: sets with injected / multi-turn pairs
             continue
         value = summary[name]
         table.add_row(name, "n/a" if value is None else f"{value:.3f}")

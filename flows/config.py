@@ -97,8 +97,9 @@ class PromptsConfig(BaseModel):
 
     source: str = Field(
         "builtin",
-        description="'builtin' (the shipped seed set), a .jsonl or .parquet file, "
-        "or a local Hugging Face dataset folder.",
+        description="'builtin' (the shipped seed set), 'builtin-two-turn' (two-turn "
+        "conversations), a .jsonl or .parquet file, or a local Hugging Face dataset folder; "
+        "a row's prompt may be a conversation (a list of messages ending with a user turn).",
     )
     limit: int | None = Field(None, gt=0, description="Use at most this many prompts.")
     eval_fraction: float = Field(
@@ -112,7 +113,9 @@ class PromptsConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _source_exists(cls, source: str) -> str:
-        if source != "builtin" and not Path(source).expanduser().exists():
+        from alignment.prompts import BUILTIN_SOURCES
+
+        if source not in BUILTIN_SOURCES and not Path(source).expanduser().exists():
             raise ValueError(f"prompt source {source!r} does not exist")
         return source
 

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignment.backends import SamplingConfig
 from alignment.constitution import Constitution
+from alignment.conversation import Prompt, as_chat, from_stored, messages_json
 from alignment.critique import critique_and_revise, critique_ids
 from alignment.judge import (
     Candidate,
@@ -35,7 +36,7 @@ from alignment.judge import (
 from alignment.judge_config import JudgeConfig
 from alignment.model_ref import ModelRef
 from alignment.pairs import build_pairs
-from alignment.prompts import SeedPrompt, load_prompts, prompt_id
+from alignment.prompts import SeedPrompt, load_prompts
 from alignment.synthesis import filter_synthetic, self_instruct_chats
 from flows.config import ModelConfig, PipelineConfig
 from flows.models import make_backend, model_ref
@@ -170,11 +171,11 @@ def sample_stage(
     store: Store,
     run_id: str,
     policy: ModelConfig,
-    prompts: Mapping[str, str],
+    prompts: Mapping[str, Prompt],
     sampling: SamplingConfig,
 ) -> tuple[dict[str, list[str]], StageCount]:
-    """n samples of each prompt (id → text) from ``policy``; a prompt with all of its
-    samples stored is not sampled again. Returns each prompt's sample ids."""
+    """n samples of each prompt (id → text or conversation) from ``policy``; a prompt with
+    all of its samples stored is not sampled again. Returns each prompt's sample ids."""
     name = model_ref(policy).name
     wanted = {pid: sampling.sample_ids(pid, name) for pid in prompts}
     owner = {rid: pid for pid, ids in wanted.items() for rid in ids}
@@ -182,7 +183,7 @@ def sample_stage(
     def compute(missing: list[str]) -> list[dict[str, Any]]:
         todo = list(dict.fromkeys(owner[rid] for rid in missing))
         backend = make_backend(policy, sampling.seed)
-        chats = [[{"role": "user", "content": prompts[pid]}] for pid in todo]
+        chats = [as_chat(prompts[pid]) for pid in todo]
         return [
             {
                 "response_id": wanted[pid][i],
@@ -273,15 +274,16 @@ def expected_judgments(
 
 
 def prompt_rows(prompts: Iterable[SeedPrompt], run_id: str) -> list[dict[str, Any]]:
-    """Prompts as ``prompts`` rows; a prompt's id is its text's hash."""
+    """Prompts as ``prompts`` rows; a prompt's id is its text's (or conversation's) hash."""
     return [
         {
-            "prompt_id": prompt_id(p.text),
+            "prompt_id": p.prompt_id,
             "run_id": run_id,
             "text": p.text,
             "source": p.source,
             "split": p.split,
             "category": p.category,
+            "messages": messages_json(p.prompt),
         }
         for p in prompts
     ]
@@ -363,11 +365,11 @@ def synthesize_prompts(config: PipelineConfig, run: Run) -> tuple[list[str], Sta
 @task(cache_policy=NO_CACHE)
 def sample_responses(config: PipelineConfig, run: Run, prompt_ids: list[str]) -> StageCount:
     """n samples per prompt from the policy; prompts that have all of theirs are skipped."""
-    texts = {
-        row["prompt_id"]: row["text"]
+    stored = {
+        row["prompt_id"]: from_stored(row["text"], row["messages"])
         for row in _rows_for(run.store, "prompts", "prompt_id", prompt_ids)
     }
-    prompts = {pid: texts[pid] for pid in prompt_ids}
+    prompts = {pid: stored[pid] for pid in prompt_ids}
     return sample_stage(run.store, run.run_id, config.policy, prompts, sampling_config(config))[1]
 
 
@@ -378,14 +380,15 @@ def _candidates(
     sampling = sampling_config(config)
     wanted = [rid for pid in prompt_ids for rid in sampling.sample_ids(pid, run.policy.name)]
     rows = run.store.query(
-        "SELECT r.response_id, r.prompt_id, p.text AS prompt, r.text FROM responses r "
-        "JOIN prompts p USING (prompt_id) WHERE r.response_id IN (SELECT unnest(?)) "
-        "ORDER BY r.prompt_id, r.sample_index",
+        "SELECT r.response_id, r.prompt_id, p.text AS prompt, p.messages, r.text "
+        "FROM responses r JOIN prompts p USING (prompt_id) "
+        "WHERE r.response_id IN (SELECT unnest(?)) ORDER BY r.prompt_id, r.sample_index",
         [wanted],
     )
     by_prompt: dict[str, list[Candidate]] = {pid: [] for pid in prompt_ids}
     for row in rows:
-        by_prompt[row["prompt_id"]].append(Candidate(**row))
+        prompt = from_stored(row.pop("prompt"), row.pop("messages"))
+        by_prompt[row["prompt_id"]].append(Candidate(prompt=prompt, **row))
     return by_prompt
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignment import atomic
+from alignment.conversation import as_chat, from_stored
 from storage import Store
 
 ExportFormat = Literal["hf", "jsonl", "parquet"]
@@ -62,8 +63,11 @@ class DataFilter:
         return " AND ".join(clauses), params
 
 
-def _user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
+def _with_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its prompt in TRL's conversational format: the stored conversation
+    (its ``messages`` column, which the row then drops), or its text as one user turn."""
+    messages = row.pop("messages")
+    return row | {"prompt": as_chat(from_stored(row["prompt"], messages))}
 
 
 def _assistant(text: str) -> list[dict[str, str]]:
@@ -83,19 +87,15 @@ def preference_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
         }
     )
     rows = store.query(
-        "SELECT p.prompt, p.chosen, p.rejected, p.p_chosen, p.pair_id, p.prompt_id, "
+        "SELECT p.prompt, p.messages, p.chosen, p.rejected, p.p_chosen, p.pair_id, p.prompt_id, "
         "p.chosen_response_id, p.rejected_response_id, p.principle_ids, p.judgment_ids, "
         "p.constitution_id, p.policy_model, p.judge_model, p.run_id, p.iteration, p.split "
         f"FROM preference_pairs p WHERE {where} ORDER BY p.pair_id",
         params,
     )
     return [
-        row
-        | {
-            "prompt": _user(row["prompt"]),
-            "chosen": _assistant(row["chosen"]),
-            "rejected": _assistant(row["rejected"]),
-        }
+        _with_prompt(row)
+        | {"chosen": _assistant(row["chosen"]), "rejected": _assistant(row["rejected"])}
         for row in rows
     ]
 
@@ -113,7 +113,8 @@ def sft_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
         }
     )
     rows = store.query(
-        "SELECT pr.text AS prompt, c.revision AS completion, c.critique_id, c.response_id, "
+        "SELECT pr.text AS prompt, pr.messages, c.revision AS completion, c.critique_id, "
+        "c.response_id, "
         "r.prompt_id, c.principle_id, c.constitution_id, c.model, c.run_id, run.iteration, "
         "pr.split FROM critiques c JOIN responses r USING (response_id) "
         "JOIN prompts pr ON pr.prompt_id = r.prompt_id JOIN runs run ON run.run_id = c.run_id "
@@ -122,10 +123,7 @@ def sft_rows(store: Store, data: DataFilter) -> list[dict[str, Any]]:
         "AND c2.constitution_id = c.constitution_id) ORDER BY c.critique_id",
         params,
     )
-    return [
-        row | {"prompt": _user(row["prompt"]), "completion": _assistant(row["completion"])}
-        for row in rows
-    ]
+    return [_with_prompt(row) | {"completion": _assistant(row["completion"])} for row in rows]
 
 
 def export_rows(rows: list[dict[str, Any]], fmt: ExportFormat, out: Path) -> Path:

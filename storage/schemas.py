@@ -83,8 +83,11 @@ TABLES: dict[str, TableSpec] = {
     "constitutions": _spec(
         "constitution_id", RUN_ID, text("name"), text("version"), text("content"), text("path"),
     ),
+    # text: a conversation's last user turn; messages: the whole conversation (JSON list of
+    # {role, content}), null for a one-turn text prompt.
     "prompts": _spec(
         "prompt_id", RUN_ID, text("text"), text("source"), text("split"), text("category"),
+        json_text("messages"),
     ),
     "responses": _spec(
         "response_id", text("prompt_id"), RUN_ID, text("model"), text("text"),
@@ -116,6 +119,7 @@ TABLES: dict[str, TableSpec] = {
         text("chosen_response_id"), text("rejected_response_id"), real("p_chosen"),
         strings("principle_ids"), strings("judgment_ids"), text("constitution_id"),
         text("policy_model"), text("judge_model"), RUN_ID, integer("iteration"), text("split"),
+        json_text("messages"),  # the prompt's conversation, as in `prompts`
     ),
     # "A run's rows": every row a run expects, whichever run stored it first (a row made
     # once is reused by every run that expects it). member_id: "<run_id>/<table>/<row_id>".

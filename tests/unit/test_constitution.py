@@ -416,8 +416,8 @@ def test_bad_checks(tmp_path):
         "      - {}\n"  # 17
     )
     assert problems(tmp_path, text) == [
-        f"{path}:9: check #1 in principle 'p' must have exactly one key (one of {KINDS}), "
-        "got 2 keys",
+        f"{path}:9: check #1 in principle 'p' must have exactly one key (one of {KINDS}) "
+        "and optionally scope, got 2 keys",
         f"{path}:11: unknown check 'max_word' in principle 'p' (allowed: {KINDS}); "
         "did you mean 'max_words'?",
         f"{path}:12: regex_must in principle 'p' is not a valid regex: "
@@ -425,10 +425,10 @@ def test_bad_checks(tmp_path):
         f"{path}:13: regex_must_not in principle 'p' must be a non-empty regex string, got ''",
         f"{path}:14: max_words in principle 'p' must be a positive integer, got -1",
         f"{path}:15: min_words in principle 'p' must be a positive integer, got 2.5",
-        f"{path}:16: check #7 in principle 'p' must have exactly one key (one of {KINDS}), "
-        "got 'min_words'",
-        f"{path}:17: check #8 in principle 'p' must have exactly one key (one of {KINDS}), "
-        "got 0 keys",
+        f"{path}:16: check #7 in principle 'p' must have exactly one key (one of {KINDS}) "
+        "and optionally scope, got 'min_words'",
+        f"{path}:17: check #8 in principle 'p' must have exactly one key (one of {KINDS}) "
+        "and optionally scope, got 0 keys",
     ]
 
 

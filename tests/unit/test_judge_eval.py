@@ -78,8 +78,15 @@ def test_standard_and_conversational_rows(tmp_path: Path) -> None:
         "Say hi.", "Hello there, friend.", "Go away.",
     )  # fmt: skip
     assert (first.principle, first.subset, first.where) == (GENERIC_PRINCIPLE, None, f"{path}:1")
-    assert (second.prompt, second.chosen, second.rejected, second.subset) == (
-        "Second question?", "A kind reply.", "A rude reply.", "chat",
+    # A conversation of more than one message is kept whole (its history is judged too).
+    assert second.prompt == (
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "First question?"},
+        {"role": "assistant", "content": "An answer."},
+        {"role": "user", "content": "Second question?"},
+    )
+    assert (second.chosen, second.rejected, second.subset) == (
+        "A kind reply.", "A rude reply.", "chat",
     )  # fmt: skip
     assert second.where == f"{path}:3"  # the blank line is skipped, not renumbered
 

@@ -110,7 +110,7 @@ def test_jsonl_fields_blank_lines_strip_and_dedupe(tmp_path: Path) -> None:
     [
         ([{"text": "fine"}, {"text": "   "}], ":2: field 'text' is empty; a prompt needs text"),
         ([{"text": "fine"}, {"text": None}], ":2: field 'text' is empty; a prompt needs text"),
-        ([{"text": 42}], ":1: field 'text' must be a string, got int"),
+        ([{"text": 42}], ":1: field 'text' must be a string or a list of messages, got int"),
         ([], ": no prompts (it is empty, or has only blank lines)"),
         (["", "  "], ": no prompts (it is empty, or has only blank lines)"),
     ],
@@ -230,7 +230,7 @@ def test_missing_field_names_path_and_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "ok"}, {"question": "where?"}])
     with pytest.raises(PromptSourceError) as err:
         load_prompts(path)
-    assert str(err.value) == f"{path}:2: no 'text' field (nor 'prompt'); fields: question"
+    assert str(err.value) == f"{path}:2: no 'text' field (nor 'prompt' or 'messages'); fields: question"
 
 
 def test_non_object_and_bad_types(tmp_path: Path) -> None:

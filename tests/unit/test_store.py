@@ -42,7 +42,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "prompts": {
         "prompt_id": "p1", "run_id": RUN, "text": "Hi?", "source": "seed", "split": "train",
-        "category": "chat",
+        "category": "chat", "messages": None,
     },
     "responses": {
         "response_id": "r1", "prompt_id": "p1", "run_id": RUN, "model": "tiny", "text": "Hello",
@@ -67,6 +67,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "p_chosen": 0.9, "principle_ids": ["kind", "honest"], "judgment_ids": ["j1"],
         "constitution_id": "c1", "policy_model": "tiny", "judge_model": "tiny-judge",
         "run_id": RUN, "iteration": 0, "split": "train",
+        "messages": '[{"role":"user","content":"Hi?"}]',
     },
     "models": {
         "model_id": "m1", "stage": "dpo", "path": "/models/m1", "base_model": "tiny",
