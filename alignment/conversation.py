@@ -65,6 +65,11 @@ def last_turn(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
+def first_turn(prompt: Prompt) -> str:
+    """The request that opens the prompt: the text, or the conversation's first user turn."""
+    return next(m["content"] for m in as_chat(prompt) if m["role"] == "user")
+
+
 def history(prompt: Prompt) -> Conversation:
     """Every turn before the one to answer (empty for a text)."""
     return () if isinstance(prompt, str) else tuple(prompt[:-1])

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignment.backends import SamplingConfig
 from alignment.constitution import Constitution
-from alignment.conversation import Prompt, as_chat, from_stored, messages_json
+from alignment.conversation import Prompt, as_chat, first_turn, from_stored, messages_json
 from alignment.critique import critique_and_revise, critique_ids
 from alignment.judge import (
     Candidate,
@@ -328,7 +328,8 @@ def synthesize_prompts(config: PipelineConfig, run: Run) -> tuple[list[str], Sta
     if stored:  # written in one shard, so a stored set is a whole set
         return stored, StageCount("self-instruct", len(stored), len(stored), 0)
     source = load_prompts(config.prompts.source, eval_fraction=config.prompts.eval_fraction)
-    seeds = [p.text for p in source if p.split == "train"]
+    # Self-instruct writes one-turn requests: a conversation shows its opening request.
+    seeds = [first_turn(p.prompt) for p in source if p.split == "train"]
     chats = self_instruct_chats(
         seeds, config.prompts.synthetic, config.prompts.synthetic_shots, config.seed
     )
@@ -345,7 +346,8 @@ def synthesize_prompts(config: PipelineConfig, run: Run) -> tuple[list[str], Sta
         if run.store.db_path.exists()
         else []
     )
-    result = filter_synthetic(generated, [*(p.text for p in source), *known])
+    opening = [first_turn(p.prompt) for p in source if p.messages is not None]
+    result = filter_synthetic(generated, [*(p.text for p in source), *opening, *known])
     rows = prompt_rows(
         [
             SeedPrompt(text=text, source="synthetic", split="train", category="synthetic")
