@@ -43,6 +43,12 @@ def trained_model_id(
     """A trained model's id: its stage, starting model, the exact rows it saw (sorted),
     the reward model it learnt from and its settings. Batch sizes are per process, so N
     processes train another model; one process keeps the ids of models registered
-    before the option existed."""
+    before the option existed, as ``use_qlora: false`` does (ID_NEUTRAL_DEFAULTS)."""
     scale = [{"world_size": world_size}] if world_size > 1 else []
-    return content_id("model", stage, base_name, sorted(row_ids), reward, settings, *scale)
+    kept = {k: v for k, v in settings.items() if ID_NEUTRAL_DEFAULTS.get(k, object()) != v}
+    return content_id("model", stage, base_name, sorted(row_ids), reward, kept, *scale)
+
+
+# Settings added after models were registered, left out of the id at their default so
+# those models keep their ids.
+ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"use_qlora": False}

@@ -30,9 +30,10 @@ Parts (each one's failure is recorded and the next runs; the JSON is rewritten a
   transformers ``score_sequences`` (sum of the response's token log-probs under the
   principle's system prompt and the neutral one), the judge in bfloat16 as it is served, then
   again in float32: every label finite, prefill tokens/s, and how far bf16's Δ is from fp32's.
-- ``qlora``: the policy loaded 4-bit (NF4, bitsandbytes) with a LoRA adapter (peft's
-  ``prepare_model_for_kbit_training``; no rlaif stage takes a 4-bit base), a few SFT steps
-  under bf16 autocast; "skipped: bitsandbytes not installed" when it is not.
+- ``qlora``: rlaif's ``train_sft`` with ``use_qlora`` (a 4-bit NF4 base from bitsandbytes,
+  double quantisation, LoRA on top; docs/qlora.md) against TRL's ``SFTTrainer`` given the
+  same 4-bit model and a LoRA config, figures as for ``sft``. Needs bitsandbytes (carried in
+  bench/wheels, see bench/gpu_wheels.sh) and pydantic; skipped with the reason otherwise.
 
 Without CUDA the script runs only with ``--tiny`` (the same shapes, tiny) and claims no GPU
 figures (``gpu_figures: false``); tests/unit/test_gpu_bench.py runs it so on CPU.
@@ -916,94 +917,83 @@ def part_judge(ctx: Context) -> dict[str, Any]:
 
 
 def part_qlora(ctx: Context) -> dict[str, Any]:
+    """rlaif's SFT with ``use_qlora`` against plain TRL's SFTTrainer given a 4-bit model and a
+    LoRA config, as TRL's docs write it. TRL casts a quantized model's adapter to bf16;
+    rlaif keeps float32 masters. Runs on CPU too (``--tiny``; bitsandbytes >= 0.49)."""
     import torch
 
-    if not ctx.cuda:
-        raise Skipped("needs CUDA (bitsandbytes 4-bit)")
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as error:
-        raise Skipped(f"bitsandbytes not installed ({type(error).__name__}: {error})") from error
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    needs_pydantic()
+    from alignment.training import common
 
-    folder = needs(ctx.policy)
-    s = ctx.sizes
-    record: dict[str, Any] = {}
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = [
-        tokenizer.apply_chat_template(
-            row["prompt"] + row["completion"], tokenize=False, add_generation_prompt=False
+    problem = common.qlora_problem(common.bitsandbytes_version(), torch.cuda.is_available())
+    if problem:
+        raise Skipped(f"{problem}; on the device: {WHEELS_HINT}")
+    policy = needs(ctx.policy)
+    rows = sft_rows(gold()[: ctx.sizes.rows])
+    quantized: list[bool] = []  # what rlaif's stage loaded: a 4-bit base?
+
+    def rlaif(out: Path) -> Any:
+        from alignment.training.sft import SFTStageConfig, train_sft
+
+        load = common.load_for_training
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            model = load(*args, **kwargs)
+            quantized.append(common.is_quantized(model))
+            return model
+
+        config = SFTStageConfig(
+            use_qlora=True,
+            lora_r=ctx.sizes.lora_r,
+            lora_alpha=ctx.sizes.lora_alpha,
+            per_device_train_batch_size=ctx.sizes.batch,
+            max_length=ctx.sizes.max_length,
+            learning_rate=LEARNING_RATES["sft"],
         )
-        for row in sft_rows(gold()[: s.rows])
-    ]
-    with peak_memory(record):
+        common.load_for_training = recorded
+        try:
+            return train_sft(policy, rows, config, out)
+        finally:
+            common.load_for_training = load
+
+    def raw(scratch: str) -> Any:
+        import datasets
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from trl import SFTConfig, SFTTrainer
+
+        compute = torch.bfloat16 if ctx.cuda else torch.float32
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
         )
         model = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+            policy,
+            quantization_config=quantization,
+            dtype=compute,
+            device_map={"": 0 if ctx.cuda else "cpu"},
         )
-        model = prepare_model_for_kbit_training(model)
         lora = LoraConfig(
-            r=s.lora_r,
-            lora_alpha=s.lora_alpha,
+            r=ctx.sizes.lora_r,
+            lora_alpha=ctx.sizes.lora_alpha,
             lora_dropout=0.0,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        record["trainable_dtypes"] = dtypes(iter(trainable))
-        record["trainable_parameters"] = sum(p.numel() for p in trainable)
-        record["four_bit_layers"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-        probe = ForwardProbe(model)
-        losses, ends, tokens = [], [], []
-        model.train()
-        sync()
-        begin = time.perf_counter()
-        for at in range(0, s.rows, s.batch):
-            batch = tokenizer(
-                texts[at : at + s.batch],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=s.max_length,
-                add_special_tokens=False,
-            ).to("cuda")
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**batch, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(float(loss))
-            sync()
-            ends.append(time.perf_counter())
-            tokens.append(int(batch["attention_mask"].sum()))
-        record.update(probe.record())
-    timed_s = ends[-1] - ends[s.warmup - 1] if s.warmup else ends[-1] - begin
-    record.update(
-        {
-            "steps": len(ends),
-            "tokens_per_s": round(sum(tokens[s.warmup :]) / timed_s, 1),
-            "s_per_step": round(timed_s / (len(ends) - s.warmup), 4),
-            "losses": [round(x, 5) for x in losses],
-            "losses_finite": finite(losses),
-        }
-    )
-    record["checks"] = {
-        "4-bit base": record["four_bit_layers"] > 0,
-        "adapter float32": record["trainable_dtypes"] == ["float32"],
-        "autocast bfloat16": record["autocast"] == ["bfloat16"],
-        "losses finite": record["losses_finite"],
-    }
-    del model, optimizer
-    free()
+        args = raw_args(SFTConfig, scratch, ctx, LEARNING_RATES["sft"])
+        data = datasets.Dataset.from_list(rows)
+        return SFTTrainer(model=model, args=args, train_dataset=data, peft_config=lora).train()
+
+    record = compared(ctx, "qlora", rlaif, raw)
+    checks = record["checks"]
+    checks["rlaif: 4-bit base"] = quantized == [True]
+    # TRL's own QLoRA recipe: the adapter in bf16 (trl/trainer/sft_trainer.py)
+    del checks["plain TRL: trainable params float32"]
+    checks["plain TRL: trainable params bfloat16"] = record["raw_trl"]["trainable_dtypes"] == [
+        "bfloat16"
+    ]
     return record
 
 

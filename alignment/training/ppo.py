@@ -47,19 +47,21 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from alignment.conversation import Prompt, as_chat
 from alignment.training.common import (
     MASTER_DTYPE,
     TrainingStageConfig,
     bf16_autocast,
     checkpoint_dtype,
     is_main_process,
+    is_quantized,
     load_for_training,
     lora_config,
     save_for_vllm,
     wait_for_everyone,
 )
 
-RewardFn = Callable[[list[str], list[str]], torch.Tensor]  # (prompts, responses) -> (batch,)
+RewardFn = Callable[[list[Prompt], list[str]], torch.Tensor]  # (prompts, responses) -> (batch,)
 SumFn = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes
 
 
@@ -106,7 +108,7 @@ class PPOConfig(TrainingStageConfig):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (TRL: 0.1).")
     norm_adv: bool = Field(True, description="Whiten advantages over the batch (all processes).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    # --- model (lora_r and lora_alpha come with TrainingStageConfig) ---
+    # --- model (lora_r, lora_alpha and use_qlora come with TrainingStageConfig) ---
     use_lora: bool = Field(False, description="Train a LoRA adapter; the reference is adapter-off.")
     seed: int = Field(0, description="Seed for prompt order, sampling and minibatch order.")
 
@@ -322,7 +324,7 @@ def free_memory() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def prompt_batches(prompts: list[str], batch_size: int, seed: int) -> Iterator[list[str]]:
+def prompt_batches(prompts: list[Prompt], batch_size: int, seed: int) -> Iterator[list[Prompt]]:
     """Endless batches of prompts: a fresh seeded shuffle each pass."""
     rng, order = random.Random(seed), []
     while True:
@@ -333,16 +335,17 @@ def prompt_batches(prompts: list[str], batch_size: int, seed: int) -> Iterator[l
         order = order[batch_size:]
 
 
-def encode_prompts(tokenizer, prompts: list[str], config: PPOConfig, pad_id: int):
-    """Left-padded prompt ids and mask (generation appends on the right)."""
+def encode_prompts(tokenizer, prompts: list[Prompt], config: PPOConfig, pad_id: int):
+    """Left-padded prompt ids and mask (generation appends on the right). A prompt is a
+    text or a conversation (alignment/conversation.py), which needs the chat template."""
     chat = config.chat_template and tokenizer.chat_template is not None
     if chat:
         prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
+            tokenizer.apply_chat_template(as_chat(p), tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
+    elif any(not isinstance(p, str) for p in prompts):
+        raise ValueError("a multi-turn prompt needs the chat template (chat_template: true)")
     rows = [
         tokenizer(p, add_special_tokens=not chat)["input_ids"][-config.max_prompt_length :]
         for p in prompts
@@ -436,7 +439,7 @@ def reward_model_fn(path: str | Path, normalise: bool = True, batch_size: int = 
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     scorer = RewardScorer(path, normalise=normalise, batch_size=batch_size, device=device)
 
-    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
         return torch.tensor(scorer(prompts, responses), dtype=torch.float32)
 
     return score
@@ -452,7 +455,7 @@ class PPOTrainer:
     user texts."""
 
     def __init__(
-        self, config: PPOConfig, policy, tokenizer, reward_fn: RewardFn, prompts: list[str]
+        self, config: PPOConfig, policy, tokenizer, reward_fn: RewardFn, prompts: list[Prompt]
     ):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -468,7 +471,9 @@ class PPOTrainer:
         # float32 master weights whatever the checkpoint's dtype; saved back in that dtype
         if isinstance(policy, str | Path):
             self.save_dtype = checkpoint_dtype(policy)
-            lm = load_for_training(AutoModelForCausalLM, policy)
+            lm = load_for_training(AutoModelForCausalLM, policy, config.use_qlora)
+        elif config.use_qlora:
+            raise ValueError("use_qlora loads the policy itself: pass its folder, not a model")
         else:
             self.save_dtype = policy.dtype
             lm = policy.to(MASTER_DTYPE)
@@ -479,8 +484,8 @@ class PPOTrainer:
         )
         self.generation_config = sampling_config(config, self.end_ids, self.pad_id)
         # LoRA: the reference is the same model with its adapter off; else a frozen copy.
-        self.ref = None if config.use_lora else frozen_copy(lm).to(self.accelerator.device)
-        if config.use_lora:
+        self.ref = None if config.trains_lora else frozen_copy(lm).to(self.accelerator.device)
+        if config.trains_lora:
             lm = lora_policy(lm, config.lora_r, config.lora_alpha)
         model = PolicyWithValue(lm)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -499,7 +504,7 @@ class PPOTrainer:
         return self.accelerator.reduce(x, reduction="sum")
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def rollout(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         cfg, device = self.config, self.accelerator.device
         policy = self.accelerator.unwrap_model(self.model)
         # 1. sample responses (left-padded prompts): softmax(logits / T), nothing of the
@@ -653,7 +658,9 @@ class PPOTrainer:
         output_dir = Path(output_dir)
         self.accelerator.wait_for_everyone()
         if is_main_process():
-            lm = copy.deepcopy(self.accelerator.unwrap_model(self.model).lm)
+            lm = self.accelerator.unwrap_model(self.model).lm
+            # merged() leaves a 4-bit base as it is (QLoRA); else the merge needs a copy
+            lm = lm if is_quantized(lm) else copy.deepcopy(lm)
             extra = {"stage": "ppo", "config": self.config.model_dump()}
             save_for_vllm(lm, self.tokenizer, output_dir, extra, dtype=self.save_dtype)
             del lm

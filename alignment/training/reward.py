@@ -329,7 +329,7 @@ def train_reward_model(
     # output; but float32 masters here, and pad_token_id set so the head reads the last token.
     set_seed(config.seed)
     model = common.load_for_training(
-        AutoModelForSequenceClassification, base_model_path, num_labels=1
+        AutoModelForSequenceClassification, base_model_path, config.use_qlora, num_labels=1
     )
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     trainer, output = common.train_in_scratch(

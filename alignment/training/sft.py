@@ -50,7 +50,7 @@ def train_sft(
             "completion_only_loss": config.completion_only_loss,
             "seed": config.seed,
         },
-        model=common.load_for_training(AutoModelForCausalLM, model_path),
+        model=common.load_for_training(AutoModelForCausalLM, model_path, config.use_qlora),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=common.peft_config(config),

@@ -273,3 +273,28 @@ def test_multi_turn_accuracy_is_reported_apart() -> None:
 def test_a_comparison_with_a_conversation_is_a_value() -> None:
     principle = Principle("p", PRINCIPLE, "", "")
     assert Comparison(TWO_TURN, "a", "b", principle) == Comparison(TWO_TURN, "a", "b", principle)
+
+
+class _RecordingTokenizer:
+    """Renders a chat as its contents joined by '|', one token per character."""
+
+    chat_template = "recorded"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "|".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_ppo_rollouts_start_from_the_whole_conversation() -> None:
+    from alignment.training.ppo import PPOConfig, encode_prompts
+
+    ids, mask = encode_prompts(_RecordingTokenizer(), ["Hi?", TWO_TURN], PPOConfig(), 0)
+    rendered = "".join(chr(i) for i in ids[1][mask[1].bool()].tolist())
+    assert rendered == "|".join(m["content"] for m in TWO_TURN)
+    assert "".join(chr(i) for i in ids[0][mask[0].bool()].tolist()) == "Hi?"
+    no_template = _RecordingTokenizer()
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="needs the chat template"):
+        encode_prompts(no_template, [TWO_TURN], PPOConfig(), 0)
