@@ -79,6 +79,66 @@ class MergeConfig(BaseModel):
         return weights
 
 
+class LoopMergeConfig(BaseModel):
+    """``loop.merge``: merges of the incumbent and each iteration's candidate, evaluated and
+    gated like the candidate (docs/merging.md, "As a promotion option")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: MergeMethod = Field(
+        "slerp",
+        description="slerp (t = the weight), linear (incumbent 1 - w, candidate w) or ties "
+        "(task vectors of both from the loop's starting model, weights 1 - w and w).",
+    )
+    weights: list[float] = Field(
+        default_factory=lambda: [0.5],
+        min_length=1,
+        description="The candidate's share in each merge, each strictly between 0 and 1 "
+        "(0 is the incumbent, 1 the candidate, both evaluated already): one merge per weight.",
+    )
+    density: float = Field(
+        0.2, gt=0, le=1, description="ties: fraction of each task vector's entries kept."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _shares(cls, weights: list[float]) -> list[float]:
+        outside = [w for w in weights if not 0.0 < w < 1.0]
+        if outside:
+            raise ValueError(
+                f"each weight is the candidate's share and must lie strictly between 0 and 1 "
+                f"(0 reproduces the incumbent, 1 the candidate), got {outside[0]}"
+            )
+        if len(set(weights)) != len(weights):
+            raise ValueError(f"weights repeat a value: {weights}")
+        return weights
+
+
+def incumbent_merges(
+    config: LoopMergeConfig, incumbent_is_parent: bool = False
+) -> list[tuple[float, MergeConfig]]:
+    """(the candidate's share w, the merge's settings) of each merge of [incumbent,
+    candidate], in the order of ``config.weights``.
+
+    A weight of 0 or 1 reproduces a parent exactly and is skipped. For ties the parent is the
+    loop's starting model: while that is also the incumbent, the incumbent's task vector is
+    zero, every weight gives the same model (the candidate's trimmed task vector), and only
+    the first weight is kept.
+    """
+    merges = []
+    for w in dict.fromkeys(config.weights):
+        if w <= 0.0 or w >= 1.0:
+            continue
+        if config.method == "slerp":
+            merges.append((w, MergeConfig(method="slerp", t=w)))
+        else:
+            merge = MergeConfig(method=config.method, weights=[1.0 - w, w], density=config.density)
+            merges.append((w, merge))
+    if config.method == "ties" and incumbent_is_parent:
+        return merges[:1]
+    return merges
+
+
 def check_settings(config: MergeConfig, models: int, has_parent: bool) -> None:
     """Refuse settings that do not fit `models` models (and a ties parent or not)."""
     if models < 2:

@@ -36,7 +36,7 @@ win rate θ among decided comparisons is a ``win_rate`` (ties as ½) of
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -141,3 +141,24 @@ def _binomial_pmf(k: int, n: int, p: float) -> float:
         return float(k == n)
     log = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
     return math.exp(log + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+# --- choosing among the candidate and its merges (loop.merge) -------------------------------
+
+# What ranks models that all passed their gates against the same incumbent on the same eval:
+# the length-controlled win rate, then the raw win rate (a metric not measured ranks last).
+RANK_METRICS = ("lc_win_rate", "win_rate")
+
+
+def rank_key(metrics: Mapping[str, Metric]) -> tuple[float, ...]:
+    """A model's place among those that passed: higher is better."""
+    return tuple(metrics[name].value if name in metrics else -math.inf for name in RANK_METRICS)
+
+
+def best_passing(passed: Sequence[bool], metrics: Sequence[Mapping[str, Metric]]) -> int | None:
+    """The index of the best model that passed every gate (ties: the earlier one, so the
+    trained candidate before its merges), or None when none passed."""
+    ranked = [i for i, ok in enumerate(passed) if ok]
+    if not ranked:
+        return None
+    return max(ranked, key=lambda i: (rank_key(metrics[i]), -i))

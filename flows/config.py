@@ -18,6 +18,8 @@ from alignment.critique import CritiqueConfig
 from alignment.evaluation import EvalConfig
 from alignment.gates import GateConfig
 from alignment.judge_config import JudgeConfig
+from alignment.merge import LoopMergeConfig
+from alignment.spin import SpinConfig
 from alignment.training.dpo import DPOStageConfig
 from alignment.training.online_rl import OnlineRLConfig
 from alignment.training.ppo import PPOConfig
@@ -142,7 +144,7 @@ class StageConfigs(BaseModel):
     grpo: OnlineRLConfig = Field(default_factory=OnlineRLConfig)
 
 
-LoopMethod = Literal["dpo", "ppo", "rloo", "grpo"]
+LoopMethod = Literal["dpo", "ppo", "rloo", "grpo", "spin"]
 
 
 class LoopConfig(BaseModel):
@@ -156,7 +158,9 @@ class LoopConfig(BaseModel):
     )
     iterations: int = Field(3, ge=0, description="Iterations each run of the loop adds.")
     method: LoopMethod = Field(
-        "dpo", description="dpo, or ppo / rloo / grpo on a reward model trained first."
+        "dpo",
+        description="dpo, or ppo / rloo / grpo on a reward model trained first, or spin "
+        "(DPO of reference answers over the incumbent's own samples; see loop.spin).",
     )
     cron: str | None = Field(
         None, description="Schedule of the served deployment, e.g. '0 2 * * *' (none: manual)."
@@ -179,6 +183,16 @@ class LoopConfig(BaseModel):
     )
     judge_audit_limit: int | None = Field(
         48, gt=0, description="Pairs of the audit set used (its first N; null: all)."
+    )
+    merge: LoopMergeConfig | None = Field(
+        None,
+        description="Also evaluate merges of the incumbent and each candidate (e.g. {method: "
+        "slerp, weights: [0.3, 0.5]}) with the same eval and gates, and promote the best "
+        "that passes (by length-controlled win rate); null: the candidate alone.",
+    )
+    spin: SpinConfig = Field(
+        default_factory=SpinConfig,
+        description="method spin: the reference set and the stop rule (docs/spin.md).",
     )
     release_engines_for_training: bool = Field(
         False,

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignment.backends import Completion, SamplingConfig
 from alignment.constitution import load_constitution
+from alignment.conversation import Prompt, as_chat
 from alignment.evaluation import (
     Metric,
     degenerate_rates,
@@ -56,7 +57,7 @@ def _answers(
     store: Store,
     run_id: str,
     model: ModelRef,
-    prompts: dict[str, str],
+    prompts: dict[str, Prompt],
 ) -> tuple[list[str], list[Completion]]:
     """(response ids, responses) of ``model`` to every prompt, by the pipeline's
     sampling stage: stored answers are read back, only the missing sampled.
@@ -104,7 +105,7 @@ def evaluate_candidate(
     held_out = [p for p in source if p.split == "eval"][: config.eval.max_prompts]
     rows = prompt_rows(held_out, run_id)
     store_prompt_rows(store, run_id, rows)
-    prompts = {row["prompt_id"]: row["text"] for row in rows}
+    prompts = {p.prompt_id: p.prompt for p in held_out}  # texts or conversations
     prompt_ids, texts = list(prompts), list(prompts.values())
     cand_ids, cand = _answers(config, store, run_id, candidate, prompts)
     base_ids, base = _answers(config, store, run_id, baseline, prompts)
@@ -136,8 +137,8 @@ def evaluate_candidate(
         # the judge has an option order for judge_position_consistency to be about
         *paired_metrics(judgments, config.loop.gates.promotion_alpha or ALPHA),
         Metric("judge/order_free", float(config.judge.mode in ORDER_FREE_MODES), len(judgments)),
-        *violation_rates(constitution, cand_texts),
-        *violation_rates(constitution, base_texts, prefix="baseline/"),
+        *violation_rates(constitution, cand_texts, prompts=texts),
+        *violation_rates(constitution, base_texts, prefix="baseline/", prompts=texts),
         *degenerate_rates(cand_texts, [c.finish_reason for c in cand], min_words),
         *degenerate_rates(base_texts, [c.finish_reason for c in base], min_words, "baseline/"),
         *mean_metric("length", [c.num_tokens for c in cand]),
@@ -163,7 +164,7 @@ def evaluate_candidate(
         ],
         run_id,
     )
-    _record_run(
+    record_run(
         store, run_id, config, constitution.constitution_id, candidate.name,
         model_ref(judge_model(config)).name,
     )  # fmt: skip
@@ -174,27 +175,27 @@ def evaluate_candidate(
 
 def _reward_scores(
     reward_model: ModelRef | None,
-    prompts: list[str],
+    prompts: list[Prompt],
     candidate: list[str],
     baseline: list[str],
 ) -> list[Metric]:
     """Normalised scores of both sides by the reward model the candidate was trained
     with; none without one (another loop's reward model says nothing about this one).
 
-    Each answer is scored as the conversation it was sampled in: the prompt as the one
-    user turn ``sample_stage`` sent, the answer as the assistant turn, on the chat template.
+    Each answer is scored as the conversation it was sampled in: the prompt's turns as
+    ``sample_stage`` sent them, the answer as the assistant turn, on the chat template.
     """
     if not reward_model:
         return []
     scorer = RewardScorer(reward_model.location)
-    chats = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    chats = [as_chat(prompt) for prompt in prompts]
     return [
         *mean_metric("reward", scorer(chats, candidate)),
         *mean_metric("baseline/reward", scorer(chats, baseline)),
     ]
 
 
-def _record_run(
+def record_run(
     store: Store, run_id: str, config: PipelineConfig, constitution_id: str, policy: str, judge: str
 ) -> None:
     now = datetime.now(UTC)

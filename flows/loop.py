@@ -6,8 +6,12 @@ Iteration k of a loop (a named lineage of policies in one store):
   → pairs (the collect-preferences flow) → train a candidate from the incumbent
   (DPO, or a reward model then PPO / RLOO / GRPO) → evaluate candidate vs incumbent
   (and vs the starting policy) on held-out prompts → promote it only if every gate
-  passes. Each iteration first audits the judge on a fixed gold set, so the win-rate
-  gates can refuse to trust a judge that is no better than chance.
+  passes. With ``loop.merge``, merges of the incumbent and the candidate are evaluated and
+  gated alike, and the best that passes is promoted (docs/merging.md). ``loop.method:
+  spin`` replaces the data half with reference answers over the incumbent's own samples
+  and ends the loop once the judge cannot tell them apart (flows/spin.py, docs/spin.md).
+  Each iteration first audits the judge on a fixed gold set, so the win-rate gates can
+  refuse to trust a judge that is no better than chance.
 
 The judge stays the starting model (or the configured judge_model) for every
 iteration, so its verdicts are comparable across iterations. Checkpoints of one
@@ -38,7 +42,7 @@ from prefect.states import Cancelled
 from alignment.backends import release_engines
 from alignment.constitution import load_constitution
 from alignment.evaluation import Metric
-from alignment.gates import GateResult, check_gates, failed_reasons
+from alignment.gates import GateResult, failed_reasons
 from alignment.ids import iteration_id
 from alignment.model_ref import ModelRef
 from alignment.yaml_spec import Problem, SpecError, load_yaml
@@ -47,6 +51,8 @@ from flows.evaluation import EvalResult, evaluate_candidate
 from flows.judge_eval import audit_judge
 from flows.models import model_ref, registered_ref
 from flows.pipeline import collect_preferences, run_pair_ids, write_run_event
+from flows.promotion import Trial, choose, gate_results, merge_trials
+from flows.spin import spin_data
 from flows.stages import Run, judge_model
 from flows.training import DataConfig, TrainConfig, train_stage
 from storage import Store, StoreBusy
@@ -196,15 +202,16 @@ def train_candidate(
         "data": data,
         "nproc_per_node": config.loop.nproc_per_node,
     }
-    method = config.loop.method
+    # spin: the DPO loss on its pairs, the incumbent (the training base) as the reference
+    stage = "dpo" if config.loop.method == "spin" else config.loop.method
     reward_model = None
-    if method != "dpo":  # the RL methods learn from a reward model trained on the pairs
+    if stage != "dpo":  # the RL methods learn from a reward model trained on the pairs
         reward_config = TrainConfig(**settings, **common, base_model=config.policy.model)
         reward_model = train_stage(reward_config, "reward")
     train_config = TrainConfig(
         **settings, **common, base_model=training_base(config, incumbent), reward_model=reward_model
     )
-    return train_stage(train_config, method), reward_model
+    return train_stage(train_config, stage), reward_model
 
 
 @task(cache_policy=NO_CACHE)
@@ -220,16 +227,26 @@ def record_iteration(
     evaluation: EvalResult | None = None,
     versus_start: EvalResult | None = None,
     judge_quality: list[Metric] | None = None,
+    tried: list[Trial] | None = None,
+    notes: list[str] | None = None,
+    stop: str | None = None,
 ) -> dict[str, Any]:
-    """Decide by the gates, store the decision, and publish it as Prefect artifacts."""
+    """Decide by the gates, store the decision, and publish it as Prefect artifacts.
+
+    ``candidate`` is the model the decision is about (with ``loop.merge``, the best of the
+    models ``tried`` that passed, else the trained candidate); ``notes`` say how it was
+    chosen. ``stop``: why the loop ends here (spin), recorded as a skipped iteration."""
     results: list[GateResult] = []
     metrics = [*(evaluation.metrics if evaluation else []), *(judge_quality or [])]
-    if candidate is None or evaluation is None:
+    if stop is not None:
+        decision, reasons = "skipped", [stop]
+    elif candidate is None or evaluation is None:
         decision, reasons = "skipped", [f"no train pairs in run {data_run}: nothing to learn"]
     else:
-        results = _gate_results(config, evaluation.metrics, judge_quality)
-        reasons = failed_reasons(results)
-        decision = "rejected" if reasons else "promoted"
+        results = gate_results(config, evaluation.metrics, judge_quality)
+        failed = failed_reasons(results)
+        decision = "rejected" if failed else "promoted"
+        reasons = [*failed, *(notes or [])]
     row = {
         "iteration_id": iteration_id(config.loop.name, k),
         "loop": config.loop.name,
@@ -248,20 +265,14 @@ def record_iteration(
         "started_at": started,
         "finished_at": datetime.now(UTC),
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "tried": [t.as_dict() for t in tried] if tried else None,
     }
     # Published first: once the row is stored, a rerun treats the iteration as done.
     _publish(config, row, results, metrics)
     Store(config.store).write("iterations", [row], session.run_id)
     logger = get_run_logger()
     logger.info("iteration %d: %s (%s)", k, decision, "; ".join(reasons) or "all gates passed")
-    return row
-
-
-def _gate_results(
-    config: PipelineConfig, metrics: list[Metric], judge_quality: list[Metric] | None
-) -> list[GateResult]:
-    """The gates on the eval's metrics and the judge's audit (judge/accuracy, ...)."""
-    return check_gates(config.loop.gates, {m.metric: m for m in [*metrics, *(judge_quality or [])]})
+    return row | {"stop": stop is not None}
 
 
 def _publish(
@@ -315,9 +326,18 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     incumbent = current_incumbent(config)
     get_run_logger().info("iteration %d: incumbent %s", k, incumbent.name)
     judge_quality = judge_audit_metrics(config, k)
-    data_config = iteration_config(config, k, incumbent)
-    data_run = collect_preferences(data_config).run_id
-    pairs = run_pair_ids(data_config, config.loop.max_pairs)
+    if config.loop.method == "spin":  # reference answers over the incumbent's own (flows/spin.py)
+        spin = spin_data(config, k, incumbent)
+        data_run, pairs = spin.run_id, spin.pair_ids
+        if spin.stop:
+            return record_iteration(
+                config, session, k, incumbent, data_run, 0, started, judge_quality=judge_quality,
+                stop=spin.stop,
+            )  # fmt: skip
+    else:
+        data_config = iteration_config(config, k, incumbent)
+        data_run = collect_preferences(data_config).run_id
+        pairs = run_pair_ids(data_config, config.loop.max_pairs)
     if not pairs:
         return record_iteration(
             config, session, k, incumbent, data_run, 0, started, judge_quality=judge_quality
@@ -330,17 +350,22 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     reward = registered_ref(store, reward_model) if reward_model else None
     baseline = registered_ref(store, training_base(config, incumbent))
     evaluation = evaluate_candidate(eval_config(config, k), trained, baseline, reward)
-    # A candidate that will be promoted is also measured against the starting policy:
-    # how far the loop has come, not only this step.
+    trials = [
+        Trial(candidate, evaluation, gate_results(config, evaluation.metrics, judge_quality)),
+        *merge_trials(eval_config(config, k), k, candidate, baseline, reward, judge_quality),
+    ]
+    chosen, notes = choose(trials)
+    # A model that will be promoted is also measured against the starting policy: how far
+    # the loop has come, not only this step.
     start = starting_model(config)
-    versus_start = evaluation if incumbent.name == start.name else None
-    passes = not failed_reasons(_gate_results(config, evaluation.metrics, judge_quality))
-    if versus_start is None and passes:
+    versus_start = chosen.evaluation if incumbent.name == start.name else None
+    if versus_start is None and chosen.passed:
         start_ref = registered_ref(store, config.policy.model)
-        versus_start = evaluate_candidate(eval_config(config, k), trained, start_ref, reward)
+        chosen_ref = registered_ref(store, chosen.model_id)
+        versus_start = evaluate_candidate(eval_config(config, k), chosen_ref, start_ref, reward)
     return record_iteration(
-        config, session, k, incumbent, data_run, len(pairs), started, candidate, evaluation,
-        versus_start, judge_quality,
+        config, session, k, incumbent, data_run, len(pairs), started, chosen.model_id,
+        chosen.evaluation, versus_start, judge_quality, trials if len(trials) > 1 else None, notes,
     )  # fmt: skip
 
 
@@ -409,7 +434,14 @@ def self_improve(
                 session.run_id,
             )
             done = _done_iterations(config, session)
-            rows = [run_iteration(config, session, k) for k in session.iterations if k not in done]
+            rows = []
+            for k in session.iterations:
+                if k in done:
+                    continue
+                rows.append(run_iteration(config, session, k))
+                if rows[-1]["stop"]:  # spin converged: the loop ends with this session
+                    logger.info("loop %s stops: %s", config.loop.name, rows[-1]["reasons"][0])
+                    break
             close_session(config, session)
             return {"loop": config.loop.name, "session": session.run_id, "iterations": rows}
     except StoreBusy as busy:

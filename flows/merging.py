@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from alignment.merge import (
+    LoopMergeConfig,
     MergeConfig,
     MergeError,
     check_settings,
+    incumbent_merges,
     merge_models,
     merge_settings,
     merged_model_id,
@@ -76,3 +78,23 @@ def merge_and_register(
     }
     store.write("models", [row], run_id)
     return model_id, True
+
+
+def merge_with_incumbent(
+    store: Store,
+    incumbent: str,
+    candidate: str,
+    config: LoopMergeConfig,
+    start: str,
+    iteration: int,
+) -> list[tuple[float, MergeConfig, str]]:
+    """``loop.merge``: each merge of [incumbent, candidate] (ties: from the loop's starting
+    model), registered; (the candidate's share, the settings, model_id) per merge. A merge
+    registered already (a resumed iteration) is found, not merged again."""
+    merges = incumbent_merges(config, incumbent_is_parent=incumbent == start)
+    parent = start if config.method == "ties" else None
+    pair = [incumbent, candidate]
+    return [
+        (weight, merge, merge_and_register(store, pair, merge, parent, iteration)[0])
+        for weight, merge in merges
+    ]

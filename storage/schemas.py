@@ -159,6 +159,9 @@ TABLES: dict[str, TableSpec] = {
         json_text("gates"),  # [{gate, metric, value, threshold, passed, message}]
         strings("reasons"), timestamp("started_at"), timestamp("finished_at"),
         text("flow_run_id"),
+        # loop.merge: every model tried, the trained candidate first:
+        # [{model_id, merge: {method, weight} | null, eval_run_id, passed, gates}]; null without
+        json_text("tried"),
     ),
 }
 # fmt: on

@@ -250,7 +250,7 @@ def test_self_improve_store_option_is_the_claimed_store(tmp_path: Path, hold) ->
         ),
         (
             'method: "sft"',
-            "loop.method: Input should be 'dpo', 'ppo', 'rloo' or 'grpo' (got 'sft')",
+            "loop.method: Input should be 'dpo', 'ppo', 'rloo', 'grpo' or 'spin' (got 'sft')",
         ),
     ],
 )

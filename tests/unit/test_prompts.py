@@ -230,7 +230,10 @@ def test_missing_field_names_path_and_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "ok"}, {"question": "where?"}])
     with pytest.raises(PromptSourceError) as err:
         load_prompts(path)
-    assert str(err.value) == f"{path}:2: no 'text' field (nor 'prompt' or 'messages'); fields: question"
+    assert (
+        str(err.value)
+        == f"{path}:2: no 'text' field (nor 'prompt' or 'messages'); fields: question"
+    )
 
 
 def test_non_object_and_bad_types(tmp_path: Path) -> None:

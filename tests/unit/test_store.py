@@ -95,7 +95,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "eval_run_id": "e1", "start_eval_run_id": "e0", "pairs": 8, "decision": "promoted",
         "promoted": True,
         "gates": '[{"gate": "kl", "passed": true}]', "reasons": [], "started_at": NOW,
-        "finished_at": NOW, "flow_run_id": None,
+        "finished_at": NOW, "flow_run_id": None, "tried": None,
     },
 }  # fmt: skip
 

@@ -1,0 +1,114 @@
+"""loop.merge: merges of the incumbent and the candidate are evaluated, gated and may be
+promoted; the iteration row says which model was promoted and why (docs/merging.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.loop import current_incumbent, load_loop_config, self_improve
+from storage import Store
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_merge_loop(path: Path, store: Path) -> Path:
+    """One iteration as small as the tiny model allows, with two slerp merges; the judge
+    gates are off (the tiny judge is noise), the collapse gates on."""
+    path.write_text(
+        "\n".join(
+            [
+                f"store: {store}",
+                f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
+                "seed: 0",
+                "batch_size: 8",
+                "prompts: {limit: 8}",
+                "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
+                "generation: {n: 2, max_tokens: 24}",
+                "critique: {enabled: false}",
+                "judge: {min_confidence: 0.51}",
+                "eval: {max_prompts: 4, max_tokens: 24}",
+                "loop:",
+                "  name: m",
+                "  iterations: 1",
+                "  judge_audit: null",
+                "  train: {dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 96}}",
+                "  merge: {method: slerp, weights: [0.3, 0.5]}",
+                "  gates: {min_win_rate: null, promotion_alpha: null, "
+                "min_position_consistency: null, max_kl: 30.0}",
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def merge_loop(tmp_path_factory, prefect_harness, vllm_backend):
+    root = tmp_path_factory.mktemp("merge-loop")
+    config_path = write_merge_loop(root / "loop.yaml", root / "store")
+    self_improve(config_path=str(config_path))
+    return config_path, Store(root / "store")
+
+
+def test_merges_are_registered_evaluated_and_the_best_passing_model_promoted(merge_loop):
+    config_path, store = merge_loop
+    row = store.query("SELECT * FROM iterations WHERE loop = 'm'")[0]
+    merges = store.query(
+        "SELECT model_id, path, config, iteration FROM models WHERE stage = 'merge' "
+        "ORDER BY model_id"
+    )
+    assert len(merges) == 2  # one per weight
+    trained = store.query("SELECT model_id FROM models WHERE stage = 'dpo'")[0]["model_id"]
+    incumbent = row["incumbent_model_id"]
+    for merge in merges:
+        settings = json.loads(merge["config"])
+        assert settings["method"] == "slerp" and settings["t"] in (0.3, 0.5)
+        assert settings["parents"][1] == trained  # [incumbent, candidate]
+        assert merge["iteration"] == 1 and Path(merge["path"]).is_dir()
+    # The iteration's `tried` column: the trained candidate first, then each merge.
+    stored = json.loads(row["tried"])
+    assert stored[0]["model_id"] == trained
+    assert {t["model_id"] for t in stored[1:]} == {m["model_id"] for m in merges}
+    assert stored[0]["merge"] is None and {t["merge"]["weight"] for t in stored[1:]} == {0.3, 0.5}
+    assert [t["passed"] for t in stored] == [all(g["passed"] for g in t["gates"]) for t in stored]
+    # Every model tried is in the reasons with its verdict and its eval run.
+    tried = [r for r in row["reasons"] if r.startswith("tried ")]
+    assert len(tried) == 3
+    assert any(trained in r for r in tried)
+    for merge in merges:
+        line = next(r for r in tried if merge["model_id"] in r)
+        assert "eval run" in line and ("passed every gate" in line or "failed" in line)
+        eval_run = line.rsplit("eval run ", 1)[1].rstrip(")")
+        evals = store.query(
+            "SELECT metric FROM evals WHERE run_id = ? AND model_id = ? AND baseline_model_id = ?",
+            [eval_run, merge["model_id"], incumbent],
+        )
+        assert {"win_rate", "lc_win_rate", "kl", "length"} <= {e["metric"] for e in evals}
+    # The decision is about the promoted model, or the trained candidate when none passed.
+    head = (
+        row["reasons"][0]
+        if row["promoted"]
+        else next(r for r in row["reasons"] if r.startswith("none of"))
+    )
+    config = load_loop_config(str(config_path))
+    if row["promoted"]:
+        assert head.startswith("promoted ") and row["candidate_model_id"] in head
+        assert all(g["passed"] for g in json.loads(row["gates"]))
+        promoted = store.query("SELECT model_id FROM models WHERE promoted")
+        assert promoted == [{"model_id": row["candidate_model_id"]}]
+        assert current_incumbent(config).name == row["candidate_model_id"]
+    else:
+        assert row["candidate_model_id"] == trained
+        assert "incumbent kept" in head
+        assert all("failed" in r for r in tried)
+        assert current_incumbent(config).name == incumbent
+    # The eval run stored is the chosen model's.
+    chosen = store.query(
+        "SELECT DISTINCT model_id FROM evals WHERE run_id = ?", [row["eval_run_id"]]
+    )
+    assert chosen == [{"model_id": row["candidate_model_id"]}]
