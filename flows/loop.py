@@ -352,7 +352,15 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     evaluation = evaluate_candidate(eval_config(config, k), trained, baseline, reward)
     trials = [
         Trial(candidate, evaluation, gate_results(config, evaluation.metrics, judge_quality)),
-        *merge_trials(eval_config(config, k), k, candidate, baseline, reward, judge_quality),
+        *merge_trials(
+            eval_config(config, k),
+            k,
+            training_base(config, incumbent),
+            candidate,
+            baseline,
+            reward,
+            judge_quality,
+        ),  # fmt: skip
     ]
     chosen, notes = choose(trials)
     # A model that will be promoted is also measured against the starting policy: how far

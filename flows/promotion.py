@@ -92,19 +92,21 @@ def choose(trials: list[Trial]) -> tuple[Trial, list[str]]:
 def merge_trials(
     config: PipelineConfig,
     k: int,
+    base: str,
     candidate: str,
     baseline: ModelRef,
     reward: ModelRef | None,
     judge_quality: list[Metric],
 ) -> list[Trial]:
-    """``loop.merge``: each merge of the incumbent (``baseline``, the candidate's training
-    base) and the candidate, registered in `models`, evaluated against the incumbent as
-    the candidate was (``config`` is iteration k's eval config), and gated alike."""
+    """``loop.merge``: each merge of the incumbent (``base``, the candidate's training base,
+    named as training names it; ``baseline`` its registered reference) and the candidate,
+    registered in `models`, evaluated against the incumbent as the candidate was
+    (``config`` is iteration k's eval config), and gated alike."""
     merge = config.loop.merge
     if merge is None:
         return []
     store = Store(config.store)
-    merged = merge_with_incumbent(store, baseline.name, candidate, merge, config.policy.model, k)
+    merged = merge_with_incumbent(store, base, candidate, merge, config.policy.model, k)
     trials = []
     for weight, settings, model_id in merged:
         evaluation = evaluate_candidate(config, registered_ref(store, model_id), baseline, reward)

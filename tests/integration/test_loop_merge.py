@@ -1,5 +1,7 @@
 """loop.merge: merges of the incumbent and the candidate are evaluated, gated and may be
-promoted; the iteration row says which model was promoted and why (docs/merging.md)."""
+promoted; the iteration row says which model was promoted and why (docs/merging.md).
+The loop runs on the shipped two-turn conversations, so it also shows a multi-turn loop:
+sampling, judging, DPO, merges and evals all on whole conversations (docs/multi-turn.md)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def write_merge_loop(path: Path, store: Path) -> Path:
-    """One iteration as small as the tiny model allows, with two slerp merges; the judge
-    gates are off (the tiny judge is noise), the collapse gates on."""
+    """One iteration as small as the tiny model allows, on two-turn prompts, with two slerp
+    merges; the judge gates are off (the tiny judge is noise), the collapse gates on."""
     path.write_text(
         "\n".join(
             [
@@ -26,7 +28,7 @@ def write_merge_loop(path: Path, store: Path) -> Path:
                 f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
                 "seed: 0",
                 "batch_size: 8",
-                "prompts: {limit: 8}",
+                "prompts: {source: builtin-two-turn, limit: 8}",
                 "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
                 "generation: {n: 2, max_tokens: 24}",
                 "critique: {enabled: false}",
@@ -36,7 +38,7 @@ def write_merge_loop(path: Path, store: Path) -> Path:
                 "  name: m",
                 "  iterations: 1",
                 "  judge_audit: null",
-                "  train: {dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 96}}",
+                "  train: {dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 192}}",
                 "  merge: {method: slerp, weights: [0.3, 0.5]}",
                 "  gates: {min_win_rate: null, promotion_alpha: null, "
                 "min_position_consistency: null, max_kl: 30.0}",
@@ -112,3 +114,25 @@ def test_merges_are_registered_evaluated_and_the_best_passing_model_promoted(mer
         "SELECT DISTINCT model_id FROM evals WHERE run_id = ?", [row["eval_run_id"]]
     )
     assert chosen == [{"model_id": row["candidate_model_id"]}]
+
+
+def test_the_loop_ran_on_whole_conversations(merge_loop):
+    _, store = merge_loop
+    row = store.query("SELECT * FROM iterations WHERE loop = 'm'")[0]
+    pairs = store.query(
+        "SELECT messages FROM preference_pairs WHERE run_id = ?", [row["data_run_id"]]
+    )
+    assert pairs and all(json.loads(p["messages"])[-1]["role"] == "user" for p in pairs)
+    trained = store.query("SELECT examples FROM models WHERE stage = 'dpo'")[0]["examples"]
+    assert trained == len(pairs)
+    # Both models answered the held-out conversations, and the judge compared the answers.
+    evaluated = store.query(
+        "SELECT count(*) AS n FROM prompts p JOIN run_rows r ON r.row_id = p.prompt_id "
+        "WHERE r.run_id = ? AND r.table_name = 'prompts' AND p.messages IS NOT NULL",
+        [row["eval_run_id"]],
+    )[0]["n"]
+    assert evaluated == 4
+    judged = store.query(
+        "SELECT count(*) AS n FROM judgments WHERE run_id = ?", [row["eval_run_id"]]
+    )
+    assert judged[0]["n"] >= 4
