@@ -19,8 +19,9 @@ The methods, per tensor (the math is on docs/merging.md):
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from alignment import atomic
 from alignment.ids import content_id
@@ -185,19 +185,50 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
     return merged
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    # The angle between the flattened tensors; its cosine summed in float64.
-    a64, b64 = a.flatten().double(), b.flatten().double()
-    norms = a64.norm() * b64.norm()
-    cos = (a64 @ b64 / norms).clamp(-1, 1).item() if norms > 0 else 1.0
+CHUNK = 1 << 22  # elements summed in float64 at a time
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """a · b of the flattened tensors summed in float64, a chunk at a time: no float64
+    copy of a whole tensor (an embedding's would be 4 times its bfloat16 size)."""
+    a, b = a.flatten(), b.flatten()
+    return sum(
+        float(a[i : i + CHUNK].double() @ b[i : i + CHUNK].double())
+        for i in range(0, a.numel(), CHUNK)
+    )
+
+
+def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[float, float]:
+    """(c_a, c_b) with slerp(a, b, t) = c_a a + c_b b, from the angle between the flattened
+    tensors (its cosine summed in float64); (1 - t, t) when they are (nearly) colinear."""
+    norms = math.sqrt(_dot64(a, a) * _dot64(b, b))
+    cos = max(-1.0, min(1.0, _dot64(a, b) / norms)) if norms > 0 else 1.0
     if abs(cos) > COLINEAR:
-        return (1 - t) * a + t * b
+        return 1 - t, t
     theta = torch.tensor(cos, dtype=torch.float64).arccos()
     # x(t) = sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b: at t=0 and t=1 the
     # coefficients are exactly 1 and 0, so the ends are the inputs themselves.
     coef_a = (torch.sin((1 - t) * theta) / torch.sin(theta)).item()
     coef_b = (torch.sin(t * theta) / torch.sin(theta)).item()
-    return coef_a * a + coef_b * b
+    return coef_a, coef_b
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    return linear([a, b], slerp_coefficients(a, b, t))
+
+
+def weighted_sum(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], dtype: torch.dtype
+) -> torch.Tensor:
+    """sum_i w_i x_i in ``dtype``, computed in float32 (at least) a CHUNK of elements at a
+    time: an embedding's float32 copies never exist whole."""
+    out = torch.empty(tensors[0].shape, dtype=dtype)
+    flat_out, flats = out.view(-1), [t.flatten() for t in tensors]
+    compute = torch.promote_types(dtype, torch.float32)
+    for i in range(0, flat_out.numel(), CHUNK):
+        chunk = [f[i : i + CHUNK].to(compute) for f in flats]
+        flat_out[i : i + CHUNK] = linear(chunk, weights).to(dtype)
+    return out
 
 
 def trim(task_vector: torch.Tensor, density: float) -> torch.Tensor:
@@ -236,16 +267,15 @@ def merge_tensor(
     dtype = tensors[0].dtype
     if not dtype.is_floating_point:
         return tensors[0]
+    if config.method == "linear":
+        return weighted_sum(tensors, weights, dtype)
+    if config.method == "slerp":
+        return weighted_sum(tensors, slerp_coefficients(*tensors, config.t), dtype)
+    assert parent is not None  # check_settings refused ties without one
+    # TIES trims each task vector by its global top-k, so it works on whole tensors.
     compute = torch.promote_types(dtype, torch.float32)
     inputs = [tensor.to(compute) for tensor in tensors]
-    if config.method == "linear":
-        merged = linear(inputs, weights)
-    elif config.method == "slerp":
-        merged = slerp(inputs[0], inputs[1], config.t)
-    else:
-        assert parent is not None  # check_settings refused ties without one
-        merged = ties(inputs, parent.to(compute), weights, config.density)
-    return merged.to(dtype)
+    return ties(inputs, parent.to(compute), weights, config.density).to(dtype)
 
 
 # --- folders ----------------------------------------------------------------------------------
@@ -282,6 +312,44 @@ class OpenModel:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._handles[name].get_tensor(name)
+
+    def layout(self, name: str) -> tuple[str, list[int]]:
+        """A tensor's safetensors dtype name (``"BF16"``) and shape, read from the header."""
+        view = self._handles[name].get_slice(name)
+        return view.get_dtype(), view.get_shape()
+
+
+def write_safetensors(
+    path: Path, layout: dict[str, tuple[str, list[int]]], tensors: Iterator[torch.Tensor]
+) -> None:
+    """A safetensors file written tensor by tensor: the header is known from ``layout``
+    (name -> dtype name, shape, in file order) before any tensor is computed, so only the
+    tensor being written is in memory, never the whole shard. ``tensors`` come in
+    ``layout``'s order, each of its dtype and shape (checked)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * _ITEM_SIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as out:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for (name, (dtype, shape)), tensor in zip(layout.items(), tensors, strict=True):
+            if _DTYPE_NAMES.get(tensor.dtype) != dtype or list(tensor.shape) != shape:
+                raise MergeError(f"{name}: merged as {tensor.dtype} {list(tensor.shape)}, "
+                                 f"expected {dtype} {shape}")  # fmt: skip
+            out.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
+
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1}  # fmt: skip
 
 
 def check_same_architecture(models: Sequence[OpenModel]) -> None:
@@ -321,17 +389,17 @@ def merge_models(
         with atomic.replacing(out) as tmp:
             tmp.mkdir()
             for shard, names in models[0].shards.items():
-                merged = {
-                    name: merge_tensor(
+                merged = (
+                    merge_tensor(
                         [model.tensor(name) for model in models],
                         config,
                         weights,
                         base.tensor(name) if base else None,
                     )
                     for name in names
-                }
-                save_file(merged, tmp / shard.name, metadata={"format": "pt"})
-                del merged  # one output shard in memory at a time
+                )
+                layout = {name: models[0].layout(name) for name in names}
+                write_safetensors(tmp / shard.name, layout, merged)
             for name in (WEIGHTS_INDEX, *COPIED_FILES):
                 if (models[0].folder / name).is_file():
                     shutil.copy2(models[0].folder / name, tmp / name)

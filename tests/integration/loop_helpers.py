@@ -50,6 +50,35 @@ def write_loop_config(
     return path
 
 
+def write_tiny_loop(
+    path: Path, store: Path, prompts: str, loop: list[str], dpo_max_length: int
+) -> Path:
+    """A loop of 2 answers of 24 tokens a prompt on the tiny model, evaluated on 4 prompts,
+    with no judge audit and the judge gates off (the tiny judge is noise; the collapse
+    gates stay on). ``loop``: the loop section's own lines (name, method, merge, spin...)."""
+    lines = [
+        f"store: {store}",
+        f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
+        "seed: 0",
+        "batch_size: 8",
+        f"prompts: {prompts}",
+        "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
+        "generation: {n: 2, max_tokens: 24}",
+        "critique: {enabled: false}",
+        "judge: {min_confidence: 0.51}",
+        "eval: {max_prompts: 4, max_tokens: 24}",
+        "loop:",
+        *(f"  {line}" for line in loop),
+        "  judge_audit: null",
+        "  train: {dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, "
+        f"max_length: {dpo_max_length}}}}}",
+        "  gates: {min_win_rate: null, promotion_alpha: null, "
+        "min_position_consistency: null, max_kl: 30.0}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def snapshot(store: Store) -> dict[str, Any]:
     """What a run leaves behind, free of timestamps and file names: every table's keys,
     the sampled texts and the judge's labels."""

@@ -12,41 +12,15 @@ import pytest
 
 from flows.loop import current_incumbent, load_loop_config, self_improve
 from storage import Store
+from tests.integration.loop_helpers import write_tiny_loop
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def write_merge_loop(path: Path, store: Path) -> Path:
-    """One iteration as small as the tiny model allows, on two-turn prompts, with two slerp
-    merges; the judge gates are off (the tiny judge is noise), the collapse gates on."""
-    path.write_text(
-        "\n".join(
-            [
-                f"store: {store}",
-                f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
-                "seed: 0",
-                "batch_size: 8",
-                "prompts: {source: builtin-two-turn, limit: 8}",
-                "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
-                "generation: {n: 2, max_tokens: 24}",
-                "critique: {enabled: false}",
-                "judge: {min_confidence: 0.51}",
-                "eval: {max_prompts: 4, max_tokens: 24}",
-                "loop:",
-                "  name: m",
-                "  iterations: 1",
-                "  judge_audit: null",
-                "  train: {dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 192}}",
-                "  merge: {method: slerp, weights: [0.3, 0.5]}",
-                "  gates: {min_win_rate: null, promotion_alpha: null, "
-                "min_position_consistency: null, max_kl: 30.0}",
-            ]
-        )
-        + "\n"
-    )
-    return path
+    """One iteration on two-turn prompts, with two slerp merges."""
+    loop = ["name: m", "iterations: 1", "merge: {method: slerp, weights: [0.3, 0.5]}"]
+    return write_tiny_loop(path, store, "{source: builtin-two-turn, limit: 8}", loop, 192)
 
 
 @pytest.fixture(scope="module")

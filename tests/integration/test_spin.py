@@ -12,40 +12,20 @@ import pytest
 from alignment.spin import METRIC, load_references
 from flows.loop import self_improve
 from storage import Store
+from tests.integration.loop_helpers import write_tiny_loop
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write_spin_loop(path: Path, store: Path, name: str, stop: bool) -> Path:
     """Two SPIN iterations on 6 train and 4 held-out shipped references."""
-    path.write_text(
-        "\n".join(
-            [
-                f"store: {store}",
-                f"constitution: {REPO / 'constitutions' / 'demo.yaml'}",
-                "seed: 0",
-                "prompts: {limit: 8}",
-                "policy: {model: tiny, kv_cache_gib: 0.5, max_model_len: 1024}",
-                "generation: {n: 2, max_tokens: 24}",
-                "judge: {min_confidence: 0.51}",
-                "eval: {max_prompts: 4, max_tokens: 24}",
-                "loop:",
-                f"  name: {name}",
-                "  method: spin",
-                "  iterations: 2",
-                "  judge_audit: null",
-                "  spin: {references: builtin-spin, limit: 6, eval_limit: 4, "
-                f"stop: {str(stop).lower()}}}",
-                "  train: {dpo: {learning_rate: 1.0e-3, num_train_epochs: 1, max_length: 128}}",
-                "  gates: {min_win_rate: null, promotion_alpha: null, "
-                "min_position_consistency: null, max_kl: 30.0}",
-            ]
-        )
-        + "\n"
-    )
-    return path
+    loop = [
+        f"name: {name}",
+        "method: spin",
+        "iterations: 2",
+        f"spin: {{references: builtin-spin, limit: 6, eval_limit: 4, stop: {str(stop).lower()}}}",
+    ]
+    return write_tiny_loop(path, store, "{limit: 8}", loop, 128)
 
 
 @pytest.fixture(scope="module")

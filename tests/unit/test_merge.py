@@ -333,3 +333,29 @@ def test_agrees_with_mergekit(two_models: tuple[Path, Path]) -> None:
         torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-5, atol=1e-6)
         mean = merged(merge_models(list(two_models), two_models[0].parent / name, MergeConfig()))
         torch.testing.assert_close(mean[name], 0.5 * a[name] + 0.5 * b[name])
+
+
+def test_weighted_sum_in_chunks_equals_the_whole_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    import alignment.merge as merge
+
+    a, b = torch.randn(7, 5).to(torch.bfloat16), torch.randn(7, 5).to(torch.bfloat16)
+    whole = (0.3 * a.float() + 0.7 * b.float()).to(torch.bfloat16)
+    monkeypatch.setattr(merge, "CHUNK", 4)  # 35 elements: 9 chunks, the last one short
+    assert torch.equal(merge.weighted_sum([a, b], [0.3, 0.7], torch.bfloat16), whole)
+    coef = merge.slerp_coefficients(a, b, 0.4)
+    expected = merge.slerp(a.float(), b.float(), 0.4)
+    assert torch.equal(merge.weighted_sum([a, b], coef, torch.float32), expected)
+
+
+def test_the_streamed_writer_writes_what_safetensors_reads(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from alignment.merge import write_safetensors
+
+    tensors = {"w": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "n": torch.tensor(3)}
+    layout = {"w": ("BF16", [2, 3]), "n": ("I64", [])}
+    write_safetensors(tmp_path / "m.safetensors", layout, iter(tensors.values()))
+    loaded = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with pytest.raises(MergeError, match="w: merged as torch.float32"):
+        write_safetensors(tmp_path / "x.safetensors", layout, iter([torch.zeros(2, 3)]))
