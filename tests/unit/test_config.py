@@ -60,8 +60,8 @@ def test_train_config_errors_have_lines(tmp_path: Path) -> None:
         load_train_config(path)
     assert str(caught.value) == (
         f"{path}:3: data.min_p_chosen: Input should be greater than or equal to 0.5 (got 0.2)\n"
-        f"{path}:5: unknown key 'lr' in sft (allowed: use_lora, use_qlora, lora_r, lora_alpha, seed, "
-        "learning_rate, num_train_epochs, per_device_train_batch_size, max_length, "
+        f"{path}:5: unknown key 'lr' in sft (allowed: use_lora, use_qlora, lora_r, lora_alpha, "
+        "seed, learning_rate, num_train_epochs, per_device_train_batch_size, max_length, "
         "completion_only_loss)"
     )
 
