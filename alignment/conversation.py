@@ -80,11 +80,17 @@ def turns(prompt: Prompt) -> int:
     return 1 if isinstance(prompt, str) else sum(m["role"] == "user" for m in prompt)
 
 
+def prompt_key(prompt: Prompt) -> str:
+    """What a prompt's id and hash split read: the text, or the conversation's canonical
+    JSON."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(list(prompt), ensure_ascii=False, separators=(",", ":"))
+
+
 def messages_json(prompt: Prompt) -> str | None:
     """The store's ``messages`` column: the conversation's canonical JSON, None for a text."""
-    if isinstance(prompt, str):
-        return None
-    return json.dumps(list(prompt), ensure_ascii=False, separators=(",", ":"))
+    return None if isinstance(prompt, str) else prompt_key(prompt)
 
 
 def from_stored(text: str, messages: str | Sequence[Message] | None) -> Prompt:

@@ -30,7 +30,7 @@ from typing import Any
 
 from alignment.asking import Comparison
 from alignment.constitution import Constitution, Principle
-from alignment.conversation import ConversationError, Prompt, conversation, messages_json
+from alignment.conversation import ConversationError, Prompt, conversation, prompt_key
 from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
 from alignment.records import Record, dataset_rows, read_records
 
@@ -145,8 +145,7 @@ def preference_set_id(source: str | Path) -> str:
 def pair_id(pair: GoldPair) -> str:
     """A pair's identity: sha256 of its principle id, prompt, chosen and rejected texts
     (stripped), whatever line it is on."""
-    prompt = pair.prompt if isinstance(pair.prompt, str) else messages_json(pair.prompt)
-    parts = (pair.principle.id, prompt or "", pair.chosen, pair.rejected)
+    parts = (pair.principle.id, prompt_key(pair.prompt), pair.chosen, pair.rejected)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 

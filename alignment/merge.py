@@ -1,10 +1,12 @@
 """Model merging: linear, SLERP and TIES over safetensors folders of one architecture.
 
 A merge reads the inputs tensor by tensor (``safe_open`` maps the files; one tensor of each
-input is in memory at a time) and writes the output shard by shard, in the first model's
-shard layout, so memory stays about one output shard plus one tensor per input. Each tensor
-is merged in float32 (float64 stays float64) and cast back to the first model's dtype.
-Tensors that are not floating point (integer buffers) are copied from the first model.
+input is in memory at a time) and writes each output shard tensor by tensor, in the first
+model's shard layout (``write_safetensors``: the header comes from the inputs' layout), so no
+output shard is held whole. Each tensor is merged in float32 (float64 stays float64) and
+cast back to the first model's dtype; linear and SLERP do it a CHUNK of elements at a time,
+TIES on whole tensors (its top-k is global). Tensors that are not floating point (integer
+buffers) are copied from the first model.
 
 The methods, per tensor (the math is on docs/merging.md):
 

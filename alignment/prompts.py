@@ -43,7 +43,8 @@ from alignment.conversation import (
     ConversationError,
     Prompt,
     conversation,
-    messages_json,
+    last_turn,
+    prompt_key,
 )
 from alignment.ids import content_id
 from alignment.records import ACCEPTED_FORMS as RECORD_FORMS
@@ -95,7 +96,7 @@ class SeedPrompt:
 def prompt_id(prompt: Prompt) -> str:
     """A prompt's id: its text's hash (a conversation's: its canonical JSON's), so the same
     prompt from any source is one row."""
-    return content_id("prompt", prompt if isinstance(prompt, str) else messages_json(prompt))
+    return content_id("prompt", prompt_key(prompt))
 
 
 class PromptSourceError(ValueError):
@@ -221,13 +222,12 @@ def _to_prompt(
     row: _Row, text_field: str, split_field: str, eval_fraction: float, tag: str
 ) -> SeedPrompt:
     prompt = _prompt_of(row, text_field)
-    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     # A conversation's split hashes its canonical JSON, as its id does.
-    key = prompt if isinstance(prompt, str) else (messages_json(prompt) or "")
-    split = row.split or _split_of(row, split_field) or hash_split(key, eval_fraction)
+    split = row.split or _split_of(row, split_field)
+    split = split or hash_split(prompt_key(prompt), eval_fraction)
     category = row.record.get("category") or ""
     messages = None if isinstance(prompt, str) else prompt
-    return SeedPrompt(text, split, tag, str(category), messages)
+    return SeedPrompt(last_turn(prompt), split, tag, str(category), messages)
 
 
 def _prompt_of(row: _Row, text_field: str) -> Prompt:

@@ -85,7 +85,7 @@ def references_path(source: str) -> Path:
     return BUILTIN_SPIN_PATH if source == BUILTIN_SPIN else Path(source).expanduser()
 
 
-def _text(value: Any, role: str, column: str) -> str | None:
+def _text(value: Any, role: str) -> str | None:
     """A column's text: a string, or (TRL's conversational format) the content of its one
     turn of ``role`` (a prompt's last user turn)."""
     if isinstance(value, str):
@@ -117,8 +117,8 @@ def load_references(source: str, eval_fraction: float = 0.2) -> list[Reference]:
                 Problem(name, line_no, f"expected a JSON object, got {type(row).__name__}")
             )
             continue
-        prompt = _text(row.get("prompt"), "user", "prompt")
-        completion = _text(row.get("completion"), "assistant", "completion")
+        prompt = _text(row.get("prompt"), "user")
+        completion = _text(row.get("completion"), "assistant")
         for column, value in (("prompt", prompt), ("completion", completion)):
             if column not in row:
                 problems.append(Problem(name, line_no, f"missing column '{column}'"))

@@ -348,19 +348,13 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     store = Store(config.store)
     trained = registered_ref(store, candidate)
     reward = registered_ref(store, reward_model) if reward_model else None
-    baseline = registered_ref(store, training_base(config, incumbent))
-    evaluation = evaluate_candidate(eval_config(config, k), trained, baseline, reward)
+    base = training_base(config, incumbent)
+    baseline = registered_ref(store, base)
+    evaluating = eval_config(config, k)
+    evaluation = evaluate_candidate(evaluating, trained, baseline, reward)
     trials = [
         Trial(candidate, evaluation, gate_results(config, evaluation.metrics, judge_quality)),
-        *merge_trials(
-            eval_config(config, k),
-            k,
-            training_base(config, incumbent),
-            candidate,
-            baseline,
-            reward,
-            judge_quality,
-        ),  # fmt: skip
+        *merge_trials(evaluating, k, base, candidate, baseline, reward, judge_quality),
     ]
     chosen, notes = choose(trials)
     # A model that will be promoted is also measured against the starting policy: how far
@@ -370,7 +364,7 @@ def run_iteration(config: PipelineConfig, session: Session, k: int) -> dict[str,
     if versus_start is None and chosen.passed:
         start_ref = registered_ref(store, config.policy.model)
         chosen_ref = registered_ref(store, chosen.model_id)
-        versus_start = evaluate_candidate(eval_config(config, k), chosen_ref, start_ref, reward)
+        versus_start = evaluate_candidate(evaluating, chosen_ref, start_ref, reward)
     return record_iteration(
         config, session, k, incumbent, data_run, len(pairs), started, chosen.model_id,
         chosen.evaluation, versus_start, judge_quality, trials if len(trials) > 1 else None, notes,
