@@ -41,6 +41,42 @@ from flows.model_checks import (
 M = TypeVar("M", bound=BaseModel)
 
 
+class RayEnginesConfig(BaseModel):
+    """Where a model's vLLM engines run when they run on a Ray cluster (docs/scale.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(
+        None,
+        description="The Ray cluster: 'auto', '127.0.0.1:6379', 'ray://head:10001'; null: "
+        "RAY_ADDRESS, else a cluster started for this process.",
+    )
+    actors: int = Field(2, gt=0, description="Engines (one Ray actor each) for this model.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each engine actor reserves.")
+    gpus_per_actor: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each engine actor reserves (null: tensor x pipeline parallel size "
+        "on a GPU cluster, 0 on CPU).",
+    )
+    batch_size: int = Field(
+        8, gt=0, description="Requests per actor call: the unit that is retried elsewhere."
+    )
+    max_restarts: int = Field(
+        1, ge=0, description="Times Ray restarts an engine actor that died."
+    )
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="Placement group strategy of the engine actors."
+    )
+
+
+# Where a model runs, not what it computes: left out of run ids, so the same config run
+# on one machine, a Ray cluster or an endpoint pool stores the same rows.
+PLACEMENT_FIELDS = frozenset(
+    {"ray", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"}
+)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,8 +90,10 @@ class ModelConfig(BaseModel):
     backend: Literal["vllm", "openai"] = Field(
         "vllm", description="vllm: offline engine in this process. openai: an HTTP server."
     )
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."
+    base_url: str | list[str] | None = Field(
+        None,
+        description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1, or a list "
+        "of them: a pool (least outstanding requests first, failover, health checks).",
     )
     max_model_len: int = Field(1024, gt=0, description="Context length the engine reserves.")
     kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache memory of the vLLM engine.")
@@ -64,12 +102,30 @@ class ModelConfig(BaseModel):
     name: str | None = Field(
         None, description="Name recorded in lineage (default: the model string)."
     )
+    ray: RayEnginesConfig | None = Field(
+        None,
+        description="Run this model's vLLM engines in Ray actors (backend vllm only); "
+        "null: one engine in this process.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one engine spans.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages.")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM: engine replicas (GPU).")
 
     @model_validator(mode="after")
     def _backend_needs_url(self) -> ModelConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend == "openai" and self.ray is not None:
+            raise ValueError("ray runs vLLM engines: it needs backend 'vllm', not 'openai'")
         return self
+
+    def identity(self) -> dict[str, Any]:
+        """What decides this model's outputs: the settings less where it runs (a pool's
+        member list included: endpoints come and go)."""
+        kept = self.model_dump(mode="json", exclude=set(PLACEMENT_FIELDS))
+        if isinstance(self.base_url, list):
+            del kept["base_url"]
+        return kept
 
     @model_validator(mode="after")
     def _model_exists(self) -> ModelConfig:
@@ -205,6 +261,14 @@ class LoopConfig(BaseModel):
         description="Processes each iteration's training runs on (torchrun, one per GPU, or "
         "gloo on CPU); 1 trains in the loop's own process.",
     )
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun",
+        description="How nproc_per_node > 1 processes start: torchrun on this machine, or "
+        "Ray Train's TorchTrainer with nproc_per_node workers on a Ray cluster (any node).",
+    )
+    ray_address: str | None = Field(
+        None, description="launcher ray: the cluster (null: RAY_ADDRESS, else a local one)."
+    )
 
     @field_validator("judge_audit")
     @classmethod
@@ -260,7 +324,11 @@ class PipelineConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """What decides a run's data: the settings less where it is stored, how it is
         evaluated and the loop's."""
-        return self.model_dump(mode="json", exclude={"store", "eval", "loop"})
+        kept = self.model_dump(mode="json", exclude={"store", "eval", "loop"})
+        kept["policy"] = self.policy.identity()
+        if self.judge_model is not None:
+            kept["judge_model"] = self.judge_model.identity()
+        return kept
 
 
 def _problems(error: ValidationError, doc: LocatedYaml, model: type[BaseModel]) -> list[Problem]:

@@ -201,6 +201,8 @@ def train_candidate(
         "iteration": k,
         "data": data,
         "nproc_per_node": config.loop.nproc_per_node,
+        "launcher": config.loop.launcher,
+        "ray_address": config.loop.ray_address,
     }
     # spin: the DPO loss on its pairs, the incumbent (the training base) as the reference
     stage = "dpo" if config.loop.method == "spin" else config.loop.method

@@ -95,6 +95,14 @@ class TrainConfig(StageConfigs):
         "runs torchrun with N processes (one per GPU, or gloo on CPU). Batch sizes are per "
         "process, so N is part of the model's id.",
     )
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun",
+        description="How N > 1 processes start: torchrun on this machine, or Ray Train's "
+        "TorchTrainer with N workers on a Ray cluster.",
+    )
+    ray_address: str | None = Field(
+        None, description="launcher ray: the cluster (null: RAY_ADDRESS, else a local one)."
+    )
     launch_timeout_s: float = Field(
         86400, gt=0, description="Longest a launched (N > 1) training may run; then stopped."
     )

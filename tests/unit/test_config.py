@@ -17,7 +17,10 @@ TOP_KEYS = (
     "store, constitution, iteration, seed, batch_size, prompts, policy, judge_model, "
     "generation, critique, judge, eval, loop"
 )
-MODEL_KEYS = "model, backend, base_url, max_model_len, kv_cache_gib, dtype, max_concurrency, name"
+MODEL_KEYS = (
+    "model, backend, base_url, max_model_len, kv_cache_gib, dtype, max_concurrency, name, ray, "
+    "tensor_parallel_size, pipeline_parallel_size, data_parallel_size"
+)
 
 
 @pytest.fixture(autouse=True)
