@@ -62,9 +62,7 @@ class RayEnginesConfig(BaseModel):
     batch_size: int = Field(
         8, gt=0, description="Requests per actor call: the unit that is retried elsewhere."
     )
-    max_restarts: int = Field(
-        1, ge=0, description="Times Ray restarts an engine actor that died."
-    )
+    max_restarts: int = Field(1, ge=0, description="Times Ray restarts an engine actor that died.")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
         "PACK", description="Placement group strategy of the engine actors."
     )

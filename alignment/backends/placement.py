@@ -72,9 +72,7 @@ def recording() -> Iterator[Recorder]:
 
 
 @contextlib.contextmanager
-def timed(
-    recorder: Recorder, kind: str, where: str, node: str, requests: int
-) -> Iterator[None]:
+def timed(recorder: Recorder, kind: str, where: str, node: str, requests: int) -> Iterator[None]:
     """Note one batch on ``recorder``: its time, and whether it raised (re-raised)."""
     started, clock = time.time(), time.perf_counter()
     try:
