@@ -88,11 +88,28 @@ def print_metrics(metrics: list[Any]) -> None:
         click.echo(f"{m.metric:40} {m.value:10.4f}  n={m.n}{interval}")
 
 
+def print_batches(console: Any, placed: list[dict[str, Any]]) -> None:
+    """Where a run's batches ran (engine, actor or endpoint, node) and how long they took."""
+    from rich.table import Table
+
+    if not placed:
+        return
+    table = Table(title="where batches ran")
+    for name in ("stage", "kind", "ran on", "node", "batches", "requests", "failed"):
+        table.add_column(name)
+    table.add_column("seconds (mean)")
+    for row in placed:
+        cells = [row["stage"], row["kind"], row["ran_on"], row["node"]]
+        counts = [str(row[k]) for k in ("batches", "requests", "failed")]
+        table.add_row(*cells, *counts, f"{row['seconds']} ({row['mean_seconds']})")
+    console.print(table)
+
+
 def print_summary(store: Any, run_id: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from flows.summary import next_queries, run_summary
+    from flows.summary import next_queries, run_summary, where_batches_ran
 
     s = run_summary(store, run_id)
     console = Console(soft_wrap=True)
@@ -109,6 +126,7 @@ def print_summary(store: Any, run_id: str) -> None:
         f"Judge position consistency: {rate} of {s.model_comparisons} "
         "model-judged comparisons (both orders agree)"
     )
+    print_batches(console, where_batches_ran(store, [run_id]))
     console.print("Judgment statuses: " + ", ".join(f"{k}={v}" for k, v in s.statuses.items()))
     console.print("Judgment outcomes: " + ", ".join(f"{k}={v}" for k, v in s.outcomes.items()))
     for i, pair in enumerate(s.examples, 1):

@@ -27,8 +27,10 @@ from rich.text import Text
 
 from alignment import atomic
 from flows import report_rows
+from flows.cli_output import print_batches
 from flows.report_rows import SHORT, IterationRow, ModelRow, PairsPage, lineage_line
 from flows.report_store import loop_history, loop_pairs
+from flows.summary import where_batches_ran
 from storage import Store
 
 __all__ = [
@@ -58,6 +60,7 @@ def print_status(store: Store, loop: str | None = None, console: Console | None 
     line = lineage_line(history)
     if line:
         console.print(line, markup=False)
+    print_batches(console, where_batches_ran(store, history.run_ids()))
 
 
 def _iterations_table(loop: str | None, rows: list[IterationRow]) -> Table:

@@ -29,6 +29,7 @@ from flows.report_store import (
     judge_audits,
     pairs_by_principle,
 )
+from flows.summary import where_batches_ran
 from storage import Store
 
 SHORT = 12  # characters of a model id shown in tables
@@ -467,6 +468,7 @@ class Report:
     examples: list[ExamplesOf]
     pairs: PairsLink | None  # None: no pairs to browse
     models: list[ModelRow]
+    batches: list[dict[str, Any]]  # where the loop's batches ran (where_batches_ran)
 
 
 def report(
@@ -485,4 +487,5 @@ def report(
         examples=examples_of(eval_examples(store, history), history),
         pairs=_pairs_link(pairs, pairs_page),
         models=model_rows(history),
+        batches=where_batches_ran(store, history.run_ids()),
     )

@@ -113,6 +113,12 @@ class LoopHistory:
     iterations: list[Iteration]
     models: dict[str, dict[str, Any]]  # every registered model, by model_id
 
+    def run_ids(self) -> list[str] | None:
+        """The runs of the loop's iterations (data and evals); None without iterations."""
+        if not self.iterations:
+            return None
+        return [r for it in self.iterations for r in (it.data_run_id, it.eval_run_id) if r]
+
     def incumbent(self) -> str | None:
         """The incumbent after the last iteration."""
         if not self.iterations:

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from alignment.backends import SamplingConfig
+from alignment.backends import SamplingConfig, placement
 from alignment.constitution import Constitution
 from alignment.conversation import Prompt, as_chat, first_turn, from_stored, messages_json
 from alignment.critique import critique_and_revise, critique_ids
+from alignment.ids import content_id
 from alignment.judge import (
     Candidate,
     Judgment,
@@ -132,7 +133,11 @@ def run_stage(
     expected = list(dict.fromkeys(expected))
     stored = store.existing_keys(table, expected)
     missing = [key for key in expected if key not in stored]
-    rows = compute(missing) if missing else []
+    with placement.recording() as batches:
+        try:
+            rows = compute(missing) if missing else []
+        finally:  # a crashed stage's batches say where it failed
+            store.write("batches", batch_rows(run_id, stage, table, batches.placements), run_id)
     made = {row[table_spec(table).key] for row in rows}
     if not_made := [key for key in missing if key not in made]:
         raise RuntimeError(f"{stage}: {len(not_made)} expected {table} rows were not computed")
@@ -151,6 +156,21 @@ def run_stage(
             stage, len(expected), len(stored), len(missing), written,
         )  # fmt: skip
     return StageCount(stage, len(expected), len(stored), len(missing))
+
+
+def batch_rows(
+    run_id: str, stage: str, table: str, placements: Sequence[placement.Placement]
+) -> list[dict[str, Any]]:
+    """The ``batches`` rows of one stage's placements (their id hashes the whole record:
+    each batch sent is an event of its own)."""
+    rows = []
+    for p in placements:
+        record = {"run_id": run_id, "stage": stage, "table_name": table} | asdict(p)
+        started_at = datetime.fromtimestamp(record.pop("started_at"), tz=timezone.utc)
+        record["ran_on"] = record.pop("where")
+        batch_id = content_id("batch", record, started_at.isoformat())
+        rows.append({"batch_id": batch_id, **record, "started_at": started_at})
+    return rows
 
 
 def run_row_ids(store: Store, run_id: str, table: str) -> list[str]:

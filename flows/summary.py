@@ -108,3 +108,17 @@ def run_summary(store: Store, run_id: str) -> RunSummary:
         outcomes={r["outcome"]: r["n"] for r in outcomes},
         examples=examples,
     )
+
+
+def where_batches_ran(store: Store, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per stage and place (engine, actor or endpoint, and its node): the batches sent
+    there, their requests, how many failed, and their time; every run when ``run_ids`` is
+    None."""
+    runs = "" if run_ids is None else "WHERE run_id IN (SELECT unnest(?))"
+    return store.query(
+        "SELECT stage, kind, ran_on, node, count(*) AS batches, sum(requests) AS requests, "
+        "count(*) FILTER (WHERE NOT ok) AS failed, round(sum(seconds), 1) AS seconds, "
+        "round(avg(seconds), 2) AS mean_seconds, min(started_at) AS first_started "
+        f"FROM batches {runs} GROUP BY ALL ORDER BY first_started, stage, ran_on",
+        [] if run_ids is None else [run_ids],
+    )

@@ -163,6 +163,14 @@ TABLES: dict[str, TableSpec] = {
         # [{model_id, merge: {method, weight} | null, eval_run_id, passed, gates}]; null without
         json_text("tried"),
     ),
+    # One row per batch of engine requests a stage sent: what ran it (kind engine | actor |
+    # endpoint, ran_on its name), on which node, how many requests, when and for how long;
+    # a failed batch (ok false) was retried elsewhere and has a row of its own there.
+    "batches": _spec(
+        "batch_id", RUN_ID, text("stage"), text("table_name"), text("kind"), text("ran_on"),
+        text("node"), integer("requests"), flag("ok"), text("error"),
+        timestamp("started_at"), real("seconds"),
+    ),
 }
 # fmt: on
 

@@ -97,6 +97,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "gates": '[{"gate": "kl", "passed": true}]', "reasons": [], "started_at": NOW,
         "finished_at": NOW, "flow_run_id": None, "tried": None,
     },
+    "batches": {
+        "batch_id": "b1", "run_id": RUN, "stage": "sample", "table_name": "responses",
+        "kind": "actor", "ran_on": "actor-0", "node": "127.0.0.1", "requests": 8, "ok": True,
+        "error": None, "started_at": NOW, "seconds": 1.5,
+    },
 }  # fmt: skip
 
 
