@@ -33,6 +33,7 @@ from flows.cli_options import (
     store_override_option,
     user_errors,
 )
+from flows.cli_store import sql_command, store_group
 
 __all__ = ["OFFLINE_ENV", "main", "user_errors"]
 
@@ -229,54 +230,10 @@ def report(store: str, loop: str | None, out: str | None) -> None:
     click.echo(str(path))
 
 
-# --- sql -------------------------------------------------------------------------------
+# --- sql, store ------------------------------------------------------------------------
 
-
-@main.command("sql")
-@click.argument("query")
-@store_option
-@format_option("table", "csv", "json")
-@click.option(
-    "--allow-external",
-    is_flag=True,
-    help="Let the SQL read and write files outside the store (COPY, read_csv, ATTACH...).",
-)
-@user_errors
-def sql_command(query: str, store: str, fmt: str, allow_external: bool) -> None:
-    """Run read-only SQL over the store's DuckDB views.
-
-    The SQL may read only the store's files and writes nothing, unless --allow-external.
-
-    Example: rlaif sql "SELECT status, count(*) FROM judgments GROUP BY 1"
-    """
-    from storage import sql
-
-    columns, rows = sql(Path(store) / "rlaif.duckdb", query, allow_external=allow_external)
-    click.echo(output.format_rows(columns, rows, fmt), nl=False)
-
-
-@main.group("store")
-def store_group() -> None:
-    """Look after the store's files.
-
-    Example: rlaif store compact --store rlaif-data
-    """
-
-
-@store_group.command("compact")
-@store_option
-@click.option("--table", default=None, help="Only this table (default: every table).")
-@user_errors
-def store_compact(store: str, table: str | None) -> None:
-    """Merge each table's shards into one file; rows, ids and run_ids are unchanged.
-
-    Safe to run while others read or write, and to kill: a table's folder is swapped for
-    its merged copy in one atomic step. write() also compacts on its own past a shard count.
-
-    Example: rlaif store compact --store rlaif-data --table preference_pairs
-    """
-    for result in calls.existing_store(store).compact(table):
-        click.echo(f"{result.table}: {result.shards_before} -> {result.shards_after} shards")
+main.add_command(sql_command)  # flows/cli_store.py: `rlaif sql`, local or over an s3:// mirror
+main.add_command(store_group)  # flows/cli_store.py: `rlaif store compact | push | pull`
 
 
 # --- models ----------------------------------------------------------------------------

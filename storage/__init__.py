@@ -1,4 +1,5 @@
-"""The store: Arrow schemas, atomic Parquet shards and a DuckDB catalog of views over them."""
+"""The store: Arrow schemas, atomic Parquet shards and a DuckDB catalog of views over them;
+storage.mirror copies it to S3 and back."""
 
 from storage.errors import (
     QueryError,
@@ -11,6 +12,7 @@ from storage.errors import (
     StoreNotFound,
     UnknownTable,
 )
+from storage.mirror import MirrorError
 from storage.sandbox import sql
 from storage.schemas import DERIVED_VIEWS, TABLES, TableSpec
 from storage.store import CompactResult, Store, WriteResult
@@ -18,6 +20,7 @@ from storage.store import CompactResult, Store, WriteResult
 __all__ = [
     "CompactResult",
     "DERIVED_VIEWS",
+    "MirrorError",
     "TABLES",
     "QueryError",
     "SandboxRefused",

@@ -5,6 +5,8 @@ before checking), never spills to disk, runs only SELECT, EXPLAIN, PRAGMA and CA
 its configuration locked. `allow_external=True` lifts it. Store.query's sandbox (`Reader`)
 holds the same views as the database, made from the same code, so a query neither opens
 nor locks the db file; `sql()` (the CLI) attaches the db file read-only instead.
+`remote_sandbox` is the same sandbox over a store mirrored to S3 (storage/mirror.py),
+limited to the mirror's prefix and reading through a filesystem registered with DuckDB.
 """
 
 from __future__ import annotations
@@ -146,12 +148,20 @@ def _sandbox(db_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def _sandbox_instance(db_path: Path) -> duckdb.DuckDBPyConnection:
     """The locked-down in-memory DuckDB of `_sandbox`, with nothing attached yet."""
+    files = [str(db_path), f"{db_path}.wal"]  # only ATTACH opens them (users may not)
+    return _locked_instance([str(db_path.parent / "parquet") + os.sep], files)
+
+
+def _locked_instance(
+    directories: list[str], files: list[str], filesystem: Any = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that may read only `directories` and `files` (through
+    `filesystem`, an fsspec filesystem, when given), never spills, configuration locked."""
     con = duckdb.connect(config={"temp_directory": ""})  # "": never spill to disk
     try:
-        files = [str(db_path), f"{db_path}.wal"]  # only ATTACH opens them (users may not)
-        con.execute(
-            f"SET allowed_directories = [{literal(str(db_path.parent / 'parquet') + os.sep)}]"
-        )
+        if filesystem is not None:
+            con.register_filesystem(filesystem)
+        con.execute(f"SET allowed_directories = [{', '.join(literal(d) for d in directories)}]")
         con.execute(f"SET allowed_paths = [{', '.join(literal(f) for f in files)}]")
         con.execute("SET enable_external_access = false")  # after the allowed lists
         con.execute("SET lock_configuration = true")  # no SET/RESET/PRAGMA can undo the above
@@ -159,6 +169,25 @@ def _sandbox_instance(db_path: Path) -> duckdb.DuckDBPyConnection:
         con.close()
         raise
     return con
+
+
+@contextmanager
+def remote_sandbox(
+    filesystem: Any, prefix: str, views: dict[str, str]
+) -> Iterator[SandboxedConnection]:
+    """The sandbox over a store mirrored at `prefix` (`s3://bucket/prefix/`, read through
+    `filesystem`, a pyarrow FileSystem): it may read only under `prefix`, and holds `views`
+    (name -> CREATE VIEW statement)."""
+    con = _locked_instance([prefix], [], read_only(filesystem))
+    try:
+        for view_sql in views.values():
+            try:
+                con.execute(view_sql)  # binds now: reads each listed shard's schema
+            except duckdb.Error as e:
+                raise query_error(e) from e
+        yield SandboxedConnection(con)
+    finally:
+        con.close()
 
 
 @contextmanager
@@ -180,6 +209,27 @@ def _detached(con: duckdb.DuckDBPyConnection, db_path: Path) -> bool:
         return True
     except duckdb.Error:
         return False
+
+
+def read_only(filesystem: Any) -> Any:
+    """A pyarrow FileSystem as an fsspec filesystem that only reads, for DuckDB: a second
+    guard beside the statement check."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    class ReadOnly(ArrowFSWrapper):
+        cachable = False  # fsspec would otherwise share instances across credentials
+
+        def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+            if mode != "rb":
+                raise PermissionError(f"the store is read-only: {path}")
+            return super()._open(path, mode, *args, **kwargs)
+
+        def _refuse(self, *args: Any, **kwargs: Any) -> None:
+            raise PermissionError("the store is read-only")
+
+        rm = rm_file = _rm = mkdir = makedirs = rmdir = mv = cp_file = _refuse  # type: ignore[assignment]
+
+    return ReadOnly(filesystem)
 
 
 class SandboxedConnection:

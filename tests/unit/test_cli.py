@@ -472,7 +472,8 @@ def test_walk_finds_every_command() -> None:
         "", "constitution", "constitution lint", "run", "demo", "summary", "sql", "models",
         "models build-tiny", "models build-smollm2", "export", "train", "eval", "self-improve",
         "serve", "deploy", "models build-qwen-coder-0.5b", "merge",
-        "status", "report", "judge", "judge eval", "store", "store compact",
+        "status", "report", "judge", "judge eval", "store", "store compact", "store push",
+        "store pull",
     }  # fmt: skip
 
 
@@ -506,7 +507,9 @@ def test_store_options_are_the_shared_ones() -> None:
         if param.name == "store"
     }
     readers = {name for name, param in stores.items() if param.default == "rlaif-data"}
-    assert readers == {"summary", "status", "report", "sql", "export", "store compact"}
+    assert readers == {
+        "summary", "status", "report", "sql", "export", "store compact", "store push", "store pull"
+    }  # fmt: skip
     for name, param in stores.items():
         assert isinstance(param, click.Option) and param.help is not None
         if name in readers:
