@@ -46,6 +46,7 @@ bench: model smollm2
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/stages.py --out bench/results/stages.json
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/training.py --out bench/results/training.json
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/scaling.py --out bench/results/scaling.json
+	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/ray_sampling.py --out bench/results/ray_sampling.json
 	$(BIN)/python bench/report.py
 
 clean:

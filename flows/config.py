@@ -115,6 +115,12 @@ class ModelConfig(BaseModel):
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
         if self.backend == "openai" and self.ray is not None:
             raise ValueError("ray runs vLLM engines: it needs backend 'vllm', not 'openai'")
+        if self.data_parallel_size > 1:
+            message = (
+                "data_parallel_size > 1: one offline vLLM engine holds no replicas; run "
+                "replicas as engine actors (ray: {actors: N}) or as servers in a base_url list"
+            )
+            raise PydanticCustomError("data_parallel", message, {"field": "data_parallel_size"})
         return self
 
     def identity(self) -> dict[str, Any]:

@@ -34,11 +34,20 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from alignment import atomic
-from alignment.backends import Backend, OpenAIBackend, VLLMBackend
+from alignment.backends import (
+    ActorSettings,
+    Backend,
+    EngineSettings,
+    OpenAIBackend,
+    RayBackend,
+    VLLMBackend,
+    resolve_dtype,
+)
 from alignment.constitution import load_constitution
 from alignment.model_ref import ModelRef, folder_id
 from alignment.prompts import load_prompts
@@ -303,11 +312,7 @@ def engine_dtype(config: ModelConfig) -> str:
     float16 are right). Every checkpoint of a loop (the starting model, each trained
     candidate) must also get the same dtype, or they could not share one engine.
     """
-    if config.dtype != "auto":
-        return config.dtype
-    import torch
-
-    return "auto" if torch.cuda.is_available() else "float32"
+    return resolve_dtype(config.dtype)
 
 
 def make_backend(config: ModelConfig, seed: int) -> Backend:
@@ -321,11 +326,21 @@ def make_backend(config: ModelConfig, seed: int) -> Backend:
             max_concurrency=config.max_concurrency,
             model_name=ref.name,
         )
-    return VLLMBackend(
-        ref.location,
+    engine = EngineSettings(
         seed=seed,
         max_model_len=config.max_model_len,
         kv_cache_gib=config.kv_cache_gib,
-        dtype=engine_dtype(config),
+        # Engine actors resolve "auto" on their own node (a CPU driver may drive GPU actors).
+        dtype=config.dtype if config.ray is not None else engine_dtype(config),
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+    )
+    if config.ray is not None:  # the same name, so the same ids, as a local engine
+        actors = ActorSettings(**config.ray.model_dump())
+        return RayBackend(ref.location, actors, engine, model_name=ref.name)
+    return VLLMBackend(
+        ref.location,
+        **asdict(engine),
+        data_parallel_size=config.data_parallel_size,
         model_name=ref.name,
     )

@@ -5,10 +5,12 @@ and its config, so asking for the same training twice finds the registered
 model instead of training again.
 
 With ``nproc_per_node`` N > 1 the stage runs under torchrun (N processes on this
-machine, gloo on CPU): the driver, the store's one writer, writes the job as a spec
-and JSONL rows in a scratch folder under the store, launches
-``alignment.training.launch``, and registers what its ``result.json`` says once
-every rank reports the same final weights.
+machine, gloo on CPU) or, with ``launcher: ray``, on N Ray Train workers of a Ray
+cluster: the driver, the store's one writer, writes the job as a spec and JSONL rows in a
+scratch folder under the store, launches ``alignment.training.launch`` (or
+``alignment.training.ray_train``, whose workers run the same code), and registers what its
+``result.json`` says once every rank reports the same final weights. Ray workers on other
+nodes read and write those folders by path: the store must be on shared storage.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from flows.training_rows import DataFilter, preference_rows, sft_rows
 from storage import Store
 
 Stage = Literal["sft", "reward", "dpo", "ppo", "rloo", "grpo"]
+Launcher = Literal["torchrun", "ray"]
 
 
 class DataConfig(BaseModel):
@@ -95,7 +98,7 @@ class TrainConfig(StageConfigs):
         "runs torchrun with N processes (one per GPU, or gloo on CPU). Batch sizes are per "
         "process, so N is part of the model's id.",
     )
-    launcher: Literal["torchrun", "ray"] = Field(
+    launcher: Launcher = Field(
         "torchrun",
         description="How N > 1 processes start: torchrun on this machine, or Ray Train's "
         "TorchTrainer with N workers on a Ray cluster.",
@@ -239,10 +242,29 @@ def stage_job(
 # --- launched training (nproc_per_node > 1) ---------------------------------------------------
 
 
+def launch_command(
+    spec: Path, nproc: int, launcher: Launcher, ray_address: str | None = None
+) -> list[str]:
+    """The command that trains ``spec`` on ``nproc`` processes: torchrun on this machine, or
+    Ray Train workers on the cluster at ``ray_address`` (None: RAY_ADDRESS, else local)."""
+    if launcher == "ray":
+        address = ["--address", ray_address] if ray_address else []
+        module, size = "alignment.training.ray_train", ["--num-workers", str(nproc), *address]
+    else:
+        module, size = "alignment.training.launch", ["--nproc-per-node", str(nproc)]
+    return [sys.executable, "-m", module, *size, str(spec)]
+
+
 def launch_stage(
-    job: StageJob, folder: Path, nproc: int, timeout_s: float, log: Callable[[str], None]
+    job: StageJob,
+    folder: Path,
+    nproc: int,
+    timeout_s: float,
+    log: Callable[[str], None],
+    launcher: Launcher = "torchrun",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``job`` on ``nproc`` processes of this machine and return its result.json.
+    """Train ``job`` on ``nproc`` processes (``launch_command``) and return its result.json.
 
     The spec and rows go to ``folder`` (removed after success, kept for a look after a
     failure); each output line of the launch goes to ``log``.
@@ -250,12 +272,20 @@ def launch_stage(
     shutil.rmtree(folder, ignore_errors=True)
     results = folder / "results"
     spec = write_spec(replace(job, results=str(results)), folder)
-    command = [sys.executable, "-m", "alignment.training.launch"]
-    code = run_logged([*command, "--nproc-per-node", str(nproc), str(spec)], timeout_s, log)
+    lines: list[str] = []
+
+    def logged(line: str) -> None:
+        lines[:] = [*lines[-1:], line]
+        log(line)
+
+    command = launch_command(spec, nproc, launcher, ray_address)
+    code = run_logged(command, timeout_s, logged)
     if code != 0:
+        where = "Ray Train workers" if launcher == "ray" else "processes"
         raise RuntimeError(
-            f"{job.stage} training on {nproc} processes failed (exit {code}); "
-            f"its spec, rows and partial results are in {folder}"
+            f"{job.stage} training on {nproc} {where} failed (exit {code}); "
+            f"its spec, rows and partial results are in {folder}; "
+            f"its last output: {' | '.join(lines) or 'none'}"
         )
     result = read_result(results)
     digests = rank_digests(results)
@@ -368,7 +398,8 @@ def train_stage(config: TrainConfig, stage: Stage) -> str:
         saved, metrics, _ = run_stage(job, fingerprint=False)  # one process: nothing to compare
     else:
         folder = store.root / "launches" / f"{stage}-{model_id[:12]}"
-        result = launch_stage(job, folder, nproc, config.launch_timeout_s, logger.info)
+        launch = (config.launch_timeout_s, logger.info, config.launcher, config.ray_address)
+        result = launch_stage(job, folder, nproc, *launch)
         saved, metrics = Path(result["path"]), result["metrics"]
     _register(store, stage, model_id, saved, base, config, stage_config, rows, metrics, nproc)
     logger.info("registered %s model %s at %s", stage, model_id, saved)

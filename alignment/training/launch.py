@@ -8,6 +8,8 @@
 
 The first is the second with every socket on 127.0.0.1 (``torchrun_on_loopback``). On CPU
 the ranks talk over gloo; ``accelerate launch --cpu --num_processes 2`` starts one process.
+Ray Train's workers (``alignment.training.ray_train``) run the same per-rank body,
+``run_specs``.
 
 The store has one writer, the driver (``flows/training.py``), so a worker never opens it:
 the driver writes a spec (``write_spec``: the stage, its starting model, its config, the
@@ -271,6 +273,15 @@ def rank_digests(results: str | Path) -> dict[int, str]:
 # --- launching -------------------------------------------------------------------------------
 
 
+def run_specs(spec_paths: list[str]) -> None:
+    """What every rank of a launch runs (torchrun, accelerate launch, a Ray Train worker):
+    each spec's stage in turn, then its results."""
+    for spec_path in spec_paths:
+        job = read_spec(spec_path)
+        path, metrics, digest = run_stage(job)
+        write_results(job, path, metrics, digest)
+
+
 def torchrun_on_loopback(nproc_per_node: int, specs: list[str]) -> None:
     """``torchrun --nproc_per_node N --master_addr 127.0.0.1 --master_port P -m
     alignment.training.launch SPECS`` on this machine, every socket on 127.0.0.1.
@@ -323,11 +334,8 @@ def main(argv: list[str]) -> int:
         return 2
     if nproc > 1:
         torchrun_on_loopback(nproc, argv)
-        return 0
-    for spec_path in argv:
-        job = read_spec(spec_path)
-        path, metrics, digest = run_stage(job)
-        write_results(job, path, metrics, digest)
+    else:
+        run_specs(argv)
     return 0
 
 

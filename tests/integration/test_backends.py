@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import httpx
 import pytest
 
 from alignment.backends import (
+    EndpointsDown,
     LabelTokenError,
     OpenAIBackend,
     SamplingConfig,
@@ -113,6 +113,6 @@ def test_openai_backend_reports_missing_labels_as_none(openai_server):
 
 
 def test_openai_backend_retries_then_raises():
-    backend = OpenAIBackend("http://127.0.0.1:9/v1", "tiny", max_retries=1, timeout_s=2)
-    with pytest.raises(httpx.TransportError):
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", "tiny", down_after_s=1, timeout_s=2)
+    with pytest.raises(EndpointsDown, match=r"http://127\.0\.0\.1:9/v1 \(.*ConnectError"):
         backend.generate(CHATS[:1], SamplingConfig(max_tokens=4))

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from storage import Store
-from tests.integration.loop_helpers import RLAIF, write_loop_config
+from tests.integration.loop_helpers import RLAIF, write_tiny_loop
 
 pytestmark = pytest.mark.integration
 
@@ -99,10 +99,9 @@ def _artifact_keys(api: str, keys: list[str]) -> set[str]:
     return {a["key"] for a in found}
 
 
-def _run_deployment(env: dict[str, str], *params: str, watch: bool = True) -> str:
-    args = [PREFECT, "deployment", "run", DEPLOYMENT, *params]
-    if watch:
-        args += ["--watch", "--watch-timeout", "500"]
+def _run_deployment(env: dict[str, str], *params: str) -> str:
+    """`prefect deployment run` of the loop, watched until the run ends."""
+    args = [PREFECT, "deployment", "run", DEPLOYMENT, *params, "--watch", "--watch-timeout", "500"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=560)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -114,14 +113,35 @@ def _flow_runs(api: str, deployment_id: str) -> list[dict]:
 
 
 def test_loop_deployment_served_then_on_a_process_worker(prefect_server, tmp_path: Path):
-    api, env = prefect_server
+    api, client_env = prefect_server
+    # Engines in the flow run's own process: no EngineCore and worker processes to spawn
+    # and import vLLM in (~20 s of each start on 2 cores).
+    env = {**client_env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     store = Store(tmp_path / "store")
-    config = write_loop_config(tmp_path / "loop.yaml", store.root, name="e2e", cron='"0 3 * * *"')
+    loop = ["name: e2e", "iterations: 1", 'cron: "0 3 * * *"']
+    # 16 prompts: the tiny judge ties on about half its comparisons, and an iteration
+    # with no train pairs would publish no metrics artifact.
+    config = write_tiny_loop(tmp_path / "loop.yaml", store.root, "{limit: 16}", loop, 128)
 
     # 1. `rlaif serve`: the deployment exists with the config's schedule ...
     serve_log = tmp_path / "serve.log"
-    served = _start([RLAIF, "serve", "--config", str(config)], serve_log, env)
+    served = _start([RLAIF, "serve", "--config", str(config)], serve_log,
+                    {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"})  # fmt: skip
+    started = [served]  # stopped at the end, whatever happens
     try:
+        # The work pool of part 2 and its worker start meanwhile: the worker only polls
+        # the pool, which holds no deployment until `rlaif deploy`.
+        pool = subprocess.run(
+            [PREFECT, "work-pool", "create", "rlaif-test", "--type", "process"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert pool.returncode == 0, pool.stdout + pool.stderr
+        worker_log = tmp_path / "worker.log"
+        worker = _start(
+            [PREFECT, "worker", "start", "--pool", "rlaif-test", "--prefetch-seconds", "1"],
+            worker_log, {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        )  # fmt: skip
+        started.append(worker)
         deployment = _wait_for(lambda: _deployment(api), "deployment registered",
                                process=served, log=serve_log)  # fmt: skip
         crons = [s["schedule"].get("cron") for s in deployment["schedules"]]
@@ -130,35 +150,26 @@ def test_loop_deployment_served_then_on_a_process_worker(prefect_server, tmp_pat
         # ... and `prefect deployment run` runs one iteration in the served process.
         out = _run_deployment(env, "-p", "iterations=1")
         assert "Completed" in out, out
-    finally:
         _stop(served)
-    rows = store.query("SELECT iteration, decision FROM iterations WHERE loop = 'e2e'")
-    assert [r["iteration"] for r in rows] == [1]
-    assert _artifact_keys(api, ["e2e-iteration-1", "e2e-iteration-1-metrics"]) == {
-        "e2e-iteration-1",
-        "e2e-iteration-1-metrics",
-    }
+        rows = store.query("SELECT iteration, decision FROM iterations WHERE loop = 'e2e'")
+        assert [r["iteration"] for r in rows] == [1]
+        assert _artifact_keys(api, ["e2e-iteration-1", "e2e-iteration-1-metrics"]) == {
+            "e2e-iteration-1",
+            "e2e-iteration-1-metrics",
+        }
 
-    # 2. A process work pool and a worker run the same deployment.
-    pool = subprocess.run(
-        [PREFECT, "work-pool", "create", "rlaif-test", "--type", "process"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert pool.returncode == 0, pool.stdout + pool.stderr
-    deployed = subprocess.run(
-        [RLAIF, "deploy", "--config", str(config), "--pool", "rlaif-test"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    worker_log = tmp_path / "worker.log"
-    worker = _start(
-        [PREFECT, "worker", "start", "--pool", "rlaif-test", "--prefetch-seconds", "1"],
-        worker_log, {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-    )  # fmt: skip
-    try:
+        # 2. The process work pool's worker runs the same deployment.
+        deployed = subprocess.run(
+            [RLAIF, "deploy", "--config", str(config), "--pool", "rlaif-test"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         # Two runs at once: the deployment takes one at a time and cancels the newcomer.
-        _run_deployment(env, "-p", "iterations=1", watch=False)
-        _run_deployment(env, "-p", "iterations=1", watch=False)
+        trigger = [PREFECT, "deployment", "run", DEPLOYMENT, "-p", "iterations=1"]
+        triggers = [_start(trigger, tmp_path / f"run-{i}.log", env) for i in range(2)]
+        started += triggers
+        for i, triggered in enumerate(triggers):
+            assert triggered.wait(timeout=120) == 0, (tmp_path / f"run-{i}.log").read_text()
         deployment_id = _deployment(api)["id"]
 
         def finished() -> list[dict] | None:
@@ -171,7 +182,8 @@ def test_loop_deployment_served_then_on_a_process_worker(prefect_server, tmp_pat
         runs = _wait_for(finished, "worker runs finished", timeout_s=500, process=worker,
                          log=worker_log)  # fmt: skip
     finally:
-        _stop(worker)
+        for process in started:
+            _stop(process)
     states = sorted(r["state_type"] for r in runs)
     assert states == ["CANCELLED", "COMPLETED", "COMPLETED"], (
         states,

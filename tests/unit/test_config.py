@@ -463,3 +463,25 @@ def test_a_judge_whose_tokenizer_does_not_load_is_refused(tmp_path: Path) -> Non
     path, error = refusal(tmp_path, f"judge:\n  mode: logprob\njudge_model:\n  model: {folder}\n")
     assert error.startswith(f"{path}:4: judge_model.model: judge mode 'logprob' reads the option ")
     assert "its tokenizer does not load (" in error and "\n" not in error
+
+
+def test_placement_settings_are_checked_and_left_out_of_run_ids(tmp_path: Path) -> None:
+    path, error = refusal(tmp_path, "policy:\n  model: tiny\n  data_parallel_size: 2\n")
+    assert error.startswith(f"{path}:3: policy.data_parallel_size: data_parallel_size > 1")
+    path, error = refusal(
+        tmp_path,
+        "policy:\n  backend: openai\n  base_url: http://127.0.0.1:1/v1\n  ray: {actors: 2}\n",
+    )
+    assert "ray runs vLLM engines" in error
+    plain = load_config_text(tmp_path, "policy:\n  model: tiny\n")
+    placed = load_config_text(
+        tmp_path, "policy:\n  model: tiny\n  ray: {actors: 4}\n  tensor_parallel_size: 2\n"
+    )
+    assert placed.policy.ray is not None and placed.policy.ray.actors == 4
+    assert placed.identity() == plain.identity()
+    one = "policy:\n  backend: openai\n  model: m\n  base_url: http://127.0.0.1:1/v1\n"
+    pool = "policy:\n  backend: openai\n  model: m\n  base_url: [http://a:1/v1, http://b:1/v1]\n"
+    other_pool = "policy:\n  backend: openai\n  model: m\n  base_url: [http://c:1/v1]\n"
+    pooled = load_config_text(tmp_path, pool)
+    assert pooled.identity() == load_config_text(tmp_path, other_pool).identity()
+    assert pooled.identity() != load_config_text(tmp_path, one).identity()

