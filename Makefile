@@ -26,7 +26,8 @@ demo: model smollm2
 
 test: model smollm2
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests/unit tests/integration -q --durations=15
+	$(BIN)/python -m pytest tests/unit -q -n 2
+	$(BIN)/python -m pytest tests/integration -q --durations=15
 
 # The second judge's tests (after `make qwen-coder`): not part of `make test`'s budget.
 test-qwen: qwen-coder

@@ -85,6 +85,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(server: subprocess.Popen, root: str, log: Path, deadline: float) -> None:
+    """Until the vLLM server at ``root`` (http://127.0.0.1:PORT) answers /health: an
+    error naming its log when it exits or is not up by ``deadline`` (monotonic)."""
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"vLLM server exited with {server.returncode}; see {log}")
+        try:
+            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM server not healthy in time; see {log}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def openai_server(tiny_model: Path):
     """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1."""
@@ -108,6 +124,8 @@ def openai_server(tiny_model: Path):
             "--enforce-eager",
             "--seed",
             "0",
+            "--dtype",
+            "float32",  # the offline engine's dtype here (flows.models.engine_dtype)
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -120,19 +138,8 @@ def openai_server(tiny_model: Path):
         },
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {server.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM server not healthy after 300 s; see {log.name}")
-            time.sleep(1)
+        wait_healthy(server, url, Path(log.name), time.monotonic() + 300)
         yield f"{url}/v1"
     finally:
         server.terminate()

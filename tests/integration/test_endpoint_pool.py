@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from prefect import flow
 
@@ -22,6 +21,7 @@ from alignment.backends import CPU_ENGINE_ENV, SamplingConfig
 from flows.config import ModelConfig
 from flows.stages import sample_stage
 from storage import Store
+from tests.integration import conftest
 
 PROMPTS = {f"p{i}": f"Tell me about the number {i}." for i in range(20)}
 SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=16, seed=0)
@@ -82,34 +82,19 @@ def start_server(model: Path, core: int, log: Path) -> Server:
 
 
 def wait_healthy(server: Server, deadline: float) -> None:
-    root = server.url.removesuffix("/v1")
-    while True:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"vLLM server exited with {server.process.returncode}; see {server.log}"
-            )
-        try:
-            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM server not healthy after 300 s; see {server.log}")
-        time.sleep(0.5)
+    conftest.wait_healthy(server.process, server.url.removesuffix("/v1"), server.log, deadline)
 
 
 @pytest.fixture(scope="module")
-def two_servers(tiny_model: Path, tmp_path_factory) -> Iterator[list[Server]]:
-    logs = tmp_path_factory.mktemp("pool")
-    servers = [start_server(tiny_model, core, logs / f"vllm-{core}.log") for core in (0, 1)]
+def two_servers(openai_server: str, tiny_model: Path, tmp_path_factory) -> Iterator[tuple]:
+    """The session's vLLM server (kept up) and one of this module's, on the other core
+    (killed mid-run): the same model, dtype and seed."""
+    server = start_server(tiny_model, 1, tmp_path_factory.mktemp("pool") / "vllm-1.log")
     try:
-        deadline = time.monotonic() + 300
-        for server in servers:  # both start at once
-            wait_healthy(server, deadline)
-        yield servers
+        wait_healthy(server, time.monotonic() + 300)
+        yield openai_server, server
     finally:
-        for server in servers:
-            server.stop(signal.SIGTERM)
+        server.stop(signal.SIGTERM)
 
 
 @flow(name="sample-through-pool")
@@ -132,26 +117,26 @@ def test_a_server_killed_mid_run_loses_and_duplicates_nothing(
 ) -> None:
     live, killed = two_servers
     policy = ModelConfig(
-        model="tiny", backend="openai", base_url=[live.url, killed.url], max_concurrency=2
+        model="tiny", backend="openai", base_url=[live, killed.url], max_concurrency=2
     )
     sample_through(str(tmp_path / "clean"), policy)
     clean_rows, clean_batches = stored(tmp_path / "clean")
     assert len(clean_rows) == len(PROMPTS) * SAMPLING.n
-    assert {b["ran_on"] for b in clean_batches if b["ok"]} == {live.url, killed.url}
+    assert {b["ran_on"] for b in clean_batches if b["ok"]} == {live, killed.url}
 
-    answered = live.chat_requests() + killed.chat_requests()
+    answered = killed.chat_requests()
     killed_at: list[float] = []
 
-    def kill_after_three_answers() -> None:
+    def kill_after_its_first_answer() -> None:
         deadline = time.monotonic() + 60
-        while live.chat_requests() + killed.chat_requests() < answered + 3:
+        while killed.chat_requests() < answered + 1:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         killed_at.append(time.time())
         killed.stop(signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_after_three_answers)
+    killer = threading.Thread(target=kill_after_its_first_answer)
     killer.start()
     sample_through(str(tmp_path / "killed"), policy)
     killer.join()
@@ -161,8 +146,8 @@ def test_a_server_killed_mid_run_loses_and_duplicates_nothing(
     before = [b for b in batches if b["started"] < killed_at[0]]
     after = [b for b in batches if b["started"] >= killed_at[0]]
     # both were sent requests before the kill (the killed one's may have failed with it)
-    assert {b["ran_on"] for b in before} == {live.url, killed.url}
-    assert {b["ran_on"] for b in after if b["ok"]} == {live.url}
+    assert {b["ran_on"] for b in before} == {live, killed.url}
+    assert {b["ran_on"] for b in after if b["ok"]} == {live}
     assert not any(b["ok"] for b in after if b["ran_on"] == killed.url)
     # the killed server's requests failed (noted ok=False) and were sent again to the live one
     assert any(b["ran_on"] == killed.url and not b["ok"] for b in batches)

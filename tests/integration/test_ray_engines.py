@@ -29,7 +29,7 @@ def config_for(store: Path, policy: ModelConfig) -> PipelineConfig:
         store=str(store),
         constitution=str(REPO / "constitutions" / "demo.yaml"),
         batch_size=4,
-        prompts={"limit": 6},
+        prompts={"limit": 4},
         policy=policy,
         generation={"n": 2, "max_tokens": 16},
         critique={"max_tokens": 12},

@@ -22,7 +22,7 @@ from flows.loop import train_candidate
 from flows.training import TrainConfig, train_flow
 from storage import Store
 from tests.integration.loop_helpers import REPO
-from tests.integration.test_torchrun import RUN, TINY, TOPICS, _rows
+from tests.integration.test_torchrun import TINY, training_store
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +31,7 @@ TRAIN_PAIRS = [f"pp{i}" for i in range(8)]  # 2 steps of 2 pairs on each of the 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    db = Store(tmp_path_factory.mktemp("ray-train") / "store")
-    db.write("runs", [{"event_id": "e1", "iteration": 0, "status": "completed"}], RUN)
-    for table in ("prompts", "responses", "critiques", "preference_pairs"):
-        db.write(table, [r for i, t in enumerate(TOPICS) for r in _rows(i, t)[table]], RUN)
-    return db
+    return training_store(tmp_path_factory.mktemp("ray-train") / "store")
 
 
 def _pipeline(store: Store, **loop) -> PipelineConfig:

@@ -102,14 +102,18 @@ def _rows(i: int, topic: str) -> dict[str, list[dict]]:
     }
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Store:
+def training_store(root: Path) -> Store:
     """Prompts, one critiqued response each (SFT rows) and one pair each (the others)."""
-    db = Store(tmp_path_factory.mktemp("torchrun") / "store")
+    db = Store(root)
     db.write("runs", [{"event_id": "e1", "iteration": 0, "status": "completed"}], RUN)
     for table in ("prompts", "responses", "critiques", "preference_pairs"):
         db.write(table, [r for i, t in enumerate(TOPICS) for r in _rows(i, t)[table]], RUN)
     return db
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    return training_store(tmp_path_factory.mktemp("torchrun") / "store")
 
 
 def _config(store: Store, **fields) -> TrainConfig:
