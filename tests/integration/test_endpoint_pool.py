@@ -152,3 +152,7 @@ def test_a_server_killed_mid_run_loses_and_duplicates_nothing(
     # the killed server's requests failed (noted ok=False) and were sent again to the live one
     assert any(b["ran_on"] == killed.url and not b["ok"] for b in batches)
     assert sum(b["ok"] for b in batches) == len(PROMPTS)
+    # and they are the rows of one server alone (each request carries its own seed)
+    single = policy.model_copy(update={"base_url": live})
+    sample_through(str(tmp_path / "single"), single)
+    assert stored(tmp_path / "single")[0] == clean_rows

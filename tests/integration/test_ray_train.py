@@ -44,9 +44,11 @@ def _pipeline(store: Store, **loop) -> PipelineConfig:
 
 
 @flow
-def train_in_a_flow(config: PipelineConfig) -> tuple[str, str | None]:
+def train_in_a_flow(
+    config: PipelineConfig, pairs: list[str] = TRAIN_PAIRS
+) -> tuple[str, str | None]:
     """``train_candidate`` as the loop calls it, inside a flow run (iteration 1)."""
-    return train_candidate(config, 1, ModelRef("tiny", "tiny"), TRAIN_PAIRS)
+    return train_candidate(config, 1, ModelRef("tiny", "tiny"), pairs)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,16 @@ def test_the_launcher_is_not_part_of_the_model_id(store, candidate, prefect_harn
     torchrun = TrainConfig(**fields, data=data, nproc_per_node=2, launcher="torchrun")
     assert train_flow(config=torchrun, stage="dpo") == row["model_id"]
     assert store.count("models") == 1
+
+
+def test_the_loop_trains_through_torchrun_too(store, candidate, prefect_harness):
+    """The loop's default launcher, torchrun on this machine, on other pairs (another
+    model): registered only when both processes ended with the same weights."""
+    config = _pipeline(store, nproc_per_node=2, launcher="torchrun")
+    model_id, _ = train_in_a_flow(config, TRAIN_PAIRS[:4])
+    assert model_id != candidate[0]["model_id"]
+    row = store.query("SELECT * FROM models WHERE model_id = ?", [model_id])[0]
+    assert (row["stage"], row["world_size"], row["examples"]) == ("dpo", 2, 4)
 
 
 def test_a_failed_worker_ends_the_launch_with_one_line_naming_it():
