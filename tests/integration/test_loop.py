@@ -186,14 +186,9 @@ def test_kill_9_during_sampling_judging_and_training_then_resume_equals_a_clean_
     store = Store(tmp_path / "store")
     config_path = write_loop_config(tmp_path / "loop.yaml", store.root)
     args = ["self-improve", "--config", str(config_path)]
-    # The session's Prefect server, not a temporary one per killed process (~12 s each),
-    # and an engine in the killed process itself: no EngineCore and worker processes to
-    # spawn and import vLLM in (~20 s of each start on 2 cores; the same sampled text).
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    }
+    # The session's Prefect server, not a temporary one per killed process (~12 s each);
+    # each process's engine runs in the process itself (conftest.py), so it dies with it.
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
 
     run_until(args, tmp_path / "kill-0.log", lambda: bool(shards(store, "responses")), env=env)
     assert not shards(store, "judgments")  # it died while sampling
