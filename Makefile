@@ -48,6 +48,8 @@ bench: model smollm2
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/training.py --out bench/results/training.json
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/scaling.py --out bench/results/scaling.json
 	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/ray_sampling.py --out bench/results/ray_sampling.json
+	flock /tmp/rlaif-heavy.lock $(BIN)/python bench/ray_sampling.py --model smollm2 --prompts 32 \
+		--rounds 1 --batch-sizes 16 --out bench/results/ray_sampling_smollm2.json
 	$(BIN)/python bench/report.py
 
 clean:

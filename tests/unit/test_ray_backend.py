@@ -3,6 +3,7 @@ dead actor's batch retried on another, a restarted actor back in the pool."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -117,3 +118,26 @@ def test_an_actor_that_never_comes_back_is_given_up(monkeypatch):
     with pytest.raises(RuntimeError, match="every engine actor died"):
         pool.run("echo", ("t",), [1, 2], size=2)
     assert pool.slots[0].probe is None and not pool.slots[0].live
+
+
+def test_core_bindings_name_each_core():
+    assert ray_backend.core_ids("1") == [1]
+    assert ray_backend.core_ids("2-3") == [2, 3]
+    assert ray_backend.core_ids("0, 4-5") == [0, 4, 5]
+
+
+def test_an_actor_pins_every_thread_to_its_cores(monkeypatch):
+    import torch
+
+    pinned: dict[int, list[int]] = {}
+    monkeypatch.setattr(os, "sched_setaffinity", lambda tid, cores: pinned.update({tid: cores}))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pinned.update({-1: n}))
+    monkeypatch.setenv(ray_backend.CORES_ENV, "2-3")
+    ray_backend.EngineActor({}, "uni")
+    threads = {int(t) for t in os.listdir("/proc/self/task")}
+    assert threads <= set(pinned) and all(pinned[t] == [2, 3] for t in threads)
+    assert pinned[-1] == 2
+    pinned.clear()
+    monkeypatch.setenv(ray_backend.CORES_ENV, "auto")  # vLLM's own choice: left alone
+    ray_backend.EngineActor({}, "uni")
+    assert not pinned
