@@ -340,13 +340,14 @@ class EnginePool:
 
 
 def _explicit_env(env: dict[str, str]) -> dict[str, str]:
-    """The driver's own settings of these variables win, as they do for a local engine."""
-    return {name: os.environ[name] for name in env if name in os.environ}
+    """The driver's own settings of these variables win, as they do for a local engine;
+    not its cores, which are each actor's own."""
+    return {name: os.environ[name] for name in env if name in os.environ and name != CORES_ENV}
 
 
 def _core_binding(group: Any, cpus_per_actor: float) -> list[str]:
-    """Each bundle's own cores on its node ("0", "1", "2-3"): vLLM's "auto" binds every
-    engine of a node to the same core."""
+    """Each bundle's own cores on its node ("0", "1", "2-3"), which its actor pins itself
+    to (``pin_to_cores``)."""
     import ray
     from ray.util.placement_group import placement_group_table
 

@@ -81,8 +81,7 @@ def smollm2_backend(smollm2_model: Path) -> Iterator[VLLMBackend]:
     yield from shared_engine(ModelConfig(model="smollm2", kv_cache_gib=0.5, max_model_len=2048))
 
 
-# The session's vLLM servers (fixture name: the core it is bound to, None for vLLM's own).
-SERVER_CORES = {"openai_server": None, "pool_server": 1}
+SERVERS = ("openai_server", "pool_server")  # the fixtures of the session's vLLM servers
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -93,8 +92,8 @@ def vllm_servers(request, tiny_model: Path, tmp_path_factory) -> Iterator[dict[s
     used = {name for item in request.session.items for name in item.fixturenames}
     folder = tmp_path_factory.mktemp("vllm-servers")
     servers = {
-        name: start_vllm_server(tiny_model, folder / f"{name}.log", core)
-        for name, core in SERVER_CORES.items()
+        name: start_vllm_server(tiny_model, folder / f"{name}.log")
+        for name in SERVERS
         if name in used
     }
     try:
@@ -112,8 +111,8 @@ def openai_server(vllm_servers) -> str:
 
 @pytest.fixture(scope="session")
 def pool_server(vllm_servers) -> VLLMServer:
-    """A second server of the same model, dtype and seed, on core 1: the endpoint pool's,
-    which its test kills."""
+    """A second server of the same model, dtype and seed: the endpoint pool's, which its
+    test kills."""
     vllm_servers["pool_server"].wait_healthy()
     return vllm_servers["pool_server"]
 

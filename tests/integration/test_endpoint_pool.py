@@ -24,7 +24,7 @@ SAMPLING = SamplingConfig(n=2, temperature=1.0, max_tokens=16, seed=0)
 
 @pytest.fixture(scope="module")
 def two_servers(openai_server: str, pool_server: VLLMServer) -> Iterator[tuple]:
-    """The session's vLLM server (kept up) and the pool's second one on the other core
+    """The session's vLLM server (kept up) and the pool's second one
     (killed mid-run; stopped when this module ends): the same model, dtype and seed."""
     try:
         yield openai_server, pool_server

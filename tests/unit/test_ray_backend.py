@@ -141,3 +141,10 @@ def test_an_actor_pins_every_thread_to_its_cores(monkeypatch):
     monkeypatch.setenv(ray_backend.CORES_ENV, "auto")  # vLLM's own choice: left alone
     ray_backend.EngineActor({}, "uni")
     assert not pinned
+
+
+def test_a_driver_setting_wins_but_not_its_cores(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    monkeypatch.setenv(ray_backend.CORES_ENV, "0-1")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", ray_backend.CORES_ENV: "1"}
+    assert ray_backend._explicit_env(env) == {"VLLM_CPU_KVCACHE_SPACE": "2"}
